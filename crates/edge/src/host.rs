@@ -1,0 +1,193 @@
+//! The HTTP host: composes the registered services' routes with the platform's own
+//! (health, metrics, OpenAPI) and the layers every request goes through.
+
+use crate::problem::Problem;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use platform::context::{self, CausalContext};
+use platform::{Database, Migration, Subscription};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What a service contributes to a process. The binary lists the services; nothing else does.
+pub struct ServiceModule {
+    /// The name used in `--services`.
+    pub name: &'static str,
+    pub migrations: &'static [Migration],
+    /// Its HTTP API, documented for the OpenAPI document.
+    pub routes: fn(Database) -> OpenApiRouter,
+    /// Its consumer groups.
+    pub subscriptions: fn(Database) -> Vec<Subscription>,
+}
+
+/// Edge settings.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest request body accepted; larger ones get 413.
+    pub body_limit: usize,
+    /// Origins browsers may call from; empty means any.
+    pub cors_origins: Vec<HeaderValue>,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            body_limit: 1024 * 1024,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_owned()),
+                    &seconds,
+                )
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_seats".to_owned()),
+                        &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 50.0, 100.0],
+                    )
+                });
+            match builder.and_then(PrometheusBuilder::install_recorder) {
+                Ok(handle) => handle,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics recorder not installed; /metrics stays empty");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct HostState {
+    db: Database,
+    metrics: PrometheusHandle,
+    openapi: std::sync::Arc<OpenApi>,
+}
+
+/// The router of a process: the given services' routes plus health, metrics and OpenAPI.
+pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> Router {
+    let mut combined = OpenApiRouter::with_openapi(base_openapi());
+    for api in apis {
+        combined = combined.merge(api);
+    }
+    let (services, openapi) = combined.split_for_parts();
+    let state = HostState {
+        db,
+        metrics: metrics(),
+        openapi: std::sync::Arc::new(openapi),
+    };
+    let platform_routes = Router::new()
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi_json))
+        .with_state(state);
+    let request_id = HeaderName::from_static(REQUEST_ID);
+    services
+        .merge(platform_routes)
+        .fallback(|| async { Problem::not_found("no such resource") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
+        .layer(middleware::from_fn(causal_context))
+        .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
+        .layer(cors(&options.cors_origins))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let id = request
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            tracing::error!("a request handler panicked");
+            Problem::internal().into_response()
+        }))
+}
+
+fn base_openapi() -> OpenApi {
+    let mut openapi = OpenApi::default();
+    openapi.info.title = "Conveyor".to_owned();
+    openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    openapi.info.description =
+        Some("The HTTP APIs of the services this process runs.".to_owned());
+    openapi
+}
+
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
+    let allow_origin = if origins.is_empty() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().cloned())
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers(tower_http::cors::Any)
+        .max_age(Duration::from_secs(3600))
+}
+
+/// Everything a request sets off is correlated by its request id.
+async fn causal_context(request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let causal = CausalContext {
+        correlation_id: id.clone(),
+        causation_id: id,
+    };
+    context::scope(causal, next.run(request)).await
+}
+
+async fn ready(State(state): State<HostState>) -> Response {
+    match state.db.ping().await {
+        Ok(()) => "ready".into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "not ready: database unreachable");
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "the database is unreachable")
+                .into_response()
+        }
+    }
+}
+
+async fn render_metrics(State(state): State<HostState>) -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn openapi_json(State(state): State<HostState>) -> Json<OpenApi> {
+    Json((*state.openapi).clone())
+}

@@ -1,0 +1,100 @@
+//! Request extractors whose rejections are problem details.
+//!
+//! JSON bodies are read whatever the Content-Type says: the original clients of the
+//! reference systems send none, `text/plain` or form-urlencoded.
+
+use crate::problem::Problem;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use bytes::Bytes;
+use http::request::Parts;
+use http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// A JSON body, whatever the Content-Type. 413 past the body limit; 400 naming the field
+/// that failed to parse.
+pub struct AnyJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AnyJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Problem> {
+        let body = body_bytes(request, state).await?;
+        parse(&body).map(AnyJson)
+    }
+}
+
+/// Like `AnyJson`, but object keys match the target's field names whatever their case: the
+/// target's fields must be named in lower case.
+pub struct CaseInsensitiveJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for CaseInsensitiveJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Problem> {
+        let body = body_bytes(request, state).await?;
+        let mut value: Value = parse(&body)?;
+        lowercase_keys(&mut value);
+        let value = serde_path_to_error::deserialize(value).map_err(field_problem)?;
+        Ok(CaseInsensitiveJson(value))
+    }
+}
+
+async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, Problem> {
+    Bytes::from_request(request, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than the limit",
+            )
+        } else {
+            Problem::bad_request(format!("cannot read the request body: {rejection}"))
+        }
+    })
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Problem::bad_request("the request body is empty; expected JSON"));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(field_problem)
+}
+
+fn field_problem(error: serde_path_to_error::Error<serde_json::Error>) -> Problem {
+    let path = error.path().to_string();
+    let inner = error.into_inner();
+    if inner.is_syntax() || inner.is_eof() || path == "." {
+        Problem::bad_request(format!("the request body is not valid JSON: {inner}"))
+    } else {
+        Problem::invalid(path, inner.to_string())
+    }
+}
+
+fn lowercase_keys(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            let entries = std::mem::take(map);
+            for (key, mut inner) in entries {
+                lowercase_keys(&mut inner);
+                map.insert(key.to_lowercase(), inner);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(lowercase_keys),
+        _ => {}
+    }
+}
+
+/// Query parameters; 400 problem naming the problem when they do not parse.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|query| Query(query.0))
+            .map_err(|rejection| Problem::bad_request(rejection.body_text()))
+    }
+}

@@ -1,0 +1,14 @@
+//! Conveyor's HTTP edge: problem details for every error, JSON extraction that names the
+//! offending field, body limits, request ids, CORS, health, Prometheus metrics and the
+//! OpenAPI document, and the `ServiceModule` a service registers itself with.
+//!
+//! Only the edge (and the services' `http` adapters built on it) speaks HTTP. It knows no
+//! particular service.
+
+pub mod host;
+pub mod json;
+pub mod problem;
+
+pub use host::{router, HttpOptions, ServiceModule};
+pub use json::{AnyJson, CaseInsensitiveJson, Query};
+pub use problem::{FieldError, Problem};

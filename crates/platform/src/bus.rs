@@ -1,0 +1,68 @@
+//! The bus port: how a process starts consuming. Publishing is not here: services emit
+//! messages through their unit of work (the outbox), and only a committed message is ever
+//! delivered.
+
+use crate::db::StoreError;
+use crate::handler::Subscription;
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("consumer group {group} has {existing} partitions; it cannot be opened with {requested}")]
+    PartitionMismatch {
+        group: String,
+        existing: i64,
+        requested: u16,
+    },
+    #[error("subscription {0} handles no messages")]
+    Empty(String),
+}
+
+/// A message transport.
+///
+/// Contract (checked by `conformance`): every consumer group receives every message of its
+/// topics at least once; consumers of one group share the work; messages with one key reach
+/// a group in publication order; a message is acknowledged only after its handler's unit of
+/// work committed; a failing handler is retried with backoff and then dead-lettered, and the
+/// group moves on.
+pub trait Bus: Send + Sync + 'static {
+    /// Starts one consumer of `subscription`'s group; it runs until stopped.
+    fn subscribe(&self, subscription: Subscription) -> BoxFuture<'_, Result<Consumer, BusError>>;
+}
+
+/// A running consumer. Dropping it aborts it at once, like a crash: messages in flight are
+/// not acknowledged and will be delivered again.
+pub struct Consumer {
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Consumer {
+    pub(crate) fn new(stop: CancellationToken, task: JoinHandle<()>) -> Self {
+        Consumer {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stops taking messages, lets the message in hand finish, and hands its share of the
+    /// group back.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

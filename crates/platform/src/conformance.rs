@@ -1,0 +1,437 @@
+//! The transport conformance suite: the delivery contract of `Bus`, as tests every transport
+//! runs unchanged. A transport's test crate implements `Fixture` and invokes
+//! `conformance_suite!` with an expression that builds one fresh, isolated fixture.
+
+use crate::bus::Bus;
+use crate::db::{Database, Migration, UnitOfWork};
+use crate::dead_letter;
+use crate::envelope::Message;
+use crate::handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
+use crate::retry::RetryPolicy;
+use crate::sql_log::SqlLog;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A fresh database and bus, shared by no other test.
+pub trait Fixture: Send + Sync {
+    fn db(&self) -> &Database;
+    fn bus(&self) -> &dyn Bus;
+    /// Forgets `group`'s acknowledgements, so every message is delivered to it again.
+    fn rewind<'a>(&'a self, group: &'a str) -> BoxFuture<'a, ()>;
+}
+
+/// Generates one `#[tokio::test]` per contract clause for the fixture `$fixture` builds.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($fixture:expr) => {
+        $crate::conformance_suite!(@tests $fixture;
+            order_per_key, every_group_gets_every_message, consumers_of_a_group_split_the_work,
+            failing_handler_is_retried_with_growing_delays,
+            always_failing_handler_is_dead_lettered_and_the_group_continues,
+            replay_delivers_a_dead_letter_again, unacknowledged_message_is_delivered_after_restart,
+            inbox_turns_redelivery_into_a_no_op);
+    };
+    (@tests $fixture:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let fixture = $fixture.await;
+                $crate::conformance::$name(&fixture).await;
+            }
+        )*
+    };
+}
+
+/// The test message: `seq` counts up per key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ping {
+    pub key: String,
+    pub seq: u32,
+}
+
+impl Message for Ping {
+    const NAME: &'static str = "conformance.Ping";
+    const TOPIC: &'static str = "conformance.pings";
+
+    fn key(&self) -> String {
+        self.key.clone()
+    }
+}
+
+/// Where handlers record what they handled, in their unit of work.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    service: "conformance",
+    version: 1,
+    sql: "CREATE TABLE conformance_handled (
+            row_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+            group_name TEXT NOT NULL,
+            consumer   TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            key        TEXT NOT NULL,
+            seq        INTEGER NOT NULL
+          )",
+}];
+
+/// The sql-log transport on a fresh SQLite file.
+pub struct SqlLogFixture {
+    db: Database,
+    bus: SqlLog,
+    _dir: tempfile::TempDir,
+}
+
+impl SqlLogFixture {
+    pub async fn start() -> SqlLogFixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Database::open(&dir.path().join("conformance.db"))
+            .await
+            .expect("open database");
+        db.migrate(MIGRATIONS).await.expect("migrate");
+        SqlLogFixture {
+            bus: SqlLog::new(db.clone()),
+            db,
+            _dir: dir,
+        }
+    }
+}
+
+impl Fixture for SqlLogFixture {
+    fn db(&self) -> &Database {
+        &self.db
+    }
+
+    fn bus(&self) -> &dyn Bus {
+        &self.bus
+    }
+
+    fn rewind<'a>(&'a self, group: &'a str) -> BoxFuture<'a, ()> {
+        let group = group.to_owned();
+        async move {
+            self.db
+                .write(move |uow| {
+                    async move {
+                        sqlx::query("UPDATE conveyor_partitions SET position = 0 WHERE group_name = ?")
+                            .bind(group)
+                            .execute(uow.conn())
+                            .await?;
+                        Ok::<_, crate::StoreError>(())
+                    }
+                    .boxed()
+                })
+                .await
+                .expect("rewind");
+        }
+        .boxed()
+    }
+}
+
+fn fast_options() -> ConsumerOptions {
+    ConsumerOptions {
+        partitions: 4,
+        lease: Duration::from_millis(600),
+        batch: 16,
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        },
+        handler_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn publish(db: &Database, pings: Vec<Ping>) {
+    db.write(move |uow| {
+        async move {
+            for ping in &pings {
+                uow.emit(ping)?;
+            }
+            Ok::<_, crate::StoreError>(())
+        }
+        .boxed()
+    })
+    .await
+    .expect("publish");
+}
+
+fn pings(keys: usize, per_key: u32) -> Vec<Ping> {
+    (0..per_key)
+        .flat_map(|seq| (0..keys).map(move |k| Ping { key: format!("key-{k}"), seq }))
+        .collect()
+}
+
+async fn record(
+    uow: &mut UnitOfWork,
+    group: &str,
+    consumer: &str,
+    incoming: &Incoming<Ping>,
+) -> Result<(), HandlerError> {
+    sqlx::query(
+        "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(group)
+    .bind(consumer)
+    .bind(incoming.envelope.id.to_string())
+    .bind(&incoming.message.key)
+    .bind(incoming.message.seq)
+    .execute(uow.conn())
+    .await
+    .map_err(HandlerError::transient)?;
+    Ok(())
+}
+
+/// A subscription whose handler records every message as handled by `consumer`.
+fn recording(group: &'static str, consumer: &'static str) -> Subscription {
+    Subscription::new(group)
+        .with_options(fast_options())
+        .on(move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            async move { record(uow, group, consumer, &incoming).await }.boxed()
+        })
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Handled {
+    consumer: String,
+    message_id: String,
+    key: String,
+    seq: i64,
+}
+
+async fn handled(db: &Database, group: &str) -> Vec<Handled> {
+    sqlx::query_as(
+        "SELECT consumer, message_id, key, seq FROM conformance_handled WHERE group_name = ? ORDER BY row_id",
+    )
+    .bind(group)
+    .fetch_all(db.reader())
+    .await
+    .expect("read handled")
+}
+
+/// Waits (up to 20 s) until `group` has handled `count` messages.
+async fn wait_for_handled(db: &Database, group: &str, count: usize) -> Vec<Handled> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = handled(db, group).await;
+        if rows.len() >= count || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn order_per_key(fixture: &impl Fixture) {
+    let _consumer = fixture
+        .bus()
+        .subscribe(recording("ordered", "only"))
+        .await
+        .expect("subscribe");
+    for chunk in pings(8, 25).chunks(10) {
+        publish(fixture.db(), chunk.to_vec()).await;
+    }
+    let rows = wait_for_handled(fixture.db(), "ordered", 200).await;
+    assert_eq!(rows.len(), 200);
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    for row in &rows {
+        let expected = next.entry(&row.key).or_insert(0);
+        assert_eq!(row.seq, *expected, "key {} out of order", row.key);
+        *expected += 1;
+    }
+}
+
+pub async fn every_group_gets_every_message(fixture: &impl Fixture) {
+    let _a = fixture.bus().subscribe(recording("group-a", "a")).await.expect("subscribe");
+    let _b = fixture.bus().subscribe(recording("group-b", "b")).await.expect("subscribe");
+    publish(fixture.db(), pings(5, 10)).await;
+    for group in ["group-a", "group-b"] {
+        let rows = wait_for_handled(fixture.db(), group, 50).await;
+        assert_eq!(rows.len(), 50, "{group} got {} of 50", rows.len());
+    }
+}
+
+pub async fn consumers_of_a_group_split_the_work(fixture: &impl Fixture) {
+    let _one = fixture.bus().subscribe(recording("shared", "one")).await.expect("subscribe");
+    let _two = fixture.bus().subscribe(recording("shared", "two")).await.expect("subscribe");
+    // Give the second consumer time to take its share before the work arrives.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish(fixture.db(), pings(40, 5)).await;
+    let rows = wait_for_handled(fixture.db(), "shared", 200).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows_after = handled(fixture.db(), "shared").await;
+    assert_eq!(rows.len(), 200);
+    assert_eq!(rows_after.len(), 200, "a message was handled twice");
+    let mut ids: Vec<_> = rows.iter().map(|row| row.message_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+    for consumer in ["one", "two"] {
+        let share = rows.iter().filter(|row| row.consumer == consumer).count();
+        assert!(share > 0, "consumer {consumer} got no work");
+    }
+}
+
+pub async fn failing_handler_is_retried_with_growing_delays(fixture: &impl Fixture) {
+    let attempts: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = attempts.clone();
+    let subscription = Subscription::new("flaky").with_options(fast_options()).on(
+        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            let seen = seen.clone();
+            async move {
+                let attempt = {
+                    let mut seen = seen.lock().expect("lock");
+                    seen.push(Instant::now());
+                    seen.len()
+                };
+                if attempt <= 2 {
+                    return Err(HandlerError::transient(format!("failure {attempt}")));
+                }
+                record(uow, "flaky", "only", &incoming).await
+            }
+            .boxed()
+        },
+    );
+    let _consumer = fixture.bus().subscribe(subscription).await.expect("subscribe");
+    publish(fixture.db(), pings(1, 1)).await;
+    let rows = wait_for_handled(fixture.db(), "flaky", 1).await;
+    assert_eq!(rows.len(), 1);
+    let times = attempts.lock().expect("lock").clone();
+    assert_eq!(times.len(), 3);
+    let (first_gap, second_gap) = (times[1] - times[0], times[2] - times[1]);
+    assert!(first_gap >= Duration::from_millis(75), "{first_gap:?}");
+    assert!(second_gap > first_gap, "{first_gap:?} then {second_gap:?}");
+    assert!(dead_letter::list(fixture.db(), Some("flaky"), 10).await.expect("list").is_empty());
+}
+
+/// A subscription failing every `Ping` with seq 0 while `failing` is set.
+fn poisoned(failing: Arc<AtomicBool>, calls: Arc<AtomicU32>) -> Subscription {
+    Subscription::new("poisoned").with_options(fast_options()).on(
+        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            let (failing, calls) = (failing.clone(), calls.clone());
+            async move {
+                if incoming.message.seq == 0 {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    if failing.load(Ordering::SeqCst) {
+                        return Err(HandlerError::transient("poison"));
+                    }
+                }
+                record(uow, "poisoned", "only", &incoming).await
+            }
+            .boxed()
+        },
+    )
+}
+
+pub async fn always_failing_handler_is_dead_lettered_and_the_group_continues(
+    fixture: &impl Fixture,
+) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let _consumer = fixture
+        .bus()
+        .subscribe(poisoned(Arc::new(AtomicBool::new(true)), calls.clone()))
+        .await
+        .expect("subscribe");
+    // seq 0 fails; seq 1 and 2 share its key, so they can only be handled if the group moves on.
+    publish(fixture.db(), pings(1, 3)).await;
+    let rows = wait_for_handled(fixture.db(), "poisoned", 2).await;
+    assert_eq!(rows.iter().map(|row| row.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "attempts before dead-lettering");
+    let letters = dead_letter::list(fixture.db(), Some("poisoned"), 10).await.expect("list");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 3);
+    assert!(letters[0].error.contains("poison"), "{}", letters[0].error);
+    let ping: Ping = serde_json::from_slice(&letters[0].envelope.payload).expect("payload");
+    assert_eq!(ping.seq, 0);
+}
+
+pub async fn replay_delivers_a_dead_letter_again(fixture: &impl Fixture) {
+    let failing = Arc::new(AtomicBool::new(true));
+    let calls = Arc::new(AtomicU32::new(0));
+    let _consumer = fixture
+        .bus()
+        .subscribe(poisoned(failing.clone(), calls))
+        .await
+        .expect("subscribe");
+    let _bystander = fixture.bus().subscribe(recording("bystander", "b")).await.expect("subscribe");
+    publish(fixture.db(), pings(1, 2)).await;
+    wait_for_handled(fixture.db(), "poisoned", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let letters = loop {
+        let letters = dead_letter::list(fixture.db(), Some("poisoned"), 10).await.expect("list");
+        if !letters.is_empty() || Instant::now() > deadline {
+            break letters;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(letters.len(), 1);
+
+    failing.store(false, Ordering::SeqCst);
+    assert!(dead_letter::replay(fixture.db(), letters[0].id).await.expect("replay"));
+    let rows = wait_for_handled(fixture.db(), "poisoned", 2).await;
+    assert_eq!(rows.iter().map(|row| row.seq).collect::<Vec<_>>(), vec![1, 0]);
+    assert!(dead_letter::list(fixture.db(), None, 10).await.expect("list").is_empty());
+    assert!(!dead_letter::replay(fixture.db(), letters[0].id).await.expect("replay"));
+    // The replay went to the failed group only.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(handled(fixture.db(), "bystander").await.len(), 2);
+}
+
+pub async fn unacknowledged_message_is_delivered_after_restart(fixture: &impl Fixture) {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let signal = started.clone();
+    let stuck = Subscription::new("restarted").with_options(fast_options()).on(
+        move |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
+            let signal = signal.clone();
+            async move {
+                signal.notify_one();
+                futures::future::pending::<()>().await;
+                Ok(())
+            }
+            .boxed()
+        },
+    );
+    let consumer = fixture.bus().subscribe(stuck).await.expect("subscribe");
+    publish(fixture.db(), pings(1, 1)).await;
+    tokio::time::timeout(Duration::from_secs(20), started.notified())
+        .await
+        .expect("the message reached the first consumer");
+    drop(consumer);
+
+    let _restarted = fixture
+        .bus()
+        .subscribe(recording("restarted", "second"))
+        .await
+        .expect("subscribe");
+    let rows = wait_for_handled(fixture.db(), "restarted", 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].consumer, "second");
+}
+
+pub async fn inbox_turns_redelivery_into_a_no_op(fixture: &impl Fixture) {
+    let consumer = fixture
+        .bus()
+        .subscribe(recording("deduped", "first"))
+        .await
+        .expect("subscribe");
+    publish(fixture.db(), pings(3, 2)).await;
+    assert_eq!(wait_for_handled(fixture.db(), "deduped", 6).await.len(), 6);
+    consumer.stop().await;
+
+    fixture.rewind("deduped").await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let watcher = Subscription::new("deduped").with_options(fast_options()).on(
+        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { record(uow, "deduped", "second", &incoming).await }.boxed()
+        },
+    );
+    let _second = fixture.bus().subscribe(watcher).await.expect("subscribe");
+    // A fresh message behind the redelivered ones shows when they have all gone through.
+    publish(fixture.db(), vec![Ping { key: "key-0".into(), seq: 2 }]).await;
+    let rows = wait_for_handled(fixture.db(), "deduped", 7).await;
+    assert_eq!(rows.len(), 7);
+    assert_eq!(rows[6].consumer, "second");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "redelivered messages reached the handler");
+}

@@ -1,0 +1,162 @@
+//! Message handlers and the subscriptions that group them.
+
+use crate::db::{StoreError, UnitOfWork};
+use crate::envelope::{Envelope, Message};
+use crate::retry::RetryPolicy;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a handler failed, and whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying: a timeout, a busy database, a dependency that is down.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help (a message that cannot be decoded or breaks a rule): dead-letter it now.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl HandlerError {
+    pub fn transient(error: impl std::fmt::Display) -> Self {
+        HandlerError::Transient(error.to_string())
+    }
+
+    pub fn permanent(error: impl std::fmt::Display) -> Self {
+        HandlerError::Permanent(error.to_string())
+    }
+
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, HandlerError::Permanent(_))
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        HandlerError::transient(error)
+    }
+}
+
+/// A delivered, decoded message.
+#[derive(Debug)]
+pub struct Incoming<M> {
+    pub envelope: Arc<Envelope>,
+    pub message: M,
+}
+
+/// A handler for messages of type `M`: runs inside the unit of work that also records the
+/// message as handled, so its effects and the dedupe mark commit together.
+pub type HandlerFn<M> = dyn for<'u> Fn(Incoming<M>, &'u mut UnitOfWork) -> BoxFuture<'u, Result<(), HandlerError>>
+    + Send
+    + Sync;
+
+/// A type-erased handler: decodes the payload, then calls the typed handler.
+pub(crate) trait Route: Send + Sync {
+    fn handle<'u>(
+        &'u self,
+        envelope: Arc<Envelope>,
+        uow: &'u mut UnitOfWork,
+    ) -> BoxFuture<'u, Result<(), HandlerError>>;
+}
+
+struct TypedRoute<M> {
+    handler: Box<HandlerFn<M>>,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<M: Message> Route for TypedRoute<M> {
+    fn handle<'u>(
+        &'u self,
+        envelope: Arc<Envelope>,
+        uow: &'u mut UnitOfWork,
+    ) -> BoxFuture<'u, Result<(), HandlerError>> {
+        match serde_json::from_slice::<M>(&envelope.payload) {
+            Ok(message) => (self.handler)(Incoming { envelope, message }, uow),
+            Err(error) => {
+                let error = HandlerError::permanent(format!("cannot decode {}: {error}", M::NAME));
+                async move { Err(error) }.boxed()
+            }
+        }
+    }
+}
+
+/// Tuning for one consumer group; the defaults suit most handlers.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Independent ordered lanes: messages with one key always share a lane. Fixed for the
+    /// life of a group.
+    pub partitions: u16,
+    /// How long a consumer owns a partition without renewing it; a crashed consumer's
+    /// partitions move to another after this long.
+    pub lease: Duration,
+    /// Messages read per query.
+    pub batch: u16,
+    pub retry: RetryPolicy,
+    /// A handler still running after this long is cut off and its attempt counts as failed.
+    pub handler_timeout: Duration,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            partitions: 4,
+            lease: Duration::from_secs(10),
+            batch: 64,
+            retry: RetryPolicy::default(),
+            handler_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A consumer group and the handlers it runs, keyed by message name.
+pub struct Subscription {
+    pub(crate) group: String,
+    pub(crate) topics: Vec<String>,
+    pub(crate) routes: HashMap<&'static str, Arc<dyn Route>>,
+    pub(crate) options: ConsumerOptions,
+}
+
+impl Subscription {
+    /// A group named `<service>.<purpose>`, e.g. `bookings.events`.
+    pub fn new(group: impl Into<String>) -> Self {
+        Subscription {
+            group: group.into(),
+            topics: Vec::new(),
+            routes: HashMap::new(),
+            options: ConsumerOptions::default(),
+        }
+    }
+
+    /// Handles every `M` published on `M::TOPIC`.
+    pub fn on<M, F>(mut self, handler: F) -> Self
+    where
+        M: Message,
+        F: for<'u> Fn(Incoming<M>, &'u mut UnitOfWork) -> BoxFuture<'u, Result<(), HandlerError>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        if !self.topics.iter().any(|topic| topic == M::TOPIC) {
+            self.topics.push(M::TOPIC.to_owned());
+        }
+        let route = TypedRoute::<M> {
+            handler: Box::new(handler),
+            _message: PhantomData,
+        };
+        self.routes.insert(M::NAME, Arc::new(route));
+        self
+    }
+
+    pub fn with_options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+}

@@ -1,0 +1,29 @@
+//! Conveyor's platform: the envelope, the unit of work (database transaction plus outbox),
+//! the bus port with its embedded sql-log transport, and the middleware every delivered
+//! message goes through (inbox, retries with backoff, dead letters, tracing, metrics).
+//!
+//! The platform knows no service and speaks no HTTP: services build on it, the edge and the
+//! binary compose them.
+
+pub mod bus;
+pub mod context;
+pub mod db;
+pub mod dead_letter;
+mod dispatch;
+pub mod envelope;
+pub mod handler;
+mod inbox;
+mod log;
+pub mod retry;
+pub mod sql_log;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use bus::{Bus, BusError, Consumer};
+pub use db::{Database, Migration, StoreError, UnitOfWork};
+pub use dispatch::metric;
+pub use envelope::{Envelope, Kind, Message};
+pub use handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
+pub use retry::RetryPolicy;
+pub use sql_log::SqlLog;

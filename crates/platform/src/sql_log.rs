@@ -1,0 +1,445 @@
+//! The sql-log transport: consumers read the log table directly.
+//!
+//! A consumer group's messages are split into a fixed number of partitions by key hash; each
+//! partition keeps its own offset and is read in order by exactly one consumer at a time,
+//! which holds a lease on it. Consumers of a group register as members and each takes a fair
+//! share of the partitions; a crashed consumer's leases lapse and the others take them over.
+//! Consumers wake when a commit moves the log head (no polling), with a slow safety poll.
+
+use crate::bus::{Bus, BusError, Consumer};
+use crate::db::{Database, StoreError};
+use crate::dispatch::{metric, Dispatcher, Outcome};
+use crate::envelope::now_millis;
+use crate::handler::Subscription;
+use crate::log::{self, Cursor};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How often an idle partition looks at the log even without a wake-up.
+const SAFETY_POLL: Duration = Duration::from_secs(5);
+/// How long to back off after a failed read or acknowledgement.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// The embedded transport over the database's log table.
+pub struct SqlLog {
+    db: Database,
+}
+
+impl SqlLog {
+    pub fn new(db: Database) -> Self {
+        SqlLog { db }
+    }
+}
+
+impl Bus for SqlLog {
+    fn subscribe(&self, subscription: Subscription) -> BoxFuture<'_, Result<Consumer, BusError>> {
+        async move {
+            if subscription.routes.is_empty() {
+                return Err(BusError::Empty(subscription.group));
+            }
+            let partitions = subscription.options.partitions.max(1);
+            ensure_partitions(&self.db, &subscription.group, partitions).await?;
+            let group: Arc<str> = subscription.group.into();
+            let shared = Arc::new(Shared {
+                member: Uuid::now_v7().to_string(),
+                topics: subscription.topics,
+                partitions: i64::from(partitions),
+                lease: subscription.options.lease,
+                batch: i64::from(subscription.options.batch.max(1)),
+                dispatcher: Dispatcher {
+                    db: self.db.clone(),
+                    group: group.clone(),
+                    routes: subscription.routes,
+                    retry: subscription.options.retry,
+                    timeout: subscription.options.handler_timeout,
+                },
+                group,
+            });
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(coordinate(shared, stop.clone()));
+            Ok(Consumer::new(stop, task))
+        }
+        .boxed()
+    }
+}
+
+struct Shared {
+    group: Arc<str>,
+    member: String,
+    topics: Vec<String>,
+    partitions: i64,
+    lease: Duration,
+    batch: i64,
+    dispatcher: Dispatcher,
+}
+
+impl Shared {
+    fn db(&self) -> &Database {
+        &self.dispatcher.db
+    }
+
+    fn lease_millis(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+async fn ensure_partitions(db: &Database, group: &str, partitions: u16) -> Result<(), BusError> {
+    let owned = group.to_owned();
+    let existing: i64 = db
+        .write(move |uow| {
+            async move {
+                for partition in 0..i64::from(partitions) {
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO conveyor_partitions (group_name, partition) VALUES (?, ?)",
+                    )
+                    .bind(&owned)
+                    .bind(partition)
+                    .execute(uow.conn())
+                    .await?;
+                }
+                let count = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = ?",
+                )
+                .bind(&owned)
+                .fetch_one(uow.conn())
+                .await?;
+                Ok::<_, StoreError>(count)
+            }
+            .boxed()
+        })
+        .await?;
+    if existing != i64::from(partitions) {
+        return Err(BusError::PartitionMismatch {
+            group: group.to_owned(),
+            existing,
+            requested: partitions,
+        });
+    }
+    Ok(())
+}
+
+/// Keeps this consumer's fair share of partitions leased and runs one lane per partition.
+async fn coordinate(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut lanes: HashMap<i64, CancellationToken> = HashMap::new();
+    let mut running = JoinSet::new();
+    let mut tick = tokio::time::interval(shared.lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        while running.try_join_next().is_some() {}
+        lanes.retain(|_, lane: &mut CancellationToken| !lane.is_cancelled());
+        let share = match rebalance(&shared).await {
+            Ok(share) => share,
+            Err(error) => {
+                tracing::warn!(%error, group = %shared.group, "cannot renew partition leases");
+                continue;
+            }
+        };
+        for partition in &share.keep {
+            lanes.entry(*partition).or_insert_with(|| {
+                let lane = stop.child_token();
+                let (shared, partition, done) = (shared.clone(), *partition, lane.clone());
+                running.spawn(async move {
+                    run_lane(shared, partition, done.clone()).await;
+                    // Marks the lane finished, so the next tick restarts it if still owned.
+                    done.cancel();
+                });
+                lane
+            });
+        }
+        lanes.retain(|partition, lane| {
+            let keep = share.keep.contains(partition);
+            if !keep {
+                lane.cancel();
+            }
+            keep
+        });
+        if !share.surplus.is_empty() {
+            // Lanes of surplus partitions stop first, so no message is in flight when the
+            // partition changes hands.
+            for partition in &share.surplus {
+                if let Some(lane) = lanes.remove(partition) {
+                    lane.cancel();
+                }
+            }
+            while running.len() > lanes.len() {
+                if running.join_next().await.is_none() {
+                    break;
+                }
+            }
+            if let Err(error) = release(&shared, share.surplus).await {
+                tracing::warn!(%error, group = %shared.group, "cannot release partitions");
+            }
+        }
+    }
+    while running.join_next().await.is_some() {}
+    if let Err(error) = leave(&shared).await {
+        tracing::warn!(%error, group = %shared.group, "cannot release partitions on stop");
+    }
+}
+
+struct Share {
+    keep: Vec<i64>,
+    surplus: Vec<i64>,
+}
+
+/// Renews this member, renews its leases and claims free partitions up to a fair share.
+async fn rebalance(shared: &Arc<Shared>) -> Result<Share, StoreError> {
+    let shared = shared.clone();
+    let db = shared.db().clone();
+    db.write(move |uow| {
+        async move {
+            let (group, member) = (&*shared.group, shared.member.as_str());
+            let now = now_millis();
+            let until = now.saturating_add(shared.lease_millis());
+            sqlx::query("DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?")
+                .bind(group)
+                .bind(now)
+                .execute(uow.conn())
+                .await?;
+            sqlx::query(
+                "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
+                 ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
+            )
+            .bind(group)
+            .bind(member)
+            .bind(until)
+            .execute(uow.conn())
+            .await?;
+            let members: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?")
+                    .bind(group)
+                    .fetch_one(uow.conn())
+                    .await?;
+            let fair = usize::try_from((shared.partitions + members - 1) / members.max(1))
+                .unwrap_or(usize::MAX);
+            sqlx::query(
+                "UPDATE conveyor_partitions SET lease_until = ? WHERE group_name = ? AND owner = ?",
+            )
+            .bind(until)
+            .bind(group)
+            .bind(member)
+            .execute(uow.conn())
+            .await?;
+            let mut mine: Vec<i64> = sqlx::query_scalar(
+                "SELECT partition FROM conveyor_partitions WHERE group_name = ? AND owner = ? ORDER BY partition",
+            )
+            .bind(group)
+            .bind(member)
+            .fetch_all(uow.conn())
+            .await?;
+            if mine.len() < fair {
+                let free: Vec<i64> = sqlx::query_scalar(
+                    "SELECT partition FROM conveyor_partitions \
+                     WHERE group_name = ? AND (owner IS NULL OR lease_until < ?) \
+                     ORDER BY partition LIMIT ?",
+                )
+                .bind(group)
+                .bind(now)
+                .bind(i64::try_from(fair - mine.len()).unwrap_or(i64::MAX))
+                .fetch_all(uow.conn())
+                .await?;
+                for partition in free {
+                    sqlx::query(
+                        "UPDATE conveyor_partitions SET owner = ?, lease_until = ? \
+                         WHERE group_name = ? AND partition = ?",
+                    )
+                    .bind(member)
+                    .bind(until)
+                    .bind(group)
+                    .bind(partition)
+                    .execute(uow.conn())
+                    .await?;
+                    mine.push(partition);
+                }
+            }
+            let surplus = mine.split_off(fair.min(mine.len()));
+            Ok(Share {
+                keep: mine,
+                surplus,
+            })
+        }
+        .boxed()
+    })
+    .await
+}
+
+async fn release(shared: &Arc<Shared>, partitions: Vec<i64>) -> Result<(), StoreError> {
+    let shared = shared.clone();
+    let db = shared.db().clone();
+    db.write(move |uow| {
+        async move {
+            for partition in partitions {
+                sqlx::query(
+                    "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
+                     WHERE group_name = ? AND partition = ? AND owner = ?",
+                )
+                .bind(&*shared.group)
+                .bind(partition)
+                .bind(&shared.member)
+                .execute(uow.conn())
+                .await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    })
+    .await
+}
+
+/// Hands every partition back and deregisters, so the others rebalance at once.
+async fn leave(shared: &Arc<Shared>) -> Result<(), StoreError> {
+    let shared = shared.clone();
+    let db = shared.db().clone();
+    db.write(move |uow| {
+        async move {
+            sqlx::query(
+                "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
+                 WHERE group_name = ? AND owner = ?",
+            )
+            .bind(&*shared.group)
+            .bind(&shared.member)
+            .execute(uow.conn())
+            .await?;
+            sqlx::query("DELETE FROM conveyor_members WHERE group_name = ? AND member = ?")
+                .bind(&*shared.group)
+                .bind(&shared.member)
+                .execute(uow.conn())
+                .await?;
+            Ok(())
+        }
+        .boxed()
+    })
+    .await
+}
+
+/// Reads one partition in order, hands each message to the dispatcher, and acknowledges by
+/// moving the partition's offset. Stops when cancelled or when the lease is lost.
+async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) {
+    let mut head = shared.db().head();
+    let mut position = match offset(&shared, partition).await {
+        Ok(position) => position,
+        Err(error) => {
+            tracing::warn!(%error, group = %shared.group, partition, "cannot read the offset");
+            return;
+        }
+    };
+    let partition_label = partition.to_string();
+    loop {
+        head.borrow_and_update();
+        let cursor = Cursor {
+            group: &shared.group,
+            topics: &shared.topics,
+            partitions: shared.partitions,
+            partition,
+            after: position,
+        };
+        let batch = match log::read(shared.db().reader(), &cursor, shared.batch).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, group = %shared.group, partition, "cannot read the log");
+                if pause(&stop, ERROR_PAUSE).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            let lag = (*head.borrow() - position).max(0);
+            metrics::gauge!(metric::CONSUMER_LAG, "group" => shared.group.to_string(), "partition" => partition_label.clone())
+                .set(lag as f64);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = head.changed() => {}
+                () = tokio::time::sleep(SAFETY_POLL) => {}
+            }
+            continue;
+        }
+        let mut handled = position;
+        let mut stopped = false;
+        for (at, envelope) in batch {
+            if stop.is_cancelled() {
+                stopped = true;
+                break;
+            }
+            match shared.dispatcher.deliver(envelope, &stop).await {
+                Outcome::Done => handled = at,
+                Outcome::Stopped => {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        if handled > position {
+            match acknowledge(&shared, partition, handled).await {
+                Ok(true) => position = handled,
+                Ok(false) => {
+                    tracing::info!(group = %shared.group, partition, "partition lease lost");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, group = %shared.group, partition, "cannot acknowledge");
+                    stopped = pause(&stop, ERROR_PAUSE).await || stopped;
+                }
+            }
+        }
+        if stopped {
+            return;
+        }
+    }
+}
+
+/// Sleeps for `duration`; true when stopped meanwhile.
+async fn pause(stop: &CancellationToken, duration: Duration) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep(duration) => false,
+    }
+}
+
+async fn offset(shared: &Shared, partition: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT position FROM conveyor_partitions WHERE group_name = ? AND partition = ?",
+    )
+    .bind(&*shared.group)
+    .bind(partition)
+    .fetch_one(shared.db().reader())
+    .await
+}
+
+/// Moves the offset, but only while this member still owns the partition (a fence against a
+/// consumer whose lease lapsed). Returns whether it did.
+async fn acknowledge(
+    shared: &Arc<Shared>,
+    partition: i64,
+    position: i64,
+) -> Result<bool, StoreError> {
+    let shared = shared.clone();
+    let db = shared.db().clone();
+    db.write(move |uow| {
+        async move {
+            let done = sqlx::query(
+                "UPDATE conveyor_partitions SET position = ? \
+                 WHERE group_name = ? AND partition = ? AND owner = ?",
+            )
+            .bind(position)
+            .bind(&*shared.group)
+            .bind(partition)
+            .bind(&shared.member)
+            .execute(uow.conn())
+            .await?;
+            Ok(done.rows_affected() == 1)
+        }
+        .boxed()
+    })
+    .await
+}
