@@ -33,6 +33,12 @@ pub struct ServiceModule {
     pub subscriptions: fn(Database) -> Vec<Subscription>,
 }
 
+impl std::fmt::Debug for ServiceModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceModule").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
 /// Edge settings.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {

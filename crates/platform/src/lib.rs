@@ -12,6 +12,7 @@ pub mod dead_letter;
 mod dispatch;
 pub mod envelope;
 pub mod handler;
+mod id;
 mod inbox;
 mod log;
 pub mod retry;
@@ -27,3 +28,5 @@ pub use envelope::{Envelope, Kind, Message};
 pub use handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
 pub use retry::RetryPolicy;
 pub use sql_log::SqlLog;
+/// For `uuid_id!`.
+pub use uuid;

@@ -1,0 +1,129 @@
+//! A running process: the services of its settings, composed.
+
+use crate::config::{Role, Settings};
+use anyhow::Context;
+use edge::{HttpOptions, ServiceModule};
+use platform::{Bus, Consumer, Database, SqlLog};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long shutdown waits for in-flight requests and handlers.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Every service this binary can run. Nothing else lists them.
+pub static SERVICES: &[ServiceModule] = &[events::MODULE, bookings::MODULE];
+
+pub struct Application {
+    settings: Settings,
+    db: Database,
+    listeners: Vec<TcpListener>,
+    addresses: Vec<SocketAddr>,
+}
+
+impl Application {
+    /// Opens and migrates the database and binds the HTTP listeners; serves nothing yet.
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let db = open_database(&settings).await?;
+        let mut listeners = Vec::new();
+        let mut addresses = Vec::new();
+        for address in &settings.http {
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))?;
+            addresses.push(listener.local_addr()?);
+            listeners.push(listener);
+        }
+        Ok(Application { settings, db, listeners, addresses })
+    }
+
+    /// The bound addresses (useful with port 0).
+    pub fn addresses(&self) -> &[SocketAddr] {
+        &self.addresses
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops taking requests and messages, lets
+    /// those in flight finish (up to `DRAIN_TIMEOUT`) and commits what is queued.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let consumers = if self.settings.role == Role::Api {
+            Vec::new()
+        } else {
+            start_consumers(&self.settings, &self.db).await?
+        };
+        let apis = if self.settings.role == Role::Workers {
+            Vec::new()
+        } else {
+            self.settings.services.iter().map(|service| (service.routes)(self.db.clone())).collect()
+        };
+        let options = HttpOptions {
+            body_limit: self.settings.body_limit,
+            cors_origins: self
+                .settings
+                .cors_origins
+                .iter()
+                .map(|origin| origin.parse())
+                .collect::<Result<_, _>>()
+                .context("a CORS origin is not a valid header value")?,
+        };
+        let router = edge::router(apis, self.db.clone(), &options);
+        let servers = TaskTracker::new();
+        for listener in self.listeners {
+            let (router, stop) = (router.clone(), shutdown.clone());
+            servers.spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "HTTP server failed");
+                }
+            });
+        }
+        servers.close();
+        tracing::info!(addresses = ?self.addresses, services = ?self.settings.services.iter().map(|s| s.name).collect::<Vec<_>>(), role = ?self.settings.role, "serving");
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: draining requests and handlers");
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            servers.wait().await;
+            for consumer in consumers {
+                consumer.stop().await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("drain timed out; unfinished work will be redelivered");
+        }
+        self.db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the database and applies the selected services' migrations.
+pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
+    settings.prepare_data_dir()?;
+    let db = Database::open(&settings.database).await?;
+    for service in &settings.services {
+        db.migrate(service.migrations)
+            .await
+            .with_context(|| format!("migrating {}", service.name))?;
+    }
+    Ok(db)
+}
+
+async fn start_consumers(settings: &Settings, db: &Database) -> anyhow::Result<Vec<Consumer>> {
+    let bus = SqlLog::new(db.clone());
+    let mut consumers = Vec::new();
+    for service in &settings.services {
+        for subscription in (service.subscriptions)(db.clone()) {
+            let group = subscription.group().to_owned();
+            let consumer = bus
+                .subscribe(subscription)
+                .await
+                .with_context(|| format!("subscribing {group}"))?;
+            consumers.push(consumer);
+        }
+    }
+    Ok(consumers)
+}

@@ -1,0 +1,360 @@
+//! Configuration: one typed tree, from defaults < `conveyor.toml` < `CONVEYOR_*` env < flags.
+//! Nothing else in the process reads the environment.
+
+use clap::{Args, ValueEnum};
+use edge::ServiceModule;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATA: &str = "./data";
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+pub const DATABASE_FILE: &str = "conveyor.db";
+pub const SQL_LOG: &str = "sql-log";
+
+/// A configuration the process cannot start with; printed as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn config_error(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// HTTP APIs and message handlers.
+    #[default]
+    All,
+    /// HTTP APIs only.
+    Api,
+    /// Message handlers only (plus health and metrics).
+    Workers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Settings shared by the commands that open the database; every one is also a `CONVEYOR_*`
+/// variable and a key of `conveyor.toml`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SettingsArgs {
+    /// Configuration file (missing is fine unless given explicitly).
+    #[arg(long, env = "CONVEYOR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve HTTP on; repeat (or comma-separate) to listen on several. [default: 127.0.0.1:8080]
+    #[arg(long, env = "CONVEYOR_HTTP", value_name = "ADDR", value_delimiter = ',')]
+    pub http: Vec<String>,
+    /// Directory for the embedded database. [default: ./data]
+    #[arg(long, env = "CONVEYOR_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Database URL. [default: sqlite:<data>/conveyor.db]
+    #[arg(long, env = "CONVEYOR_DB", value_name = "URL")]
+    pub db: Option<String>,
+    /// Message bus. [default: sql-log, the embedded log in the database]
+    #[arg(long, env = "CONVEYOR_BUS", value_name = "URL")]
+    pub bus: Option<String>,
+    /// Services to run, comma-separated. [default: all]
+    #[arg(long, env = "CONVEYOR_SERVICES", value_name = "LIST", value_delimiter = ',')]
+    pub services: Vec<String>,
+    /// What this process does for its services. [default: all]
+    #[arg(long, env = "CONVEYOR_ROLE", value_enum)]
+    pub role: Option<Role>,
+    /// Log output. [default: text]
+    #[arg(long, env = "CONVEYOR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Largest accepted request body in bytes; larger gets 413. [default: 1048576]
+    #[arg(long, env = "CONVEYOR_BODY_LIMIT", value_name = "BYTES")]
+    pub body_limit: Option<usize>,
+    /// Origins browsers may call the APIs from, comma-separated. [default: any]
+    #[arg(long, env = "CONVEYOR_CORS_ORIGINS", value_name = "LIST", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+}
+
+/// `conveyor.toml`: the same keys as the flags, in snake case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    http: Option<Vec<String>>,
+    data: Option<PathBuf>,
+    db: Option<String>,
+    bus: Option<String>,
+    services: Option<Vec<String>>,
+    role: Option<Role>,
+    log_format: Option<LogFormat>,
+    body_limit: Option<usize>,
+    cors_origins: Option<Vec<String>>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub http: Vec<SocketAddr>,
+    pub data_dir: PathBuf,
+    /// The SQLite file.
+    pub database: PathBuf,
+    pub services: Vec<&'static ServiceModule>,
+    pub role: Role,
+    pub log_format: LogFormat,
+    pub body_limit: usize,
+    pub cors_origins: Vec<String>,
+}
+
+impl SettingsArgs {
+    /// Merges the file (if any) under these flags and env values and validates the result.
+    pub fn resolve(self, all_services: &'static [ServiceModule]) -> Result<Settings, ConfigError> {
+        let file = read_file(self.config.as_deref())?;
+        let http = non_empty(self.http)
+            .or(file.http)
+            .unwrap_or_else(|| vec![DEFAULT_HTTP.to_owned()]);
+        let data_dir = self.data.or(file.data).unwrap_or_else(|| DEFAULT_DATA.into());
+        let database = match self.db.or(file.db) {
+            Some(url) => sqlite_path(&url)?,
+            None => data_dir.join(DATABASE_FILE),
+        };
+        let bus = self.bus.or(file.bus).unwrap_or_else(|| SQL_LOG.to_owned());
+        if bus != SQL_LOG {
+            return Err(config_error(format!(
+                "--bus {}: unsupported; this build has only the embedded `{SQL_LOG}` bus",
+                mask_secrets(&bus)
+            )));
+        }
+        let names = non_empty(self.services).or(file.services);
+        Ok(Settings {
+            http: http.iter().map(|addr| parse_addr(addr)).collect::<Result<_, _>>()?,
+            data_dir,
+            database,
+            services: select_services(all_services, names)?,
+            role: self.role.or(file.role).unwrap_or_default(),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            body_limit: self.body_limit.or(file.body_limit).unwrap_or(DEFAULT_BODY_LIMIT),
+            cors_origins: non_empty(self.cors_origins).or(file.cors_origins).unwrap_or_default(),
+        })
+    }
+}
+
+fn non_empty(values: Vec<String>) -> Option<Vec<String>> {
+    let values: Vec<String> = values
+        .into_iter()
+        .map(|value| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+        .collect();
+    (!values.is_empty()).then_some(values)
+}
+
+/// Reads the configuration file: an explicit path must exist; `./conveyor.toml` may not.
+fn read_file(explicit: Option<&Path>) -> Result<FileSettings, ConfigError> {
+    let path = explicit.unwrap_or(Path::new("conveyor.toml"));
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if explicit.is_none() && error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(FileSettings::default())
+        }
+        Err(error) => return Err(config_error(format!("cannot read {}: {error}", path.display()))),
+    };
+    toml::from_str(&text).map_err(|error| {
+        config_error(format!("{}: {}", path.display(), error.message()))
+    })
+}
+
+fn parse_addr(addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.parse().map_err(|_| {
+        config_error(format!("--http {addr}: not an address like 127.0.0.1:8080"))
+    })
+}
+
+/// `sqlite:PATH`, `sqlite://PATH` or `sqlite:///ABSOLUTE/PATH`.
+fn sqlite_path(url: &str) -> Result<PathBuf, ConfigError> {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        let scheme = url.split(':').next().unwrap_or(url);
+        return Err(config_error(format!(
+            "--db {}: unsupported database `{scheme}`; this build supports sqlite:PATH",
+            mask_secrets(url)
+        )));
+    };
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() {
+        return Err(config_error(format!("--db {url}: no file path")));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn select_services(
+    all: &'static [ServiceModule],
+    names: Option<Vec<String>>,
+) -> Result<Vec<&'static ServiceModule>, ConfigError> {
+    let Some(names) = names else {
+        return Ok(all.iter().collect());
+    };
+    if names.iter().any(|name| name == "all") {
+        return Ok(all.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            all.iter().find(|service| service.name == name).ok_or_else(|| {
+                let known: Vec<_> = all.iter().map(|service| service.name).collect();
+                config_error(format!(
+                    "--services: unknown service `{name}`; known: {}",
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Hides the password of a URL like `scheme://user:password@host`.
+pub fn mask_secrets(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl Settings {
+    /// Creates the data directory and checks it is writable.
+    pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
+        let dir = self
+            .database
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let unwritable =
+            |error: std::io::Error| config_error(format!("data dir {}: {error}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(unwritable)?;
+        tempfile::tempfile_in(dir).map_err(unwritable)?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn render(&self) -> String {
+        let list = |items: Vec<String>| {
+            let quoted: Vec<String> = items.iter().map(|item| format!("{item:?}")).collect();
+            format!("[{}]", quoted.join(", "))
+        };
+        let role = match self.role {
+            Role::All => "all",
+            Role::Api => "api",
+            Role::Workers => "workers",
+        };
+        let log_format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        [
+            format!("http = {}", list(self.http.iter().map(ToString::to_string).collect())),
+            format!("data = {:?}", self.data_dir.display().to_string()),
+            format!("db = {:?}", format!("sqlite:{}", self.database.display())),
+            format!("bus = {SQL_LOG:?}"),
+            format!("services = {}", list(self.services.iter().map(|s| s.name.to_owned()).collect())),
+            format!("role = {role:?}"),
+            format!("log_format = {log_format:?}"),
+            format!("body_limit = {}", self.body_limit),
+            format!("cors_origins = {}", list(self.cors_origins.clone())),
+        ]
+        .join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static SERVICES: &[ServiceModule] = &[
+        ServiceModule {
+            name: "alpha",
+            migrations: &[],
+            routes: |_| utoipa_axum::router::OpenApiRouter::new(),
+            subscriptions: |_| Vec::new(),
+        },
+        ServiceModule {
+            name: "beta",
+            migrations: &[],
+            routes: |_| utoipa_axum::router::OpenApiRouter::new(),
+            subscriptions: |_| Vec::new(),
+        },
+    ];
+
+    fn resolve(args: SettingsArgs) -> Result<Settings, ConfigError> {
+        args.resolve(SERVICES)
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let settings = resolve(SettingsArgs::default()).expect("defaults");
+        assert_eq!(settings.http, vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(settings.database, PathBuf::from("./data/conveyor.db"));
+        assert_eq!(settings.services.len(), 2);
+        assert_eq!(settings.role, Role::All);
+        assert_eq!(settings.body_limit, 1024 * 1024);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("conveyor.toml");
+        std::fs::write(&file, "http = [\"127.0.0.1:9000\"]\nservices = [\"beta\"]\nrole = \"workers\"\n").unwrap();
+        let settings = resolve(SettingsArgs {
+            config: Some(file.clone()),
+            http: vec!["127.0.0.1:9100".into(), "127.0.0.1:9101".into()],
+            ..SettingsArgs::default()
+        })
+        .expect("valid");
+        assert_eq!(settings.http.len(), 2);
+        assert_eq!(settings.http[0].port(), 9100);
+        assert_eq!(settings.services.iter().map(|s| s.name).collect::<Vec<_>>(), ["beta"]);
+        assert_eq!(settings.role, Role::Workers);
+    }
+
+    #[test]
+    fn bad_values_are_one_line_errors() {
+        let unknown = resolve(SettingsArgs { services: vec!["gamma".into()], ..Default::default() });
+        assert!(unknown.unwrap_err().0.contains("unknown service `gamma`"));
+        let addr = resolve(SettingsArgs { http: vec!["localhost".into()], ..Default::default() });
+        assert!(addr.unwrap_err().0.contains("--http localhost"));
+        let db = resolve(SettingsArgs { db: Some("postgres://u:hunter2@h/db".into()), ..Default::default() });
+        let message = db.unwrap_err().0;
+        assert!(message.contains("unsupported database `postgres`"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        let bus = resolve(SettingsArgs { bus: Some("amqp://x".into()), ..Default::default() });
+        assert!(bus.unwrap_err().0.contains("--bus"));
+        let missing = resolve(SettingsArgs { config: Some("/nonexistent/c.toml".into()), ..Default::default() });
+        assert!(missing.unwrap_err().0.contains("cannot read"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "htp = [\"x\"]\n").unwrap();
+        let error = resolve(SettingsArgs { config: Some(file), ..Default::default() }).unwrap_err();
+        assert!(error.0.contains("unknown field `htp`"), "{}", error.0);
+    }
+
+    #[test]
+    fn sqlite_urls() {
+        assert_eq!(sqlite_path("sqlite:data/x.db").unwrap(), PathBuf::from("data/x.db"));
+        assert_eq!(sqlite_path("sqlite:///tmp/x.db").unwrap(), PathBuf::from("/tmp/x.db"));
+        assert!(sqlite_path("sqlite:").is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask_secrets("amqp://guest:guest@localhost:5672"), "amqp://guest:***@localhost:5672");
+        assert_eq!(mask_secrets("sqlite:data/x.db"), "sqlite:data/x.db");
+    }
+}

@@ -1,0 +1,115 @@
+//! The bookings service's use cases, and the handler that learns events.
+
+use crate::api::EventBooked;
+use crate::domain::{Availability, BookingId, BookingRequest, Invalid, SoldOut};
+use crate::store::{self, StoredBooking};
+use events_api::EventCreated;
+use futures::FutureExt;
+use platform::{Database, HandlerError, Incoming, StoreError, Subscription, UnitOfWork};
+
+/// Bookings' consumer group for the events service's messages.
+pub const EVENTS_GROUP: &str = "bookings.events";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BookingsError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("no event {0} is known to bookings")]
+    EventNotFound(String),
+    #[error(transparent)]
+    SoldOut(#[from] SoldOut),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for BookingsError {
+    fn from(error: sqlx::Error) -> Self {
+        BookingsError::Store(error.into())
+    }
+}
+
+/// An event's seats and its bookings.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub event_id: String,
+    pub availability: Availability,
+    pub bookings: Vec<StoredBooking>,
+}
+
+#[derive(Clone)]
+pub struct Bookings {
+    db: Database,
+}
+
+impl Bookings {
+    pub fn new(db: Database) -> Self {
+        Bookings { db }
+    }
+
+    /// Books seats if enough are left, and publishes `EventBooked`, in one unit of work.
+    /// Units of work are serialised by the database, so concurrent bookings never oversell.
+    pub async fn book(&self, event_id: &str, request: BookingRequest) -> Result<StoredBooking, BookingsError> {
+        let event_id = event_id.to_owned();
+        let booking = self
+            .db
+            .write(move |uow| {
+                async move {
+                    let availability = store::availability(uow.conn(), &event_id)
+                        .await?
+                        .ok_or_else(|| BookingsError::EventNotFound(event_id.clone()))?;
+                    let after = availability.book(request.seats)?;
+                    store::set_booked(uow, &event_id, after.booked).await?;
+                    let booking = StoredBooking {
+                        id: BookingId::new().to_string(),
+                        event_id,
+                        seats: request.seats,
+                        user: request.user,
+                        created_at: platform::envelope::now_millis() / 1000,
+                    };
+                    store::insert_booking(uow, &booking).await?;
+                    uow.emit(&EventBooked {
+                        booking_id: booking.id.clone(),
+                        event_id: booking.event_id.clone(),
+                        seats: booking.seats,
+                        user: booking.user.clone(),
+                    })?;
+                    Ok::<_, BookingsError>(booking)
+                }
+                .boxed()
+            })
+            .await?;
+        let event = ("event", booking.event_id.clone());
+        metrics::counter!("myevents_bookings_total", &[event.clone()]).increment(1);
+        metrics::histogram!("myevents_booking_seats", &[event]).record(booking.seats as f64);
+        Ok(booking)
+    }
+
+    pub async fn summary(&self, event_id: &str) -> Result<Summary, BookingsError> {
+        let availability = store::availability(self.db.reader(), event_id)
+            .await?
+            .ok_or_else(|| BookingsError::EventNotFound(event_id.to_owned()))?;
+        let bookings = store::bookings(self.db.reader(), event_id).await?;
+        Ok(Summary {
+            event_id: event_id.to_owned(),
+            availability,
+            bookings,
+        })
+    }
+}
+
+/// Bookings learns events only from `events.EventCreated`, into its own table.
+pub fn subscriptions() -> Vec<Subscription> {
+    vec![Subscription::new(EVENTS_GROUP).on(
+        |incoming: Incoming<EventCreated>, uow: &mut UnitOfWork| learn_event(incoming, uow).boxed(),
+    )]
+}
+
+async fn learn_event(incoming: Incoming<EventCreated>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
+    let event = incoming.message;
+    if event.capacity < 0 {
+        return Err(HandlerError::permanent(format!("event {} has a negative capacity", event.id)));
+    }
+    store::learn_event(uow, &event.id, event.capacity)
+        .await
+        .map_err(HandlerError::transient)
+}

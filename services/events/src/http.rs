@@ -1,0 +1,274 @@
+//! The events service's REST API, in the original MyEvents wire format: responses use its
+//! keys (`ID`, `Name`, `StartDate`, ...), requests match keys case-insensitively.
+
+use crate::app::{Events, EventsError, Page};
+use crate::domain::{Event, EventDraft, HallDraft, Location, LocationDraft};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use edge::{CaseInsensitiveJson, Problem, Query};
+use http::{header, StatusCode};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub fn routes(events: Events) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(list_events, create_event))
+        .routes(routes!(get_event))
+        .routes(routes!(get_event_by_id))
+        .routes(routes!(get_event_by_name))
+        .routes(routes!(list_locations, create_location))
+        .routes(routes!(get_location))
+        .with_state(events)
+}
+
+impl From<EventsError> for Problem {
+    fn from(error: EventsError) -> Self {
+        match error {
+            EventsError::Invalid(invalid) => Problem::invalid(invalid.field, invalid.message),
+            EventsError::EventNotFound(_) | EventsError::LocationNotFound(_) => {
+                Problem::not_found(error.to_string())
+            }
+            EventsError::UnknownLocation(_) => Problem::invalid("location.id", error.to_string()),
+            EventsError::Store(error) => error.into(),
+        }
+    }
+}
+
+/// A hall, in a request or a response.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct HallRequest {
+    name: Option<String>,
+    location: Option<String>,
+    capacity: Option<i64>,
+}
+
+/// A location in a request: give `id` to reuse a known location, or the rest to create one.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LocationRequest {
+    id: Option<String>,
+    name: Option<String>,
+    address: Option<String>,
+    country: Option<String>,
+    opentime: Option<i64>,
+    closetime: Option<i64>,
+    halls: Option<Vec<HallRequest>>,
+}
+
+/// An event in a request. Keys match whatever their case (`startdate`, `StartDate`, ...).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EventRequest {
+    name: Option<String>,
+    startdate: Option<i64>,
+    enddate: Option<i64>,
+    duration: Option<i64>,
+    location: Option<LocationRequest>,
+}
+
+impl From<LocationRequest> for LocationDraft {
+    fn from(request: LocationRequest) -> Self {
+        LocationDraft {
+            name: request.name,
+            address: request.address,
+            country: request.country,
+            open_time: request.opentime,
+            close_time: request.closetime,
+            halls: request.halls.map(|halls| {
+                halls
+                    .into_iter()
+                    .map(|hall| HallDraft {
+                        name: hall.name,
+                        location: hall.location,
+                        capacity: hall.capacity,
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+impl From<EventRequest> for EventDraft {
+    fn from(request: EventRequest) -> Self {
+        let location_id = request.location.as_ref().and_then(|location| location.id.clone());
+        EventDraft {
+            name: request.name,
+            start_date: request.startdate,
+            end_date: request.enddate,
+            duration: request.duration,
+            location_id,
+            location: request.location.map(LocationDraft::from),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HallResponse {
+    name: String,
+    location: String,
+    capacity: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "PascalCase")]
+pub struct LocationResponse {
+    #[serde(rename = "ID")]
+    id: String,
+    name: String,
+    address: String,
+    country: String,
+    open_time: i64,
+    close_time: i64,
+    halls: Vec<HallResponse>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventResponse {
+    #[serde(rename = "ID")]
+    id: String,
+    name: String,
+    duration: i64,
+    start_date: i64,
+    end_date: i64,
+    location: LocationResponse,
+}
+
+impl From<Location> for LocationResponse {
+    fn from(location: Location) -> Self {
+        LocationResponse {
+            id: location.id.to_string(),
+            name: location.name,
+            address: location.address,
+            country: location.country,
+            open_time: location.open_time,
+            close_time: location.close_time,
+            halls: location
+                .halls
+                .into_iter()
+                .map(|hall| HallResponse {
+                    name: hall.name,
+                    location: hall.location,
+                    capacity: hall.capacity,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<Event> for EventResponse {
+    fn from(event: Event) -> Self {
+        EventResponse {
+            id: event.id.to_string(),
+            name: event.name,
+            duration: event.duration,
+            start_date: event.start_date,
+            end_date: event.end_date,
+            location: event.location.into(),
+        }
+    }
+}
+
+/// `?limit` (1 to 1000, default 100) and `?offset` (default 0).
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PageQuery {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+impl TryFrom<PageQuery> for Page {
+    type Error = Problem;
+
+    fn try_from(query: PageQuery) -> Result<Page, Problem> {
+        Page::new(query.limit, query.offset).map_err(|invalid| Problem::invalid(invalid.field, invalid.message))
+    }
+}
+
+fn created(path: String, body: impl Serialize) -> Response {
+    (StatusCode::CREATED, [(header::LOCATION, path)], Json(body)).into_response()
+}
+
+/// Events, newest first.
+#[utoipa::path(get, path = "/events", tag = "events", params(PageQuery),
+    responses((status = 200, body = [EventResponse]), (status = 400, body = Problem)))]
+async fn list_events(
+    State(events): State<Events>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Vec<EventResponse>>, Problem> {
+    let events = events.events(page.try_into()?).await?;
+    Ok(Json(events.into_iter().map(EventResponse::from).collect()))
+}
+
+/// Creates an event, and its location unless `location.id` names a known one.
+#[utoipa::path(post, path = "/events", tag = "events", request_body = EventRequest,
+    responses((status = 201, body = EventResponse), (status = 400, body = Problem), (status = 413, body = Problem)))]
+async fn create_event(
+    State(events): State<Events>,
+    CaseInsensitiveJson(request): CaseInsensitiveJson<EventRequest>,
+) -> Result<Response, Problem> {
+    let event = events.create_event(request.into()).await?;
+    Ok(created(format!("/events/{}", event.id), EventResponse::from(event)))
+}
+
+/// One event.
+#[utoipa::path(get, path = "/events/{id}", tag = "events",
+    responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
+async fn get_event(
+    State(events): State<Events>,
+    Path(id): Path<String>,
+) -> Result<Json<EventResponse>, Problem> {
+    Ok(Json(events.event(&id).await?.into()))
+}
+
+/// One event (the original's search form).
+#[utoipa::path(get, path = "/events/id/{id}", tag = "events",
+    responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
+async fn get_event_by_id(
+    State(events): State<Events>,
+    Path(id): Path<String>,
+) -> Result<Json<EventResponse>, Problem> {
+    Ok(Json(events.event(&id).await?.into()))
+}
+
+/// The newest event with this exact name.
+#[utoipa::path(get, path = "/events/name/{name}", tag = "events",
+    responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
+async fn get_event_by_name(
+    State(events): State<Events>,
+    Path(name): Path<String>,
+) -> Result<Json<EventResponse>, Problem> {
+    Ok(Json(events.event_by_name(&name).await?.into()))
+}
+
+/// Locations, newest first.
+#[utoipa::path(get, path = "/locations", tag = "events", params(PageQuery),
+    responses((status = 200, body = [LocationResponse]), (status = 400, body = Problem)))]
+async fn list_locations(
+    State(events): State<Events>,
+    Query(page): Query<PageQuery>,
+) -> Result<Json<Vec<LocationResponse>>, Problem> {
+    let locations = events.locations(page.try_into()?).await?;
+    Ok(Json(locations.into_iter().map(LocationResponse::from).collect()))
+}
+
+/// Creates a location.
+#[utoipa::path(post, path = "/locations", tag = "events", request_body = LocationRequest,
+    responses((status = 201, body = LocationResponse), (status = 400, body = Problem), (status = 413, body = Problem)))]
+async fn create_location(
+    State(events): State<Events>,
+    CaseInsensitiveJson(request): CaseInsensitiveJson<LocationRequest>,
+) -> Result<Response, Problem> {
+    let location = events.create_location(request.into()).await?;
+    Ok(created(format!("/locations/{}", location.id), LocationResponse::from(location)))
+}
+
+/// One location.
+#[utoipa::path(get, path = "/locations/{id}", tag = "events",
+    responses((status = 200, body = LocationResponse), (status = 404, body = Problem)))]
+async fn get_location(
+    State(events): State<Events>,
+    Path(id): Path<String>,
+) -> Result<Json<LocationResponse>, Problem> {
+    Ok(Json(events.location(&id).await?.into()))
+}
