@@ -1,0 +1,128 @@
+//! Test helpers: the real application on port 0 with its own data directory.
+
+#![allow(dead_code)]
+
+use clap::Parser;
+use conveyor::{Application, SettingsArgs, SERVICES};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts the whole process (all services, embedded defaults) with `extra` flags.
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().display().to_string();
+    let mut argv = vec!["conveyor", "--http", "127.0.0.1:0", "--data", &data];
+    argv.extend_from_slice(extra);
+    let settings = Args::parse_from(argv).settings.resolve(SERVICES).expect("settings");
+    let application = Application::build(settings).await.expect("build");
+    let address = application.addresses()[0];
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        shutdown,
+        task,
+        dir,
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// The seed's event, as its curl command sends it.
+pub fn seed_event(name: &str, capacity: i64) -> Value {
+    json!({
+        "name": name,
+        "startdate": 768346784368i64,
+        "enddate": 768346784368i64,
+        "duration": 120,
+        "location": {
+            "name": "Paris fifa park",
+            "address": "le monses",
+            "country": "frn",
+            "opentime": 10,
+            "closetime": 15,
+            "halls": [ { "name": "lobby", "location": "principal building", "capacity": capacity } ]
+        }
+    })
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    /// POSTs `body` as curl -d does: form-urlencoded Content-Type, JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.post_raw(path, body.to_string()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: String) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// Creates an event and returns its id.
+    pub async fn create_event(&self, name: &str, capacity: i64) -> String {
+        let response = self.post("/events", &seed_event(name, capacity)).await;
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.expect("json");
+        body["ID"].as_str().expect("ID").to_owned()
+    }
+
+    /// Waits until bookings has learned event `id` (it learns from messages, asynchronously).
+    pub async fn wait_until_bookable(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.get(&format!("/events/{id}/bookings")).await.status() == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("bookings never learned event {id}");
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("clean stop");
+    }
+}
+
+/// Asserts a problem+json response with `status`, returning its body.
+pub async fn problem(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.expect("problem json");
+    assert_eq!(body["status"], status);
+    body
+}
