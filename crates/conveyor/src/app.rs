@@ -36,7 +36,12 @@ impl Application {
             addresses.push(listener.local_addr()?);
             listeners.push(listener);
         }
-        Ok(Application { settings, db, listeners, addresses })
+        Ok(Application {
+            settings,
+            db,
+            listeners,
+            addresses,
+        })
     }
 
     /// The bound addresses (useful with port 0).
@@ -55,7 +60,11 @@ impl Application {
         let apis = if self.settings.role == Role::Workers {
             Vec::new()
         } else {
-            self.settings.services.iter().map(|service| (service.routes)(self.db.clone())).collect()
+            self.settings
+                .services
+                .iter()
+                .map(|service| (service.routes)(self.db.clone()))
+                .collect()
         };
         let options = HttpOptions {
             body_limit: self.settings.body_limit,

@@ -50,7 +50,12 @@ pub struct SettingsArgs {
     #[arg(long, env = "CONVEYOR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to serve HTTP on; repeat (or comma-separate) to listen on several. [default: 127.0.0.1:8080]
-    #[arg(long, env = "CONVEYOR_HTTP", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CONVEYOR_HTTP",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
     pub http: Vec<String>,
     /// Directory for the embedded database. [default: ./data]
     #[arg(long, env = "CONVEYOR_DATA", value_name = "DIR")]
@@ -62,7 +67,12 @@ pub struct SettingsArgs {
     #[arg(long, env = "CONVEYOR_BUS", value_name = "URL")]
     pub bus: Option<String>,
     /// Services to run, comma-separated. [default: all]
-    #[arg(long, env = "CONVEYOR_SERVICES", value_name = "LIST", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CONVEYOR_SERVICES",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
     pub services: Vec<String>,
     /// What this process does for its services. [default: all]
     #[arg(long, env = "CONVEYOR_ROLE", value_enum)]
@@ -74,7 +84,12 @@ pub struct SettingsArgs {
     #[arg(long, env = "CONVEYOR_BODY_LIMIT", value_name = "BYTES")]
     pub body_limit: Option<usize>,
     /// Origins browsers may call the APIs from, comma-separated. [default: any]
-    #[arg(long, env = "CONVEYOR_CORS_ORIGINS", value_name = "LIST", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CONVEYOR_CORS_ORIGINS",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
     pub cors_origins: Vec<String>,
 }
 
@@ -114,7 +129,10 @@ impl SettingsArgs {
         let http = non_empty(self.http)
             .or(file.http)
             .unwrap_or_else(|| vec![DEFAULT_HTTP.to_owned()]);
-        let data_dir = self.data.or(file.data).unwrap_or_else(|| DEFAULT_DATA.into());
+        let data_dir = self
+            .data
+            .or(file.data)
+            .unwrap_or_else(|| DEFAULT_DATA.into());
         let database = match self.db.or(file.db) {
             Some(url) => sqlite_path(&url)?,
             None => data_dir.join(DATABASE_FILE),
@@ -128,14 +146,22 @@ impl SettingsArgs {
         }
         let names = non_empty(self.services).or(file.services);
         Ok(Settings {
-            http: http.iter().map(|addr| parse_addr(addr)).collect::<Result<_, _>>()?,
+            http: http
+                .iter()
+                .map(|addr| parse_addr(addr))
+                .collect::<Result<_, _>>()?,
             data_dir,
             database,
             services: select_services(all_services, names)?,
             role: self.role.or(file.role).unwrap_or_default(),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
-            body_limit: self.body_limit.or(file.body_limit).unwrap_or(DEFAULT_BODY_LIMIT),
-            cors_origins: non_empty(self.cors_origins).or(file.cors_origins).unwrap_or_default(),
+            body_limit: self
+                .body_limit
+                .or(file.body_limit)
+                .unwrap_or(DEFAULT_BODY_LIMIT),
+            cors_origins: non_empty(self.cors_origins)
+                .or(file.cors_origins)
+                .unwrap_or_default(),
         })
     }
 }
@@ -157,17 +183,20 @@ fn read_file(explicit: Option<&Path>) -> Result<FileSettings, ConfigError> {
         Err(error) if explicit.is_none() && error.kind() == std::io::ErrorKind::NotFound => {
             return Ok(FileSettings::default())
         }
-        Err(error) => return Err(config_error(format!("cannot read {}: {error}", path.display()))),
+        Err(error) => {
+            return Err(config_error(format!(
+                "cannot read {}: {error}",
+                path.display()
+            )))
+        }
     };
-    toml::from_str(&text).map_err(|error| {
-        config_error(format!("{}: {}", path.display(), error.message()))
-    })
+    toml::from_str(&text)
+        .map_err(|error| config_error(format!("{}: {}", path.display(), error.message())))
 }
 
 fn parse_addr(addr: &str) -> Result<SocketAddr, ConfigError> {
-    addr.parse().map_err(|_| {
-        config_error(format!("--http {addr}: not an address like 127.0.0.1:8080"))
-    })
+    addr.parse()
+        .map_err(|_| config_error(format!("--http {addr}: not an address like 127.0.0.1:8080")))
 }
 
 /// `sqlite:PATH`, `sqlite://PATH` or `sqlite:///ABSOLUTE/PATH`.
@@ -200,13 +229,15 @@ fn select_services(
     names
         .iter()
         .map(|name| {
-            all.iter().find(|service| service.name == name).ok_or_else(|| {
-                let known: Vec<_> = all.iter().map(|service| service.name).collect();
-                config_error(format!(
-                    "--services: unknown service `{name}`; known: {}",
-                    known.join(", ")
-                ))
-            })
+            all.iter()
+                .find(|service| service.name == name)
+                .ok_or_else(|| {
+                    let known: Vec<_> = all.iter().map(|service| service.name).collect();
+                    config_error(format!(
+                        "--services: unknown service `{name}`; known: {}",
+                        known.join(", ")
+                    ))
+                })
         })
         .collect()
 }
@@ -256,11 +287,17 @@ impl Settings {
             LogFormat::Json => "json",
         };
         [
-            format!("http = {}", list(self.http.iter().map(ToString::to_string).collect())),
+            format!(
+                "http = {}",
+                list(self.http.iter().map(ToString::to_string).collect())
+            ),
             format!("data = {:?}", self.data_dir.display().to_string()),
             format!("db = {:?}", format!("sqlite:{}", self.database.display())),
             format!("bus = {SQL_LOG:?}"),
-            format!("services = {}", list(self.services.iter().map(|s| s.name.to_owned()).collect())),
+            format!(
+                "services = {}",
+                list(self.services.iter().map(|s| s.name.to_owned()).collect())
+            ),
             format!("role = {role:?}"),
             format!("log_format = {log_format:?}"),
             format!("body_limit = {}", self.body_limit),
@@ -296,7 +333,10 @@ mod tests {
     #[test]
     fn defaults_need_nothing() {
         let settings = resolve(SettingsArgs::default()).expect("defaults");
-        assert_eq!(settings.http, vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            settings.http,
+            vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(settings.database, PathBuf::from("./data/conveyor.db"));
         assert_eq!(settings.services.len(), 2);
         assert_eq!(settings.role, Role::All);
@@ -307,7 +347,11 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("conveyor.toml");
-        std::fs::write(&file, "http = [\"127.0.0.1:9000\"]\nservices = [\"beta\"]\nrole = \"workers\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "http = [\"127.0.0.1:9000\"]\nservices = [\"beta\"]\nrole = \"workers\"\n",
+        )
+        .unwrap();
         let settings = resolve(SettingsArgs {
             config: Some(file.clone()),
             http: vec!["127.0.0.1:9100".into(), "127.0.0.1:9101".into()],
@@ -316,23 +360,44 @@ mod tests {
         .expect("valid");
         assert_eq!(settings.http.len(), 2);
         assert_eq!(settings.http[0].port(), 9100);
-        assert_eq!(settings.services.iter().map(|s| s.name).collect::<Vec<_>>(), ["beta"]);
+        assert_eq!(
+            settings.services.iter().map(|s| s.name).collect::<Vec<_>>(),
+            ["beta"]
+        );
         assert_eq!(settings.role, Role::Workers);
     }
 
     #[test]
     fn bad_values_are_one_line_errors() {
-        let unknown = resolve(SettingsArgs { services: vec!["gamma".into()], ..Default::default() });
+        let unknown = resolve(SettingsArgs {
+            services: vec!["gamma".into()],
+            ..Default::default()
+        });
         assert!(unknown.unwrap_err().0.contains("unknown service `gamma`"));
-        let addr = resolve(SettingsArgs { http: vec!["localhost".into()], ..Default::default() });
+        let addr = resolve(SettingsArgs {
+            http: vec!["localhost".into()],
+            ..Default::default()
+        });
         assert!(addr.unwrap_err().0.contains("--http localhost"));
-        let db = resolve(SettingsArgs { db: Some("postgres://u:hunter2@h/db".into()), ..Default::default() });
+        let db = resolve(SettingsArgs {
+            db: Some("postgres://u:hunter2@h/db".into()),
+            ..Default::default()
+        });
         let message = db.unwrap_err().0;
-        assert!(message.contains("unsupported database `postgres`"), "{message}");
+        assert!(
+            message.contains("unsupported database `postgres`"),
+            "{message}"
+        );
         assert!(!message.contains("hunter2"), "{message}");
-        let bus = resolve(SettingsArgs { bus: Some("amqp://x".into()), ..Default::default() });
+        let bus = resolve(SettingsArgs {
+            bus: Some("amqp://x".into()),
+            ..Default::default()
+        });
         assert!(bus.unwrap_err().0.contains("--bus"));
-        let missing = resolve(SettingsArgs { config: Some("/nonexistent/c.toml".into()), ..Default::default() });
+        let missing = resolve(SettingsArgs {
+            config: Some("/nonexistent/c.toml".into()),
+            ..Default::default()
+        });
         assert!(missing.unwrap_err().0.contains("cannot read"));
     }
 
@@ -341,20 +406,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "htp = [\"x\"]\n").unwrap();
-        let error = resolve(SettingsArgs { config: Some(file), ..Default::default() }).unwrap_err();
+        let error = resolve(SettingsArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(error.0.contains("unknown field `htp`"), "{}", error.0);
     }
 
     #[test]
     fn sqlite_urls() {
-        assert_eq!(sqlite_path("sqlite:data/x.db").unwrap(), PathBuf::from("data/x.db"));
-        assert_eq!(sqlite_path("sqlite:///tmp/x.db").unwrap(), PathBuf::from("/tmp/x.db"));
+        assert_eq!(
+            sqlite_path("sqlite:data/x.db").unwrap(),
+            PathBuf::from("data/x.db")
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/x.db").unwrap(),
+            PathBuf::from("/tmp/x.db")
+        );
         assert!(sqlite_path("sqlite:").is_err());
     }
 
     #[test]
     fn secrets_are_masked() {
-        assert_eq!(mask_secrets("amqp://guest:guest@localhost:5672"), "amqp://guest:***@localhost:5672");
+        assert_eq!(
+            mask_secrets("amqp://guest:guest@localhost:5672"),
+            "amqp://guest:***@localhost:5672"
+        );
         assert_eq!(mask_secrets("sqlite:data/x.db"), "sqlite:data/x.db");
     }
 }

@@ -34,7 +34,11 @@ pub async fn run(db: &Database, command: DlqCommand, out: &mut impl Write) -> an
     match command {
         DlqCommand::List { group, limit } => {
             let letters = dead_letter::list(db, group.as_deref(), limit).await?;
-            writeln!(out, "{:>6}  {:<24}  {:<28}  {:>8}  ERROR", "ID", "GROUP", "MESSAGE", "ATTEMPTS")?;
+            writeln!(
+                out,
+                "{:>6}  {:<24}  {:<28}  {:>8}  ERROR",
+                "ID", "GROUP", "MESSAGE", "ATTEMPTS"
+            )?;
             for letter in &letters {
                 let error: String = letter.error.chars().take(80).collect();
                 writeln!(
@@ -46,7 +50,9 @@ pub async fn run(db: &Database, command: DlqCommand, out: &mut impl Write) -> an
             writeln!(out, "{} dead letter(s)", letters.len())?;
         }
         DlqCommand::Show { id } => {
-            let letter = dead_letter::get(db, id).await?.ok_or_else(|| anyhow::anyhow!("no dead letter {id}"))?;
+            let letter = dead_letter::get(db, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no dead letter {id}"))?;
             writeln!(out, "{}", serde_json::to_string_pretty(&describe(&letter))?)?;
         }
         DlqCommand::Replay { id } => {
@@ -67,8 +73,12 @@ pub async fn run(db: &Database, command: DlqCommand, out: &mut impl Write) -> an
 
 fn describe(letter: &DeadLetter) -> serde_json::Value {
     let envelope = &letter.envelope;
-    let payload = serde_json::from_slice::<serde_json::Value>(&envelope.payload)
-        .unwrap_or_else(|_| String::from_utf8_lossy(&envelope.payload).into_owned().into());
+    let payload =
+        serde_json::from_slice::<serde_json::Value>(&envelope.payload).unwrap_or_else(|_| {
+            String::from_utf8_lossy(&envelope.payload)
+                .into_owned()
+                .into()
+        });
     serde_json::json!({
         "id": letter.id,
         "group": letter.group,

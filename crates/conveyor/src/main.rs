@@ -78,7 +78,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let db = app::open_database(&settings).await?;
             db.close().await;
             let names: Vec<_> = settings.services.iter().map(|s| s.name).collect();
-            println!("migrated {} ({})", settings.database.display(), names.join(", "));
+            println!(
+                "migrated {} ({})",
+                settings.database.display(),
+                names.join(", ")
+            );
             Ok(())
         }
         Command::Config(args) => {

@@ -33,7 +33,11 @@ async fn creating_the_seed_event_returns_it_with_ids_and_a_location_header() {
 async fn an_event_is_found_by_id_by_the_search_form_and_by_name() {
     let app = spawn_app().await;
     let id = app.create_event("jazz night", 10).await;
-    for path in [format!("/events/{id}"), format!("/events/id/{id}"), "/events/name/jazz%20night".to_owned()] {
+    for path in [
+        format!("/events/{id}"),
+        format!("/events/id/{id}"),
+        "/events/name/jazz%20night".to_owned(),
+    ] {
         let response = app.get(&path).await;
         assert_eq!(response.status(), 200, "{path}");
         let body: Value = response.json().await.unwrap();
@@ -67,9 +71,17 @@ async fn events_are_listed_newest_first_with_limit_and_offset() {
         app.create_event(name, 5).await;
     }
     let all: Vec<Value> = app.get("/events").await.json().await.unwrap();
-    let names: Vec<_> = all.iter().map(|event| event["Name"].as_str().unwrap()).collect();
+    let names: Vec<_> = all
+        .iter()
+        .map(|event| event["Name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["third", "second", "first"]);
-    let page: Vec<Value> = app.get("/events?limit=1&offset=1").await.json().await.unwrap();
+    let page: Vec<Value> = app
+        .get("/events?limit=1&offset=1")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page.len(), 1);
     assert_eq!(page[0]["Name"], "second");
     for query in ["limit=0", "limit=1001", "offset=-1", "limit=ten"] {
@@ -86,12 +98,30 @@ async fn invalid_events_are_400_problems_naming_the_field() {
         ("name", Box::new(|e| e["name"] = json!("x".repeat(201)))),
         ("enddate", Box::new(|e| e["enddate"] = json!(1))),
         ("duration", Box::new(|e| e["duration"] = json!(0))),
-        ("location.opentime", Box::new(|e| e["location"]["opentime"] = json!(25))),
-        ("location.closetime", Box::new(|e| e["location"]["closetime"] = json!(-1))),
-        ("location.halls", Box::new(|e| e["location"]["halls"] = json!([]))),
-        ("location.halls[0].capacity", Box::new(|e| e["location"]["halls"][0]["capacity"] = json!(0))),
-        ("startdate", Box::new(|e| e["startdate"] = json!("yesterday"))),
-        ("location.id", Box::new(|e| e["location"]["id"] = json!("01a204d9-2352-7542-92a4-832787292160"))),
+        (
+            "location.opentime",
+            Box::new(|e| e["location"]["opentime"] = json!(25)),
+        ),
+        (
+            "location.closetime",
+            Box::new(|e| e["location"]["closetime"] = json!(-1)),
+        ),
+        (
+            "location.halls",
+            Box::new(|e| e["location"]["halls"] = json!([])),
+        ),
+        (
+            "location.halls[0].capacity",
+            Box::new(|e| e["location"]["halls"][0]["capacity"] = json!(0)),
+        ),
+        (
+            "startdate",
+            Box::new(|e| e["startdate"] = json!("yesterday")),
+        ),
+        (
+            "location.id",
+            Box::new(|e| e["location"]["id"] = json!("01a204d9-2352-7542-92a4-832787292160")),
+        ),
     ];
     for (field, break_it) in cases {
         let mut event = seed_event("bad", 10);
@@ -102,7 +132,13 @@ async fn invalid_events_are_400_problems_naming_the_field() {
     for malformed in ["", "{", "[1, 2]", "name=best", "null"] {
         problem(app.post_raw("/events", malformed.to_owned()).await, 400).await;
     }
-    assert!(app.get("/events").await.json::<Vec<Value>>().await.unwrap().is_empty());
+    assert!(app
+        .get("/events")
+        .await
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()
+        .is_empty());
     app.stop().await;
 }
 
@@ -127,7 +163,10 @@ async fn keys_match_whatever_their_case_and_the_content_type_is_ignored() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["Name"], "Pascal");
     assert_eq!(body["Location"]["Halls"][0]["capacity"], 7);
-    let without_type = app.client.post(app.url("/events")).body(seed_event("bare", 1).to_string());
+    let without_type = app
+        .client
+        .post(app.url("/events"))
+        .body(seed_event("bare", 1).to_string());
     assert_eq!(without_type.send().await.unwrap().status(), 201);
     app.stop().await;
 }
@@ -142,7 +181,10 @@ async fn an_event_can_reuse_a_known_location() {
     assert_eq!(response.status(), 201);
     let created: Value = response.json().await.unwrap();
     let location_id = created["ID"].as_str().unwrap().to_owned();
-    assert_eq!(app.get(&format!("/locations/{location_id}")).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/locations/{location_id}")).await.status(),
+        200
+    );
     let listed: Vec<Value> = app.get("/locations").await.json().await.unwrap();
     assert_eq!(listed.len(), 1);
 
@@ -157,7 +199,15 @@ async fn an_event_can_reuse_a_known_location() {
     assert_eq!(locations.len(), 1, "no second location was created");
 
     app.wait_until_bookable(body["ID"].as_str().unwrap()).await;
-    let summary: Value = app.get(&format!("/events/{}/bookings", body["ID"].as_str().unwrap())).await.json().await.unwrap();
+    let summary: Value = app
+        .get(&format!(
+            "/events/{}/bookings",
+            body["ID"].as_str().unwrap()
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(summary["Capacity"], 100, "capacity is the sum of the halls");
 
     let bad = json!({ "name": "", "halls": [] });
@@ -182,7 +232,10 @@ async fn bookings_learns_events_and_sells_seats_until_none_are_left() {
     assert!(booking["ID"].as_str().is_some() && booking["Date"].as_i64().is_some());
 
     let body = problem(app.post(&path, &json!({ "seats": 2 })).await, 409).await;
-    assert!(body["detail"].as_str().unwrap().contains("only 1 left"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("only 1 left"),
+        "{body}"
+    );
     assert_eq!(app.post(&path, &json!({ "Seats": 1 })).await.status(), 201);
 
     let summary: Value = app.get(&path).await.json().await.unwrap();
@@ -200,12 +253,24 @@ async fn bad_bookings_are_400_and_unknown_events_404() {
     let id = app.create_event("strict", 3).await;
     app.wait_until_bookable(&id).await;
     let path = format!("/events/{id}/bookings");
-    for (body, field) in [(json!({ "seats": 0 }), "seats"), (json!({}), "seats"), (json!({ "seats": "two" }), "seats")] {
+    for (body, field) in [
+        (json!({ "seats": 0 }), "seats"),
+        (json!({}), "seats"),
+        (json!({ "seats": "two" }), "seats"),
+    ] {
         let problem = problem(app.post(&path, &body).await, 400).await;
         assert_eq!(problem["errors"][0]["field"], field);
     }
     problem(app.post_raw(&path, "seats=1".into()).await, 400).await;
-    problem(app.post("/events/01a204d9-2352-7542-92a4-832787292160/bookings", &json!({ "seats": 1 })).await, 404).await;
+    problem(
+        app.post(
+            "/events/01a204d9-2352-7542-92a4-832787292160/bookings",
+            &json!({ "seats": 1 }),
+        )
+        .await,
+        404,
+    )
+    .await;
     app.stop().await;
 }
 
@@ -217,7 +282,15 @@ async fn bodies_over_the_limit_are_413_problems() {
     problem(app.post("/events", &event).await, 413).await;
     problem(app.post("/locations", &event).await, 413).await;
     let id = app.create_event("small enough", 1).await;
-    problem(app.post(&format!("/events/{id}/bookings"), &json!({ "seats": 1, "user": "x".repeat(4096) })).await, 413).await;
+    problem(
+        app.post(
+            &format!("/events/{id}/bookings"),
+            &json!({ "seats": 1, "user": "x".repeat(4096) }),
+        )
+        .await,
+        413,
+    )
+    .await;
     app.stop().await;
 }
 
@@ -249,9 +322,24 @@ async fn browsers_on_other_origins_may_call() {
 #[tokio::test]
 async fn cors_origins_can_be_restricted() {
     let app = spawn_app_with(&["--cors-origins", "http://kiosk.example"]).await;
-    let allowed = app.client.get(app.url("/events")).header("origin", "http://kiosk.example").send().await.unwrap();
-    assert_eq!(allowed.headers()["access-control-allow-origin"], "http://kiosk.example");
-    let other = app.client.get(app.url("/events")).header("origin", "http://evil.example").send().await.unwrap();
+    let allowed = app
+        .client
+        .get(app.url("/events"))
+        .header("origin", "http://kiosk.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "http://kiosk.example"
+    );
+    let other = app
+        .client
+        .get(app.url("/events"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
     app.stop().await;
 }
@@ -264,7 +352,12 @@ async fn health_metrics_openapi_and_request_ids() {
 
     let id = app.create_event("measured", 5).await;
     app.wait_until_bookable(&id).await;
-    assert_eq!(app.post(&format!("/events/{id}/bookings"), &json!({ "seats": 2 })).await.status(), 201);
+    assert_eq!(
+        app.post(&format!("/events/{id}/bookings"), &json!({ "seats": 2 }))
+            .await
+            .status(),
+        201
+    );
     let metrics = app.get("/metrics").await.text().await.unwrap();
     for expected in [
         "conveyor_handler_handled_total{group=\"bookings.events\",message=\"events.EventCreated\"}",
@@ -277,14 +370,31 @@ async fn health_metrics_openapi_and_request_ids() {
     }
 
     let openapi: Value = app.get("/openapi.json").await.json().await.unwrap();
-    for path in ["/events", "/events/{id}", "/events/id/{id}", "/events/name/{name}", "/locations", "/locations/{id}", "/events/{id}/bookings"] {
-        assert!(openapi["paths"][path].is_object(), "{path} missing from OpenAPI");
+    for path in [
+        "/events",
+        "/events/{id}",
+        "/events/id/{id}",
+        "/events/name/{name}",
+        "/locations",
+        "/locations/{id}",
+        "/events/{id}/bookings",
+    ] {
+        assert!(
+            openapi["paths"][path].is_object(),
+            "{path} missing from OpenAPI"
+        );
     }
     assert!(openapi["components"]["schemas"]["Problem"].is_object());
 
     let response = app.get("/events").await;
     assert!(response.headers().contains_key("x-request-id"));
-    let echoed = app.client.get(app.url("/events")).header("x-request-id", "abc-123").send().await.unwrap();
+    let echoed = app
+        .client
+        .get(app.url("/events"))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(echoed.headers()["x-request-id"], "abc-123");
     app.stop().await;
 }
@@ -292,6 +402,10 @@ async fn health_metrics_openapi_and_request_ids() {
 #[tokio::test]
 async fn wrong_methods_are_405_problems() {
     let app = spawn_app().await;
-    problem(app.client.delete(app.url("/events")).send().await.unwrap(), 405).await;
+    problem(
+        app.client.delete(app.url("/events")).send().await.unwrap(),
+        405,
+    )
+    .await;
     app.stop().await;
 }

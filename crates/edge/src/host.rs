@@ -35,7 +35,9 @@ pub struct ServiceModule {
 
 impl std::fmt::Debug for ServiceModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceModule").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ServiceModule")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -146,8 +148,7 @@ fn base_openapi() -> OpenApi {
     let mut openapi = OpenApi::default();
     openapi.info.title = "Conveyor".to_owned();
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    openapi.info.description =
-        Some("The HTTP APIs of the services this process runs.".to_owned());
+    openapi.info.description = Some("The HTTP APIs of the services this process runs.".to_owned());
     openapi
 }
 
@@ -183,8 +184,11 @@ async fn ready(State(state): State<HostState>) -> Response {
         Ok(()) => "ready".into_response(),
         Err(error) => {
             tracing::warn!(%error, "not ready: database unreachable");
-            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "the database is unreachable")
-                .into_response()
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database is unreachable",
+            )
+            .into_response()
         }
     }
 }

@@ -41,21 +41,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for CaseInsensitiveJson
 }
 
 async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, Problem> {
-    Bytes::from_request(request, state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "the request body is larger than the limit",
-            )
-        } else {
-            Problem::bad_request(format!("cannot read the request body: {rejection}"))
-        }
-    })
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "the request body is larger than the limit",
+                )
+            } else {
+                Problem::bad_request(format!("cannot read the request body: {rejection}"))
+            }
+        })
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(Problem::bad_request("the request body is empty; expected JSON"));
+        return Err(Problem::bad_request(
+            "the request body is empty; expected JSON",
+        ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(field_problem)

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 pub enum BusError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("consumer group {group} has {existing} partitions; it cannot be opened with {requested}")]
+    #[error(
+        "consumer group {group} has {existing} partitions; it cannot be opened with {requested}"
+    )]
     PartitionMismatch {
         group: String,
         existing: i64,

@@ -114,10 +114,12 @@ impl Fixture for SqlLogFixture {
             self.db
                 .write(move |uow| {
                     async move {
-                        sqlx::query("UPDATE conveyor_partitions SET position = 0 WHERE group_name = ?")
-                            .bind(group)
-                            .execute(uow.conn())
-                            .await?;
+                        sqlx::query(
+                            "UPDATE conveyor_partitions SET position = 0 WHERE group_name = ?",
+                        )
+                        .bind(group)
+                        .execute(uow.conn())
+                        .await?;
                         Ok::<_, crate::StoreError>(())
                     }
                     .boxed()
@@ -159,7 +161,12 @@ async fn publish(db: &Database, pings: Vec<Ping>) {
 
 fn pings(keys: usize, per_key: u32) -> Vec<Ping> {
     (0..per_key)
-        .flat_map(|seq| (0..keys).map(move |k| Ping { key: format!("key-{k}"), seq }))
+        .flat_map(|seq| {
+            (0..keys).map(move |k| Ping {
+                key: format!("key-{k}"),
+                seq,
+            })
+        })
         .collect()
 }
 
@@ -185,11 +192,11 @@ async fn record(
 
 /// A subscription whose handler records every message as handled by `consumer`.
 fn recording(group: &'static str, consumer: &'static str) -> Subscription {
-    Subscription::new(group)
-        .with_options(fast_options())
-        .on(move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+    Subscription::new(group).with_options(fast_options()).on(
+        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
             async move { record(uow, group, consumer, &incoming).await }.boxed()
-        })
+        },
+    )
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -242,8 +249,16 @@ pub async fn order_per_key(fixture: &impl Fixture) {
 }
 
 pub async fn every_group_gets_every_message(fixture: &impl Fixture) {
-    let _a = fixture.bus().subscribe(recording("group-a", "a")).await.expect("subscribe");
-    let _b = fixture.bus().subscribe(recording("group-b", "b")).await.expect("subscribe");
+    let _a = fixture
+        .bus()
+        .subscribe(recording("group-a", "a"))
+        .await
+        .expect("subscribe");
+    let _b = fixture
+        .bus()
+        .subscribe(recording("group-b", "b"))
+        .await
+        .expect("subscribe");
     publish(fixture.db(), pings(5, 10)).await;
     for group in ["group-a", "group-b"] {
         let rows = wait_for_handled(fixture.db(), group, 50).await;
@@ -252,8 +267,16 @@ pub async fn every_group_gets_every_message(fixture: &impl Fixture) {
 }
 
 pub async fn consumers_of_a_group_split_the_work(fixture: &impl Fixture) {
-    let _one = fixture.bus().subscribe(recording("shared", "one")).await.expect("subscribe");
-    let _two = fixture.bus().subscribe(recording("shared", "two")).await.expect("subscribe");
+    let _one = fixture
+        .bus()
+        .subscribe(recording("shared", "one"))
+        .await
+        .expect("subscribe");
+    let _two = fixture
+        .bus()
+        .subscribe(recording("shared", "two"))
+        .await
+        .expect("subscribe");
     // Give the second consumer time to take its share before the work arrives.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     publish(fixture.db(), pings(40, 5)).await;
@@ -292,7 +315,11 @@ pub async fn failing_handler_is_retried_with_growing_delays(fixture: &impl Fixtu
             .boxed()
         },
     );
-    let _consumer = fixture.bus().subscribe(subscription).await.expect("subscribe");
+    let _consumer = fixture
+        .bus()
+        .subscribe(subscription)
+        .await
+        .expect("subscribe");
     publish(fixture.db(), pings(1, 1)).await;
     let rows = wait_for_handled(fixture.db(), "flaky", 1).await;
     assert_eq!(rows.len(), 1);
@@ -301,13 +328,17 @@ pub async fn failing_handler_is_retried_with_growing_delays(fixture: &impl Fixtu
     let (first_gap, second_gap) = (times[1] - times[0], times[2] - times[1]);
     assert!(first_gap >= Duration::from_millis(75), "{first_gap:?}");
     assert!(second_gap > first_gap, "{first_gap:?} then {second_gap:?}");
-    assert!(dead_letter::list(fixture.db(), Some("flaky"), 10).await.expect("list").is_empty());
+    assert!(dead_letter::list(fixture.db(), Some("flaky"), 10)
+        .await
+        .expect("list")
+        .is_empty());
 }
 
 /// A subscription failing every `Ping` with seq 0 while `failing` is set.
 fn poisoned(failing: Arc<AtomicBool>, calls: Arc<AtomicU32>) -> Subscription {
-    Subscription::new("poisoned").with_options(fast_options()).on(
-        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+    Subscription::new("poisoned")
+        .with_options(fast_options())
+        .on(move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
             let (failing, calls) = (failing.clone(), calls.clone());
             async move {
                 if incoming.message.seq == 0 {
@@ -319,8 +350,7 @@ fn poisoned(failing: Arc<AtomicBool>, calls: Arc<AtomicU32>) -> Subscription {
                 record(uow, "poisoned", "only", &incoming).await
             }
             .boxed()
-        },
-    )
+        })
 }
 
 pub async fn always_failing_handler_is_dead_lettered_and_the_group_continues(
@@ -335,9 +365,18 @@ pub async fn always_failing_handler_is_dead_lettered_and_the_group_continues(
     // seq 0 fails; seq 1 and 2 share its key, so they can only be handled if the group moves on.
     publish(fixture.db(), pings(1, 3)).await;
     let rows = wait_for_handled(fixture.db(), "poisoned", 2).await;
-    assert_eq!(rows.iter().map(|row| row.seq).collect::<Vec<_>>(), vec![1, 2]);
-    assert_eq!(calls.load(Ordering::SeqCst), 3, "attempts before dead-lettering");
-    let letters = dead_letter::list(fixture.db(), Some("poisoned"), 10).await.expect("list");
+    assert_eq!(
+        rows.iter().map(|row| row.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "attempts before dead-lettering"
+    );
+    let letters = dead_letter::list(fixture.db(), Some("poisoned"), 10)
+        .await
+        .expect("list");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].attempts, 3);
     assert!(letters[0].error.contains("poison"), "{}", letters[0].error);
@@ -353,12 +392,18 @@ pub async fn replay_delivers_a_dead_letter_again(fixture: &impl Fixture) {
         .subscribe(poisoned(failing.clone(), calls))
         .await
         .expect("subscribe");
-    let _bystander = fixture.bus().subscribe(recording("bystander", "b")).await.expect("subscribe");
+    let _bystander = fixture
+        .bus()
+        .subscribe(recording("bystander", "b"))
+        .await
+        .expect("subscribe");
     publish(fixture.db(), pings(1, 2)).await;
     wait_for_handled(fixture.db(), "poisoned", 1).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let letters = loop {
-        let letters = dead_letter::list(fixture.db(), Some("poisoned"), 10).await.expect("list");
+        let letters = dead_letter::list(fixture.db(), Some("poisoned"), 10)
+            .await
+            .expect("list");
         if !letters.is_empty() || Instant::now() > deadline {
             break letters;
         }
@@ -367,11 +412,21 @@ pub async fn replay_delivers_a_dead_letter_again(fixture: &impl Fixture) {
     assert_eq!(letters.len(), 1);
 
     failing.store(false, Ordering::SeqCst);
-    assert!(dead_letter::replay(fixture.db(), letters[0].id).await.expect("replay"));
+    assert!(dead_letter::replay(fixture.db(), letters[0].id)
+        .await
+        .expect("replay"));
     let rows = wait_for_handled(fixture.db(), "poisoned", 2).await;
-    assert_eq!(rows.iter().map(|row| row.seq).collect::<Vec<_>>(), vec![1, 0]);
-    assert!(dead_letter::list(fixture.db(), None, 10).await.expect("list").is_empty());
-    assert!(!dead_letter::replay(fixture.db(), letters[0].id).await.expect("replay"));
+    assert_eq!(
+        rows.iter().map(|row| row.seq).collect::<Vec<_>>(),
+        vec![1, 0]
+    );
+    assert!(dead_letter::list(fixture.db(), None, 10)
+        .await
+        .expect("list")
+        .is_empty());
+    assert!(!dead_letter::replay(fixture.db(), letters[0].id)
+        .await
+        .expect("replay"));
     // The replay went to the failed group only.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(handled(fixture.db(), "bystander").await.len(), 2);
@@ -380,8 +435,9 @@ pub async fn replay_delivers_a_dead_letter_again(fixture: &impl Fixture) {
 pub async fn unacknowledged_message_is_delivered_after_restart(fixture: &impl Fixture) {
     let started = Arc::new(tokio::sync::Notify::new());
     let signal = started.clone();
-    let stuck = Subscription::new("restarted").with_options(fast_options()).on(
-        move |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
+    let stuck = Subscription::new("restarted")
+        .with_options(fast_options())
+        .on(move |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
             let signal = signal.clone();
             async move {
                 signal.notify_one();
@@ -389,8 +445,7 @@ pub async fn unacknowledged_message_is_delivered_after_restart(fixture: &impl Fi
                 Ok(())
             }
             .boxed()
-        },
-    );
+        });
     let consumer = fixture.bus().subscribe(stuck).await.expect("subscribe");
     publish(fixture.db(), pings(1, 1)).await;
     tokio::time::timeout(Duration::from_secs(20), started.notified())
@@ -421,17 +476,28 @@ pub async fn inbox_turns_redelivery_into_a_no_op(fixture: &impl Fixture) {
     fixture.rewind("deduped").await;
     let calls = Arc::new(AtomicU32::new(0));
     let counted = calls.clone();
-    let watcher = Subscription::new("deduped").with_options(fast_options()).on(
-        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+    let watcher = Subscription::new("deduped")
+        .with_options(fast_options())
+        .on(move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
             counted.fetch_add(1, Ordering::SeqCst);
             async move { record(uow, "deduped", "second", &incoming).await }.boxed()
-        },
-    );
+        });
     let _second = fixture.bus().subscribe(watcher).await.expect("subscribe");
     // A fresh message behind the redelivered ones shows when they have all gone through.
-    publish(fixture.db(), vec![Ping { key: "key-0".into(), seq: 2 }]).await;
+    publish(
+        fixture.db(),
+        vec![Ping {
+            key: "key-0".into(),
+            seq: 2,
+        }],
+    )
+    .await;
     let rows = wait_for_handled(fixture.db(), "deduped", 7).await;
     assert_eq!(rows.len(), 7);
     assert_eq!(rows[6].consumer, "second");
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "redelivered messages reached the handler");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "redelivered messages reached the handler"
+    );
 }

@@ -43,7 +43,9 @@ pub enum StoreError {
         name: &'static str,
         source: serde_json::Error,
     },
-    #[error("the unit of work was abandoned before it committed (writer stopped or work panicked)")]
+    #[error(
+        "the unit of work was abandoned before it committed (writer stopped or work panicked)"
+    )]
     Abandoned,
     #[error("commit failed: {0}")]
     Commit(String),
@@ -402,5 +404,7 @@ async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i
 }
 
 async fn exec(uow: &mut UnitOfWork, sql: &str) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(&mut uow.conn, sql).await.map(|_| ())
+    sqlx::Executor::execute(&mut uow.conn, sql)
+        .await
+        .map(|_| ())
 }

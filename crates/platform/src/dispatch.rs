@@ -145,11 +145,7 @@ impl Dispatcher {
         stop: &CancellationToken,
     ) -> Outcome {
         loop {
-            let (group, message, error) = (
-                self.group.clone(),
-                envelope.clone(),
-                error.to_string(),
-            );
+            let (group, message, error) = (self.group.clone(), envelope.clone(), error.to_string());
             let recorded = self
                 .db
                 .write(move |uow| {

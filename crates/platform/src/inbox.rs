@@ -12,13 +12,12 @@ pub(crate) async fn seen(
     group: &str,
     message_id: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM conveyor_inbox WHERE group_name = ? AND message_id = ?",
-    )
-    .bind(group)
-    .bind(message_id.to_string())
-    .fetch_optional(uow.conn())
-    .await?;
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM conveyor_inbox WHERE group_name = ? AND message_id = ?")
+            .bind(group)
+            .bind(message_id.to_string())
+            .fetch_optional(uow.conn())
+            .await?;
     Ok(found.is_some())
 }
 

@@ -162,7 +162,9 @@ pub(crate) fn envelope_from_row(row: &SqliteRow) -> Result<Envelope, sqlx::Error
     let kind: String = row.try_get("kind")?;
     let headers: String = row.try_get("headers")?;
     Ok(Envelope {
-        id: id.parse().map_err(|e| decode("message_id", format!("{e}")))?,
+        id: id
+            .parse()
+            .map_err(|e| decode("message_id", format!("{e}")))?,
         kind: Kind::parse(&kind).ok_or_else(|| decode("kind", kind.clone()))?,
         name: row.try_get("name")?,
         topic: row.try_get("topic")?,

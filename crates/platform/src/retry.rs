@@ -48,8 +48,13 @@ mod tests {
         };
         for _ in 0..100 {
             let delays: Vec<_> = (1..=4).map(|attempt| policy.delay(attempt)).collect();
-            assert!(delays.windows(2).all(|pair| pair[0] < pair[1]), "{delays:?}");
-            assert!(delays[0] >= Duration::from_millis(75) && delays[0] <= Duration::from_millis(100));
+            assert!(
+                delays.windows(2).all(|pair| pair[0] < pair[1]),
+                "{delays:?}"
+            );
+            assert!(
+                delays[0] >= Duration::from_millis(75) && delays[0] <= Duration::from_millis(100)
+            );
             assert!(policy.delay(30) <= Duration::from_secs(2));
             assert!(policy.delay(30) >= Duration::from_millis(1500));
         }

@@ -48,7 +48,11 @@ impl Bookings {
 
     /// Books seats if enough are left, and publishes `EventBooked`, in one unit of work.
     /// Units of work are serialised by the database, so concurrent bookings never oversell.
-    pub async fn book(&self, event_id: &str, request: BookingRequest) -> Result<StoredBooking, BookingsError> {
+    pub async fn book(
+        &self,
+        event_id: &str,
+        request: BookingRequest,
+    ) -> Result<StoredBooking, BookingsError> {
         let event_id = event_id.to_owned();
         let booking = self
             .db
@@ -104,10 +108,16 @@ pub fn subscriptions() -> Vec<Subscription> {
     )]
 }
 
-async fn learn_event(incoming: Incoming<EventCreated>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
+async fn learn_event(
+    incoming: Incoming<EventCreated>,
+    uow: &mut UnitOfWork,
+) -> Result<(), HandlerError> {
     let event = incoming.message;
     if event.capacity < 0 {
-        return Err(HandlerError::permanent(format!("event {} has a negative capacity", event.id)));
+        return Err(HandlerError::permanent(format!(
+            "event {} has a negative capacity",
+            event.id
+        )));
     }
     store::learn_event(uow, &event.id, event.capacity)
         .await

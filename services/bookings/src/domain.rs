@@ -80,17 +80,39 @@ mod tests {
 
     #[test]
     fn seats_must_be_positive() {
-        assert_eq!(BookingRequest::new(Some(0), None).unwrap_err().field, "seats");
+        assert_eq!(
+            BookingRequest::new(Some(0), None).unwrap_err().field,
+            "seats"
+        );
         assert_eq!(BookingRequest::new(None, None).unwrap_err().field, "seats");
-        assert_eq!(BookingRequest::new(Some(2), Some("ann".into())).unwrap().seats, 2);
-        assert_eq!(BookingRequest::new(Some(1), Some("x".repeat(201))).unwrap_err().field, "user");
+        assert_eq!(
+            BookingRequest::new(Some(2), Some("ann".into()))
+                .unwrap()
+                .seats,
+            2
+        );
+        assert_eq!(
+            BookingRequest::new(Some(1), Some("x".repeat(201)))
+                .unwrap_err()
+                .field,
+            "user"
+        );
     }
 
     #[test]
     fn never_sells_more_than_capacity() {
-        let open = Availability { capacity: 100, booked: 98 };
+        let open = Availability {
+            capacity: 100,
+            booked: 98,
+        };
         assert_eq!(open.book(2).unwrap().available(), 0);
-        assert_eq!(open.book(3), Err(SoldOut { requested: 3, available: 2 }));
+        assert_eq!(
+            open.book(3),
+            Err(SoldOut {
+                requested: 3,
+                available: 2
+            })
+        );
         let full = open.book(2).unwrap();
         assert!(full.book(1).is_err());
     }

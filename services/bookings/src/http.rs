@@ -81,7 +81,11 @@ impl From<Summary> for SummaryResponse {
             capacity: summary.availability.capacity,
             booked: summary.availability.booked,
             available: summary.availability.available(),
-            bookings: summary.bookings.into_iter().map(BookingResponse::from).collect(),
+            bookings: summary
+                .bookings
+                .into_iter()
+                .map(BookingResponse::from)
+                .collect(),
         }
     }
 }
@@ -98,7 +102,12 @@ async fn book(
     let request = ValidBooking::new(request.seats, request.user).map_err(BookingsError::from)?;
     let booking = bookings.book(&event_id, request).await?;
     let location = format!("/events/{event_id}/bookings");
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(BookingResponse::from(booking))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(BookingResponse::from(booking)),
+    )
+        .into_response())
 }
 
 /// An event's capacity, seats booked and left, and its bookings.

@@ -29,11 +29,13 @@ pub const MAX_LISTED: i64 = 1000;
 
 /// Remembers an event as bookable; a second copy of the same event changes nothing.
 pub async fn learn_event(uow: &mut UnitOfWork, id: &str, capacity: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO bookings_events (id, capacity) VALUES (?, ?) ON CONFLICT (id) DO NOTHING")
-        .bind(id)
-        .bind(capacity)
-        .execute(uow.conn())
-        .await?;
+    sqlx::query(
+        "INSERT INTO bookings_events (id, capacity) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(capacity)
+    .execute(uow.conn())
+    .await?;
     Ok(())
 }
 
@@ -49,7 +51,11 @@ pub async fn availability<'e>(
     Ok(row.map(|(capacity, booked)| Availability { capacity, booked }))
 }
 
-pub async fn set_booked(uow: &mut UnitOfWork, event_id: &str, booked: i64) -> Result<(), sqlx::Error> {
+pub async fn set_booked(
+    uow: &mut UnitOfWork,
+    event_id: &str,
+    booked: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE bookings_events SET booked = ? WHERE id = ?")
         .bind(booked)
         .bind(event_id)
@@ -67,7 +73,10 @@ pub struct StoredBooking {
     pub created_at: i64,
 }
 
-pub async fn insert_booking(uow: &mut UnitOfWork, booking: &StoredBooking) -> Result<(), sqlx::Error> {
+pub async fn insert_booking(
+    uow: &mut UnitOfWork,
+    booking: &StoredBooking,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO bookings_bookings (id, event_id, seats, user, created_at) VALUES (?, ?, ?, ?, ?)",
     )
@@ -82,7 +91,10 @@ pub async fn insert_booking(uow: &mut UnitOfWork, booking: &StoredBooking) -> Re
 }
 
 /// The newest `MAX_LISTED` bookings of an event, oldest first.
-pub async fn bookings(pool: &SqlitePool, event_id: &str) -> Result<Vec<StoredBooking>, sqlx::Error> {
+pub async fn bookings(
+    pool: &SqlitePool,
+    event_id: &str,
+) -> Result<Vec<StoredBooking>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, event_id, seats, user, created_at FROM ( \
            SELECT * FROM bookings_bookings WHERE event_id = ? ORDER BY seq DESC LIMIT ? \

@@ -1,6 +1,8 @@
 //! The events service's use cases.
 
-use crate::domain::{Event, EventId, Location, LocationDraft, NewEvent, Venue, EventDraft, Invalid, LocationId};
+use crate::domain::{
+    Event, EventDraft, EventId, Invalid, Location, LocationDraft, LocationId, NewEvent, Venue,
+};
 use crate::store;
 use events_api::{EventCreated, Hall as HallMessage, LocationCreated};
 use futures::FutureExt;
@@ -40,11 +42,17 @@ impl Page {
     pub fn new(limit: Option<i64>, offset: Option<i64>) -> Result<Page, Invalid> {
         let limit = limit.unwrap_or(100);
         if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(Invalid { field: "limit".into(), message: format!("must be from 1 to {MAX_PAGE}") });
+            return Err(Invalid {
+                field: "limit".into(),
+                message: format!("must be from 1 to {MAX_PAGE}"),
+            });
         }
         let offset = offset.unwrap_or(0);
         if offset < 0 {
-            return Err(Invalid { field: "offset".into(), message: "must not be negative".into() });
+            return Err(Invalid {
+                field: "offset".into(),
+                message: "must not be negative".into(),
+            });
         }
         Ok(Page { limit, offset })
     }
@@ -67,7 +75,14 @@ impl Events {
         self.db
             .write(move |uow| {
                 async move {
-                    let NewEvent { id, name, start_date, end_date, duration, venue } = new;
+                    let NewEvent {
+                        id,
+                        name,
+                        start_date,
+                        end_date,
+                        duration,
+                        venue,
+                    } = new;
                     let location = match venue {
                         Venue::Known(id) => store::location(uow.conn(), id)
                             .await?
@@ -78,7 +93,14 @@ impl Events {
                             location
                         }
                     };
-                    let event = Event { id, name, start_date, end_date, duration, location };
+                    let event = Event {
+                        id,
+                        name,
+                        start_date,
+                        end_date,
+                        duration,
+                        location,
+                    };
                     store::insert_event(uow, &event).await?;
                     uow.emit(&event_created(&event))?;
                     Ok(event)
@@ -105,7 +127,9 @@ impl Events {
     pub async fn event(&self, id: &str) -> Result<Event, EventsError> {
         let not_found = || EventsError::EventNotFound(id.to_owned());
         let id = EventId::parse(id).ok_or_else(not_found)?;
-        store::event(self.db.reader(), id).await?.ok_or_else(not_found)
+        store::event(self.db.reader(), id)
+            .await?
+            .ok_or_else(not_found)
     }
 
     pub async fn event_by_name(&self, name: &str) -> Result<Event, EventsError> {
@@ -121,7 +145,9 @@ impl Events {
     pub async fn location(&self, id: &str) -> Result<Location, EventsError> {
         let not_found = || EventsError::LocationNotFound(id.to_owned());
         let id = LocationId::parse(id).ok_or_else(not_found)?;
-        store::location(self.db.reader(), id).await?.ok_or_else(not_found)
+        store::location(self.db.reader(), id)
+            .await?
+            .ok_or_else(not_found)
     }
 
     pub async fn locations(&self, page: Page) -> Result<Vec<Location>, EventsError> {

@@ -1,6 +1,5 @@
 //! Events and locations: the rules a new one must satisfy. Pure: no IO, no async.
 
-
 pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_TEXT_CHARS: usize = 500;
 pub const MAX_HALLS: usize = 100;
@@ -93,7 +92,10 @@ impl LocationDraft {
             return Err(invalid(field("halls"), "at least one hall is required"));
         }
         if drafts.len() > MAX_HALLS {
-            return Err(invalid(field("halls"), format!("at most {MAX_HALLS} halls")));
+            return Err(invalid(
+                field("halls"),
+                format!("at most {MAX_HALLS} halls"),
+            ));
         }
         let halls = drafts
             .into_iter()
@@ -167,8 +169,12 @@ pub struct EventDraft {
 impl EventDraft {
     pub fn validate(self) -> Result<NewEvent, Invalid> {
         let name = text("name", self.name, MAX_NAME_CHARS, true)?;
-        let start_date = self.start_date.ok_or_else(|| invalid("startdate", "is required"))?;
-        let end_date = self.end_date.ok_or_else(|| invalid("enddate", "is required"))?;
+        let start_date = self
+            .start_date
+            .ok_or_else(|| invalid("startdate", "is required"))?;
+        let end_date = self
+            .end_date
+            .ok_or_else(|| invalid("enddate", "is required"))?;
         if end_date < start_date {
             return Err(invalid("enddate", "must not be before startdate"));
         }
@@ -178,7 +184,8 @@ impl EventDraft {
         };
         let venue = match (self.location_id, self.location) {
             (Some(id), _) => Venue::Known(
-                LocationId::parse(&id).ok_or_else(|| invalid("location.id", "is not a location id"))?,
+                LocationId::parse(&id)
+                    .ok_or_else(|| invalid("location.id", "is not a location id"))?,
             ),
             (None, Some(location)) => Venue::New(location.validate("location.")?),
             (None, None) => return Err(invalid("location", "is required")),
@@ -244,53 +251,148 @@ mod tests {
 
     #[test]
     fn name_must_be_present_and_at_most_200_chars() {
-        assert_eq!(field_of(EventDraft { name: None, ..event() }), "name");
-        assert_eq!(field_of(EventDraft { name: Some("  ".into()), ..event() }), "name");
-        assert_eq!(field_of(EventDraft { name: Some("x".repeat(201)), ..event() }), "name");
-        assert!(EventDraft { name: Some("é".repeat(200)), ..event() }.validate().is_ok());
+        assert_eq!(
+            field_of(EventDraft {
+                name: None,
+                ..event()
+            }),
+            "name"
+        );
+        assert_eq!(
+            field_of(EventDraft {
+                name: Some("  ".into()),
+                ..event()
+            }),
+            "name"
+        );
+        assert_eq!(
+            field_of(EventDraft {
+                name: Some("x".repeat(201)),
+                ..event()
+            }),
+            "name"
+        );
+        assert!(EventDraft {
+            name: Some("é".repeat(200)),
+            ..event()
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]
     fn end_must_not_precede_start() {
-        let draft = EventDraft { end_date: Some(1), start_date: Some(2), ..event() };
+        let draft = EventDraft {
+            end_date: Some(1),
+            start_date: Some(2),
+            ..event()
+        };
         assert_eq!(field_of(draft), "enddate");
-        assert_eq!(field_of(EventDraft { start_date: None, ..event() }), "startdate");
+        assert_eq!(
+            field_of(EventDraft {
+                start_date: None,
+                ..event()
+            }),
+            "startdate"
+        );
     }
 
     #[test]
     fn duration_must_be_positive() {
-        assert_eq!(field_of(EventDraft { duration: Some(0), ..event() }), "duration");
-        assert_eq!(field_of(EventDraft { duration: None, ..event() }), "duration");
+        assert_eq!(
+            field_of(EventDraft {
+                duration: Some(0),
+                ..event()
+            }),
+            "duration"
+        );
+        assert_eq!(
+            field_of(EventDraft {
+                duration: None,
+                ..event()
+            }),
+            "duration"
+        );
     }
 
     #[test]
     fn hours_must_be_within_a_day() {
-        for (open, close, field) in [(Some(25), Some(3), "location.opentime"), (Some(1), Some(-1), "location.closetime")] {
-            let location = LocationDraft { open_time: open, close_time: close, ..location() };
-            assert_eq!(field_of(EventDraft { location: Some(location), ..event() }), field);
+        for (open, close, field) in [
+            (Some(25), Some(3), "location.opentime"),
+            (Some(1), Some(-1), "location.closetime"),
+        ] {
+            let location = LocationDraft {
+                open_time: open,
+                close_time: close,
+                ..location()
+            };
+            assert_eq!(
+                field_of(EventDraft {
+                    location: Some(location),
+                    ..event()
+                }),
+                field
+            );
         }
-        let location = LocationDraft { open_time: Some(0), close_time: Some(24), ..location() };
-        assert!(EventDraft { location: Some(location), ..event() }.validate().is_ok());
+        let location = LocationDraft {
+            open_time: Some(0),
+            close_time: Some(24),
+            ..location()
+        };
+        assert!(EventDraft {
+            location: Some(location),
+            ..event()
+        }
+        .validate()
+        .is_ok());
     }
 
     #[test]
     fn a_location_needs_halls_with_seats() {
-        let no_halls = LocationDraft { halls: Some(vec![]), ..location() };
-        assert_eq!(field_of(EventDraft { location: Some(no_halls), ..event() }), "location.halls");
-        let empty_hall = LocationDraft { halls: Some(vec![hall(10), hall(0)]), ..location() };
+        let no_halls = LocationDraft {
+            halls: Some(vec![]),
+            ..location()
+        };
         assert_eq!(
-            field_of(EventDraft { location: Some(empty_hall), ..event() }),
+            field_of(EventDraft {
+                location: Some(no_halls),
+                ..event()
+            }),
+            "location.halls"
+        );
+        let empty_hall = LocationDraft {
+            halls: Some(vec![hall(10), hall(0)]),
+            ..location()
+        };
+        assert_eq!(
+            field_of(EventDraft {
+                location: Some(empty_hall),
+                ..event()
+            }),
             "location.halls[1].capacity"
         );
-        assert_eq!(field_of(EventDraft { location: None, ..event() }), "location");
+        assert_eq!(
+            field_of(EventDraft {
+                location: None,
+                ..event()
+            }),
+            "location"
+        );
     }
 
     #[test]
     fn a_known_location_is_referenced_by_id() {
         let id = LocationId::new();
-        let draft = EventDraft { location_id: Some(id.to_string()), location: None, ..event() };
+        let draft = EventDraft {
+            location_id: Some(id.to_string()),
+            location: None,
+            ..event()
+        };
         assert_eq!(draft.validate().expect("valid").venue, Venue::Known(id));
-        let bad = EventDraft { location_id: Some("nope".into()), ..event() };
+        let bad = EventDraft {
+            location_id: Some("nope".into()),
+            ..event()
+        };
         assert_eq!(field_of(bad), "location.id");
     }
 }

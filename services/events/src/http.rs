@@ -91,7 +91,10 @@ impl From<LocationRequest> for LocationDraft {
 
 impl From<EventRequest> for EventDraft {
     fn from(request: EventRequest) -> Self {
-        let location_id = request.location.as_ref().and_then(|location| location.id.clone());
+        let location_id = request
+            .location
+            .as_ref()
+            .and_then(|location| location.id.clone());
         EventDraft {
             name: request.name,
             start_date: request.startdate,
@@ -181,7 +184,8 @@ impl TryFrom<PageQuery> for Page {
     type Error = Problem;
 
     fn try_from(query: PageQuery) -> Result<Page, Problem> {
-        Page::new(query.limit, query.offset).map_err(|invalid| Problem::invalid(invalid.field, invalid.message))
+        Page::new(query.limit, query.offset)
+            .map_err(|invalid| Problem::invalid(invalid.field, invalid.message))
     }
 }
 
@@ -208,7 +212,10 @@ async fn create_event(
     CaseInsensitiveJson(request): CaseInsensitiveJson<EventRequest>,
 ) -> Result<Response, Problem> {
     let event = events.create_event(request.into()).await?;
-    Ok(created(format!("/events/{}", event.id), EventResponse::from(event)))
+    Ok(created(
+        format!("/events/{}", event.id),
+        EventResponse::from(event),
+    ))
 }
 
 /// One event.
@@ -249,7 +256,9 @@ async fn list_locations(
     Query(page): Query<PageQuery>,
 ) -> Result<Json<Vec<LocationResponse>>, Problem> {
     let locations = events.locations(page.try_into()?).await?;
-    Ok(Json(locations.into_iter().map(LocationResponse::from).collect()))
+    Ok(Json(
+        locations.into_iter().map(LocationResponse::from).collect(),
+    ))
 }
 
 /// Creates a location.
@@ -260,7 +269,10 @@ async fn create_location(
     CaseInsensitiveJson(request): CaseInsensitiveJson<LocationRequest>,
 ) -> Result<Response, Problem> {
     let location = events.create_location(request.into()).await?;
-    Ok(created(format!("/locations/{}", location.id), LocationResponse::from(location)))
+    Ok(created(
+        format!("/locations/{}", location.id),
+        LocationResponse::from(location),
+    ))
 }
 
 /// One location.

@@ -91,16 +91,22 @@ pub async fn location<'e>(
     executor: impl sqlx::SqliteExecutor<'e>,
     id: LocationId,
 ) -> Result<Option<Location>, sqlx::Error> {
-    sqlx::query(&format!("SELECT {LOCATION_COLUMNS} FROM events_locations l WHERE l.id = ?"))
-        .bind(id.to_string())
-        .fetch_optional(executor)
-        .await?
-        .as_ref()
-        .map(location_from_row)
-        .transpose()
+    sqlx::query(&format!(
+        "SELECT {LOCATION_COLUMNS} FROM events_locations l WHERE l.id = ?"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(executor)
+    .await?
+    .as_ref()
+    .map(location_from_row)
+    .transpose()
 }
 
-pub async fn locations(pool: &SqlitePool, limit: i64, offset: i64) -> Result<Vec<Location>, sqlx::Error> {
+pub async fn locations(
+    pool: &SqlitePool,
+    limit: i64,
+    offset: i64,
+) -> Result<Vec<Location>, sqlx::Error> {
     sqlx::query(&format!(
         "SELECT {LOCATION_COLUMNS} FROM events_locations l ORDER BY l.seq DESC LIMIT ? OFFSET ?"
     ))

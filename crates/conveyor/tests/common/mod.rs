@@ -29,7 +29,10 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let data = dir.path().display().to_string();
     let mut argv = vec!["conveyor", "--http", "127.0.0.1:0", "--data", &data];
     argv.extend_from_slice(extra);
-    let settings = Args::parse_from(argv).settings.resolve(SERVICES).expect("settings");
+    let settings = Args::parse_from(argv)
+        .settings
+        .resolve(SERVICES)
+        .expect("settings");
     let application = Application::build(settings).await.expect("build");
     let address = application.addresses()[0];
     let shutdown = CancellationToken::new();

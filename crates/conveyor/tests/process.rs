@@ -1,0 +1,399 @@
+//! The real `conveyor` binary: crash safety, graceful shutdown, configuration errors and the
+//! dead-letter commands.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_conveyor");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(data: &Path) -> Server {
+        let port = free_port();
+        let child = Command::new(BINARY)
+            .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start conveyor");
+        let base = format!("http://127.0.0.1:{port}");
+        let server = Server { child, base };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(response) = reqwest::blocking_get(&format!("{}/health/ready", self.base)) {
+                if response == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("conveyor did not become ready");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny blocking HTTP client over the async one, for tests that drive processes.
+mod reqwest {
+    pub fn blocking_get(url: &str) -> Result<u16, ::reqwest::Error> {
+        runtime().block_on(async { Ok(::reqwest::get(url).await?.status().as_u16()) })
+    }
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+}
+
+fn seed(name: &str) -> String {
+    serde_json::json!({
+        "name": name, "startdate": 1, "enddate": 2, "duration": 60,
+        "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": 10 }] }
+    })
+    .to_string()
+}
+
+#[test]
+fn events_created_before_a_sigkill_survive_it_and_bookings_learns_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = reqwest::runtime();
+    let server = Server::start(dir.path());
+    let client = ::reqwest::Client::new();
+
+    // Create events concurrently and kill the process while requests are still in flight.
+    let (ids, base) = (
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+        server.base.clone(),
+    );
+    let creating = {
+        let (ids, client) = (ids.clone(), client.clone());
+        std::thread::spawn(move || {
+            reqwest::runtime().block_on(async move {
+                let mut tasks = Vec::new();
+                for worker in 0..8 {
+                    let (ids, client, base) = (ids.clone(), client.clone(), base.clone());
+                    tasks.push(tokio::spawn(async move {
+                        for i in 0.. {
+                            let sent = client
+                                .post(format!("{base}/events"))
+                                .body(seed(&format!("e{worker}-{i}")))
+                                .send()
+                                .await;
+                            let Ok(response) = sent else { break };
+                            if response.status() != 201 {
+                                break;
+                            }
+                            let Ok(body) = response.json::<Value>().await else {
+                                break;
+                            };
+                            ids.lock()
+                                .unwrap()
+                                .push(body["ID"].as_str().unwrap().to_owned());
+                        }
+                    }));
+                }
+                for task in tasks {
+                    let _ = task.await;
+                }
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids.lock().unwrap().len() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.signal("KILL");
+    creating.join().unwrap();
+    drop(server);
+    let created = ids.lock().unwrap().clone();
+    assert!(
+        created.len() >= 200,
+        "only {} events created before the kill",
+        created.len()
+    );
+
+    let restarted = Server::start(dir.path());
+    runtime.block_on(async {
+        for id in &created {
+            let event = client
+                .get(format!("{}/events/{id}", restarted.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(event.status(), 200, "event {id} was lost");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for id in &created {
+            loop {
+                let summary = client
+                    .get(format!("{}/events/{id}/bookings", restarted.base))
+                    .send()
+                    .await
+                    .unwrap();
+                if summary.status() == 200 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "bookings never learned event {id}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let runtime = reqwest::runtime();
+    let client = ::reqwest::Client::new();
+    let base = server.base.clone();
+    let statuses = runtime.block_on(async {
+        let requests: Vec<_> = (0..50)
+            .map(|i| {
+                let (client, base) = (client.clone(), base.clone());
+                tokio::spawn(async move {
+                    client
+                        .post(format!("{base}/events"))
+                        .body(seed(&format!("t{i}")))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        server.signal("TERM");
+        let mut statuses = Vec::new();
+        for request in requests {
+            statuses.push(request.await.unwrap());
+        }
+        statuses
+    });
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit}");
+    // Every request either completed normally or was never accepted.
+    for status in &statuses {
+        if let Ok(status) = status {
+            assert_eq!(*status, 201);
+        }
+    }
+    let accepted = statuses.iter().filter(|status| status.is_ok()).count();
+    let restarted = Server::start(dir.path());
+    let listed: Vec<Value> = runtime.block_on(async {
+        client
+            .get(format!("{}/events?limit=1000", restarted.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        listed.len(),
+        accepted,
+        "every answered request's event is stored"
+    );
+}
+
+fn conveyor(args: &[&str]) -> std::process::Output {
+    Command::new(BINARY)
+        .args(args)
+        .env_remove("CONVEYOR_CONFIG")
+        .output()
+        .expect("run conveyor")
+}
+
+#[test]
+fn configuration_errors_are_one_line_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let read_only = dir.path().join("ro");
+    std::fs::create_dir(&read_only).unwrap();
+    let file = read_only.join("blocker");
+    std::fs::write(&file, "").unwrap();
+    let under_a_file = file.join("data").display().to_string();
+    for (args, expected) in [
+        (
+            vec!["serve", "--data", &data, "--services", "nope"],
+            "unknown service `nope`",
+        ),
+        (
+            vec!["serve", "--data", &data, "--http", "not-an-address"],
+            "--http not-an-address",
+        ),
+        (
+            vec!["serve", "--data", &data, "--db", "postgres://u:secret@h/db"],
+            "unsupported database",
+        ),
+        (
+            vec!["serve", "--data", &data, "--bus", "amqp://localhost"],
+            "--bus",
+        ),
+        (vec!["serve", "--data", &under_a_file], "data dir"),
+    ] {
+        let output = conveyor(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("secret"));
+    }
+}
+
+#[test]
+fn config_prints_the_effective_settings_from_file_env_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("conveyor.toml");
+    std::fs::write(
+        &file,
+        "services = [\"events\"]\nrole = \"api\"\nbody_limit = 10\n",
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .args(["config", "--config"])
+        .arg(&file)
+        .args(["--body-limit", "20"])
+        .env("CONVEYOR_ROLE", "workers")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.contains("services = [\"events\"]"), "{printed}");
+    assert!(
+        printed.contains("role = \"workers\""),
+        "env beats the file: {printed}"
+    );
+    assert!(
+        printed.contains("body_limit = 20"),
+        "flags beat the file: {printed}"
+    );
+    assert!(printed.contains("bus = \"sql-log\""), "{printed}");
+}
+
+#[test]
+fn dlq_lists_shows_replays_and_purges_dead_letters() {
+    use futures::FutureExt;
+    use platform::conformance::Ping;
+    use platform::{
+        ConsumerOptions, HandlerError, Incoming, RetryPolicy, Subscription, UnitOfWork,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("conveyor.db");
+    reqwest::runtime().block_on(async {
+        let db = platform::Database::open(&database).await.unwrap();
+        let options = ConsumerOptions {
+            retry: RetryPolicy {
+                max_attempts: 2,
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(10),
+            },
+            ..ConsumerOptions::default()
+        };
+        let failing = Subscription::new("test.failing").with_options(options).on(
+            |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
+                async { Err(HandlerError::transient("always broken")) }.boxed()
+            },
+        );
+        let consumer = platform::Bus::subscribe(&platform::SqlLog::new(db.clone()), failing)
+            .await
+            .unwrap();
+        for seq in 0..2 {
+            db.write(move |uow| {
+                async move {
+                    uow.emit(&Ping {
+                        key: "k".into(),
+                        seq,
+                    })
+                }
+                .boxed()
+            })
+            .await
+            .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while platform::dead_letter::list(&db, None, 10)
+            .await
+            .unwrap()
+            .len()
+            < 2
+        {
+            assert!(Instant::now() < deadline, "no dead letters");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        consumer.stop().await;
+        db.close().await;
+    });
+
+    let data = dir.path().display().to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["dlq", "--data", &data];
+        all.extend_from_slice(args);
+        let output = conveyor(&all);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let listed = run(&["list"]);
+    assert!(
+        listed.contains("test.failing") && listed.contains("conformance.Ping"),
+        "{listed}"
+    );
+    assert!(listed.contains("2 dead letter(s)"), "{listed}");
+
+    let shown: Value = serde_json::from_str(&run(&["show", "1"])).unwrap();
+    assert_eq!(shown["group"], "test.failing");
+    assert_eq!(shown["attempts"], 2);
+    assert_eq!(shown["error"], "always broken");
+    assert_eq!(shown["message"]["payload"]["seq"], 0);
+
+    assert!(run(&["replay", "1"]).contains("queued for redelivery"));
+    assert!(run(&["list"]).contains("1 dead letter(s)"));
+    let missing = conveyor(&["dlq", "--data", &data, "show", "1"]);
+    assert!(!missing.status.success());
+    assert!(run(&["purge", "--all"]).contains("purged 1"));
+    assert!(run(&["list", "--group", "test.failing"]).contains("0 dead letter(s)"));
+}
