@@ -1,5 +1,7 @@
 //! Bookings never oversell, also when hundreds of requests race for the last seats.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::spawn_app;

@@ -1,5 +1,7 @@
 //! MyEvents' REST contract through real HTTP against the real application.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{problem, seed_event, spawn_app, spawn_app_with};
@@ -93,7 +95,8 @@ async fn events_are_listed_newest_first_with_limit_and_offset() {
 #[tokio::test]
 async fn invalid_events_are_400_problems_naming_the_field() {
     let app = spawn_app().await;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Breakage = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Breakage)> = vec![
         ("name", Box::new(|e| e["name"] = json!(""))),
         ("name", Box::new(|e| e["name"] = json!("x".repeat(201)))),
         ("enddate", Box::new(|e| e["enddate"] = json!(1))),

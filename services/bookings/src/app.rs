@@ -82,9 +82,9 @@ impl Bookings {
                 .boxed()
             })
             .await?;
-        let event = ("event", booking.event_id.clone());
-        metrics::counter!("myevents_bookings_total", &[event.clone()]).increment(1);
-        metrics::histogram!("myevents_booking_seats", &[event]).record(booking.seats as f64);
+        let event = [("event", booking.event_id.clone())];
+        metrics::counter!("myevents_bookings_total", &event).increment(1);
+        metrics::histogram!("myevents_booking_seats", &event).record(booking.seats as f64);
         Ok(booking)
     }
 

@@ -1,5 +1,6 @@
 //! Test helpers: the real application on port 0 with its own data directory.
 
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use clap::Parser;
