@@ -2,6 +2,7 @@
 //! It is the one place that knows the list of services.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod dlq;
 pub mod telemetry;

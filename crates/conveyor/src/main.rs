@@ -27,6 +27,9 @@ enum Command {
     Migrate(#[command(flatten)] SettingsArgs),
     /// Prints the effective configuration (secrets masked).
     Config(#[command(flatten)] SettingsArgs),
+    /// Measures throughput and latency against baselines run side by side.
+    #[command(subcommand)]
+    Bench(conveyor::bench::BenchCommand),
     /// Inspects, replays and purges dead letters.
     Dlq {
         #[command(flatten)]
@@ -88,6 +91,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Config(args) => {
             println!("{}", args.resolve(SERVICES)?.render());
             Ok(())
+        }
+        Command::Bench(command) => {
+            telemetry::init(conveyor::config::LogFormat::Text);
+            conveyor::bench::run(command).await
         }
         Command::Dlq { settings, command } => {
             let settings = resolve(settings)?;

@@ -23,7 +23,8 @@ pub mod metric {
     pub const RETRIED: &str = "conveyor_handler_retried_total";
     pub const DEAD_LETTERED: &str = "conveyor_handler_dead_lettered_total";
     pub const DURATION: &str = "conveyor_handler_duration_seconds";
-    /// Labelled by `group` and `partition`: messages in the log not yet acknowledged.
+    /// Labelled by `group` and `partition`: 0 when the partition has caught up with the log,
+    /// else how far the log head is past its offset (an upper bound on its backlog).
     pub const CONSUMER_LAG: &str = "conveyor_consumer_lag";
 }
 

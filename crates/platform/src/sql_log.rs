@@ -334,14 +334,18 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         }
     };
     let partition_label = partition.to_string();
+    let lag = metrics::gauge!(metric::CONSUMER_LAG, "group" => shared.group.to_string(), "partition" => partition_label);
+    // How far the log is known to hold nothing more for this partition: reads start here,
+    // so they skip other partitions' messages already looked past.
+    let mut scanned = position;
     loop {
-        head.borrow_and_update();
+        let head_seen = *head.borrow_and_update();
         let cursor = Cursor {
             group: &shared.group,
             topics: &shared.topics,
             partitions: shared.partitions,
             partition,
-            after: position,
+            after: scanned.max(position),
         };
         let batch = match log::read(shared.db().reader(), &cursor, shared.batch).await {
             Ok(batch) => batch,
@@ -354,9 +358,9 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             }
         };
         if batch.is_empty() {
-            let lag = (*head.borrow() - position).max(0);
-            metrics::gauge!(metric::CONSUMER_LAG, "group" => shared.group.to_string(), "partition" => partition_label.clone())
-                .set(lag as f64);
+            // Everything up to `head_seen` had committed before the read began.
+            scanned = scanned.max(head_seen);
+            lag.set(0.0);
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = head.changed() => {}
@@ -364,6 +368,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             }
             continue;
         }
+        lag.set((head_seen - position).max(0) as f64);
         let mut handled = position;
         let mut stopped = false;
         for (at, envelope) in batch {

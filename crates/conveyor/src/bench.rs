@@ -1,0 +1,365 @@
+//! `conveyor bench myevents`: MyEvents' throughput and latency on the embedded default, each
+//! figure beside a baseline measured in the same run on the same machine.
+//!
+//! The server under test is this binary's own `serve`, in a child process on a fresh data
+//! directory; the load comes from this process over loopback.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use std::future::Future;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// GET and POST /events rates, event-to-bookable propagation, idle memory.
+    Myevents(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Seconds each throughput measurement runs.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Events timed from creation to bookable.
+    #[arg(long, default_value_t = 300)]
+    pub samples: usize,
+}
+
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Myevents(args) => myevents(args).await,
+    }
+}
+
+async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
+    let duration = Duration::from_secs(args.seconds.max(1));
+    let dir = tempfile::tempdir()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
+
+    progress("starting `conveyor serve` on a fresh data directory");
+    let server = Server::start(&dir.path().join("data")).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_rss = server.rss_bytes()?;
+
+    let event = seed_event("bench");
+    let created: Value = client
+        .post(server.url("/events"))
+        .body(event.clone())
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = created["ID"]
+        .as_str()
+        .context("POST /events returned no ID")?
+        .to_owned();
+    let event_url = server.url(&format!("/events/{id}"));
+    let event_bytes = client.get(&event_url).send().await?.bytes().await?;
+
+    progress(&format!(
+        "baseline: bare axum handler returning the same {} bytes",
+        event_bytes.len()
+    ));
+    let bare = bare_axum(event_bytes).await?;
+    let bare_url = format!("http://{bare}/event");
+    let bare_rate = rate(duration, args.concurrency, getter(&client, bare_url)).await;
+
+    progress("GET /events/{id}");
+    let get_rate = rate(duration, args.concurrency, getter(&client, event_url)).await;
+
+    progress("baseline: bare single-row SQLite transactions (WAL, synchronous=FULL)");
+    let sqlite_rate = bare_sqlite(&dir.path().join("bare.db"), duration).await?;
+
+    progress("POST /events");
+    let post_url = server.url("/events");
+    let poster = client.clone();
+    let post_rate = rate(duration, args.concurrency, move |n| {
+        let request = poster
+            .post(&post_url)
+            .body(seed_event(&format!("load {n}")));
+        async move { ok(request.send().await) }
+    })
+    .await;
+
+    progress("waiting for the consumers to work off the POST backlog");
+    wait_for_zero_lag(&client, &server).await?;
+    progress(&format!(
+        "propagation: {} events from POST /events returning to bookable",
+        args.samples
+    ));
+    let mut delays = Vec::with_capacity(args.samples);
+    for n in 0..args.samples {
+        let created: Value = client
+            .post(server.url("/events"))
+            .body(seed_event(&format!("p{n}")))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let returned = Instant::now();
+        let id = created["ID"].as_str().context("no ID")?;
+        let bookings = server.url(&format!("/events/{id}/bookings"));
+        while client.get(&bookings).send().await?.status() != 200 {
+            if returned.elapsed() > Duration::from_secs(10) {
+                bail!("event {id} never became bookable");
+            }
+        }
+        delays.push(returned.elapsed());
+    }
+    delays.sort();
+    let percentile = |p: f64| delays[((delays.len() as f64 - 1.0) * p).round() as usize];
+    let (p50, p99) = (percentile(0.50), percentile(0.99));
+
+    println!(
+        "MyEvents on the embedded default ({} s per rate, {} clients)",
+        args.seconds, args.concurrency
+    );
+    println!(
+        "{:<44} {:>12} {:>14} {:>8}  target",
+        "measure", "value", "baseline", "ratio"
+    );
+    row(
+        "GET /events/{id} (req/s) vs bare axum",
+        get_rate,
+        bare_rate,
+        ">= 0.50",
+    );
+    row(
+        "POST /events (req/s) vs bare SQLite tx/s",
+        post_rate,
+        sqlite_rate,
+        ">= 1.00",
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "propagation p50, POST to bookable",
+        p50.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:<44} {:>9.2} ms {:>23}  < 50 ms",
+        "propagation p99, POST to bookable",
+        p99.as_secs_f64() * 1e3,
+        ""
+    );
+    println!(
+        "{:<44} {:>9.1} MB {:>23}  < 60 MB",
+        "idle RSS of `conveyor serve`",
+        idle_rss as f64 / 1e6,
+        ""
+    );
+    println!(
+        "{:<44} {:>9.0} ms",
+        "start to ready on an empty data dir",
+        server.ready_after.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Waits until every consumer partition reports it has caught up with the log.
+async fn wait_for_zero_lag(client: &reqwest::Client, server: &Server) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let metrics = client
+            .get(server.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let lagging = metrics
+            .lines()
+            .filter(|line| line.starts_with(platform::metric::CONSUMER_LAG))
+            .any(|line| !line.ends_with(" 0"));
+        if !lagging {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the consumers did not catch up within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn progress(message: &str) {
+    eprintln!("bench: {message} ...");
+}
+
+fn row(label: &str, value: f64, baseline: f64, target: &str) {
+    println!(
+        "{label:<44} {value:>12.0} {baseline:>14.0} {:>8.2}  {target}",
+        value / baseline
+    );
+}
+
+/// An operation for `rate`: GET `url`.
+fn getter(
+    client: &reqwest::Client,
+    url: String,
+) -> impl Fn(u64) -> BoxedOk + Clone + Send + 'static {
+    let client = client.clone();
+    move |_| {
+        let request = client.get(&url);
+        Box::pin(async move { ok(request.send().await) })
+    }
+}
+
+type BoxedOk = std::pin::Pin<Box<dyn Future<Output = bool> + Send>>;
+
+fn ok(response: reqwest::Result<reqwest::Response>) -> bool {
+    response.is_ok_and(|response| response.status().is_success())
+}
+
+pub fn seed_event(name: &str) -> String {
+    serde_json::json!({
+        "name": name, "startdate": 768346784368i64, "enddate": 768346784368i64, "duration": 120,
+        "location": { "name": "Paris fifa park", "address": "le monses", "country": "frn",
+            "opentime": 10, "closetime": 15,
+            "halls": [{ "name": "lobby", "location": "principal building", "capacity": 150 }] }
+    })
+    .to_string()
+}
+
+/// Successful operations per second: `concurrency` loops, each calling `operation` with a
+/// running number until `duration` is up.
+async fn rate<F, Fut>(duration: Duration, concurrency: usize, operation: F) -> f64
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let (operation, done) = (operation.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut n = worker as u64 * 1_000_000_000;
+                while Instant::now() < deadline {
+                    if operation(n).await {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A bare axum server answering `/event` with `body` from memory; returns its address.
+async fn bare_axum(body: bytes::Bytes) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let router = axum::Router::new().route(
+        "/event",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(address)
+}
+
+/// Single-row transactions per second, one after another, with the durability settings the
+/// platform uses (WAL, synchronous=FULL).
+async fn bare_sqlite(path: &Path, duration: Duration) -> anyhow::Result<f64> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .connect()
+        .await?;
+    sqlx::query("CREATE TABLE rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    let body = seed_event("bare");
+    let started = Instant::now();
+    let mut count = 0u64;
+    while started.elapsed() < duration {
+        let mut tx = conn.begin().await?;
+        sqlx::query("INSERT INTO rows (body) VALUES (?)")
+            .bind(&body)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        count += 1;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    ready_after: Duration,
+}
+
+impl Server {
+    async fn start(data: &Path) -> anyhow::Result<Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let started = Instant::now();
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting conveyor serve")?;
+        let base = format!("http://127.0.0.1:{port}");
+        let ready = format!("{base}/health/ready");
+        loop {
+            if let Ok(response) = reqwest::get(&ready).await {
+                if response.status().is_success() {
+                    break;
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("conveyor serve did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(Server {
+            child,
+            base,
+            ready_after: started.elapsed(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc")?;
+        Ok(kib * 1024)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
