@@ -1,5 +1,5 @@
 //! Configuration: one typed tree, from defaults < `conveyor.toml` < `CONVEYOR_*` env < flags.
-//! Nothing else in the process reads the environment.
+//! Nothing else in the process reads the environment, but for `RUST_LOG` (the log filter).
 
 use clap::{Args, ValueEnum};
 use edge::ServiceModule;
@@ -247,7 +247,7 @@ pub fn mask_secrets(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
         return url.to_owned();
     };
     match userinfo.split_once(':') {
@@ -434,5 +434,9 @@ mod tests {
             "amqp://guest:***@localhost:5672"
         );
         assert_eq!(mask_secrets("sqlite:data/x.db"), "sqlite:data/x.db");
+        assert_eq!(
+            mask_secrets("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
     }
 }

@@ -363,7 +363,7 @@ async fn health_metrics_openapi_and_request_ids() {
     );
     let metrics = app.get("/metrics").await.text().await.unwrap();
     for expected in [
-        "conveyor_handler_handled_total{group=\"bookings.events\",message=\"events.EventCreated\"}",
+        "conveyor_handler_handled_total{group=\"bookings.learn-events\",message=\"events.EventCreated\"}",
         "conveyor_handler_duration_seconds_bucket",
         "conveyor_consumer_lag",
         &format!("myevents_bookings_total{{event=\"{id}\"}} 1"),

@@ -1,7 +1,7 @@
 //! The HTTP host: composes the registered services' routes with the platform's own
 //! (health, metrics, OpenAPI) and the layers every request goes through.
 
-use crate::problem::Problem;
+use crate::problem::{InternalCause, Problem};
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -121,7 +121,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
-        .layer(middleware::from_fn(causal_context))
+        .layer(middleware::from_fn(request_context))
         .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
         .layer(cors(&options.cors_origins))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -140,7 +140,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .layer(CatchPanicLayer::custom(|_panic| {
             tracing::error!("a request handler panicked");
-            Problem::internal().into_response()
+            Problem::internal("a request handler panicked").into_response()
         }))
 }
 
@@ -165,8 +165,9 @@ fn cors(origins: &[HeaderValue]) -> CorsLayer {
         .max_age(Duration::from_secs(3600))
 }
 
-/// Everything a request sets off is correlated by its request id.
-async fn causal_context(request: Request, next: Next) -> Response {
+/// Everything a request sets off is correlated by its request id; the cause of a failed
+/// request is logged here, inside the request's span.
+async fn request_context(request: Request, next: Next) -> Response {
     let id = request
         .headers()
         .get(REQUEST_ID)
@@ -176,7 +177,11 @@ async fn causal_context(request: Request, next: Next) -> Response {
         correlation_id: id.clone(),
         causation_id: id,
     };
-    context::scope(causal, next.run(request)).await
+    let response = context::scope(causal, next.run(request)).await;
+    if let Some(InternalCause(cause)) = response.extensions().get() {
+        tracing::error!(status = response.status().as_u16(), %cause, "request failed");
+    }
+    response
 }
 
 async fn ready(State(state): State<HostState>) -> Response {

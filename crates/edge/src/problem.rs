@@ -26,7 +26,14 @@ pub struct Problem {
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// Why a 5xx happened: never sent, logged by the host's layer.
+    #[serde(skip)]
+    cause: Option<String>,
 }
+
+/// The cause of a 5xx response, carried in its extensions for the host's layer to log.
+#[derive(Debug, Clone)]
+pub struct InternalCause(pub String);
 
 impl Problem {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
@@ -36,6 +43,7 @@ impl Problem {
             status: status.as_u16(),
             detail: Some(detail.into()),
             errors: Vec::new(),
+            cause: None,
         }
     }
 
@@ -59,12 +67,14 @@ impl Problem {
         Problem::new(StatusCode::CONFLICT, detail)
     }
 
-    /// 500 with nothing of the cause: log it before calling this.
-    pub fn internal() -> Self {
-        Problem::new(
+    /// 500 telling the client nothing of `cause`, which the host logs.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        let mut problem = Problem::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the server failed to handle the request; it has been logged",
-        )
+        );
+        problem.cause = Some(cause.to_string());
+        problem
     }
 
     pub fn status(&self) -> StatusCode {
@@ -73,9 +83,13 @@ impl Problem {
 }
 
 impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+    fn into_response(mut self) -> Response {
         let status = self.status();
+        let cause = self.cause.take();
         let mut response = (status, axum::Json(self)).into_response();
+        if let Some(cause) = cause {
+            response.extensions_mut().insert(InternalCause(cause));
+        }
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
@@ -85,7 +99,6 @@ impl IntoResponse for Problem {
 
 impl From<platform::StoreError> for Problem {
     fn from(error: platform::StoreError) -> Self {
-        tracing::error!(%error, "storage failed");
-        Problem::internal()
+        Problem::internal(error)
     }
 }

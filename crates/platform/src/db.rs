@@ -2,7 +2,8 @@
 //!
 //! All writes go through one writer task that owns the only write connection. It takes
 //! whatever units of work are queued, runs each inside a savepoint of one transaction and
-//! commits them together: one fsync for a whole batch (group commit). Because there is only
+//! commits them together: one fsync for a whole batch (group commit). Jobs left in the batch
+//! after the writer broke off are dropped, and their callers get `StoreError::Abandoned`. Because there is only
 //! one writer, log positions are assigned and committed in the same order, so a consumer
 //! reading "everything after position N" never skips a row that commits late.
 //!
@@ -128,6 +129,11 @@ impl UnitOfWork {
             only_group: None,
         });
         Ok(())
+    }
+
+    /// Sets the causal context stamped on what is emitted from here on.
+    pub(crate) fn set_context(&mut self, context: CausalContext) {
+        self.context = context;
     }
 
     pub(crate) fn republish(&mut self, envelope: Envelope, only_group: String) {
@@ -337,69 +343,87 @@ async fn run_writer(
 }
 
 /// Runs a batch of units of work in one transaction, each inside its own savepoint so one
-/// failing unit rolls back alone, then commits once and tells every unit the outcome.
+/// failing unit rolls back alone (a lone unit needs none: its failure rolls back the
+/// transaction), then commits once and tells every unit the outcome.
 async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i64>) {
     if let Err(error) = exec(uow, "BEGIN IMMEDIATE").await {
         tracing::error!(%error, "cannot begin a write transaction");
         return;
     }
+    let isolate = batch.len() > 1;
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut last_position = None;
+    let mut outcome = Ok(());
     for job in batch {
-        uow.outbox.clear();
-        if let Err(error) = exec(uow, "SAVEPOINT unit").await {
-            tracing::error!(%error, "cannot open a savepoint");
-            continue;
-        }
-        let finish = AssertUnwindSafe(job(uow)).catch_unwind().await;
-        let finish = match finish {
-            Ok(finish) => finish,
-            Err(_) => {
-                tracing::error!("a unit of work panicked; rolled back");
-                None
+        if isolate {
+            if let Err(error) = exec(uow, "SAVEPOINT unit").await {
+                outcome = Err(error);
+                break;
             }
-        };
-        let finish = match finish {
-            Some(finish) => match log::append(&mut uow.conn, &uow.outbox).await {
-                Ok(position) => {
-                    last_position = position.or(last_position);
-                    Some(finish)
-                }
-                Err(error) => {
-                    finish(Err(StoreError::Database(error)));
-                    None
-                }
-            },
-            None => None,
-        };
-        let end = match finish {
-            Some(finish) => {
+        }
+        let end = match run_unit(uow, job).await {
+            Some((finish, position)) => {
                 finishes.push(finish);
+                last_position = position.or(last_position);
                 "RELEASE unit"
             }
-            None => "ROLLBACK TO unit; RELEASE unit",
+            None if isolate => "ROLLBACK TO unit; RELEASE unit",
+            None => {
+                if let Err(error) = exec(uow, "ROLLBACK").await {
+                    tracing::error!(%error, "cannot roll back");
+                }
+                return;
+            }
         };
-        if let Err(error) = exec(uow, end).await {
-            tracing::error!(%error, "cannot close a savepoint");
+        if isolate {
+            // SQLite may have rolled back the whole transaction on its own (a full disk, an
+            // IO error): then closing the savepoint fails, and nothing of the batch may be
+            // reported as committed.
+            if let Err(error) = exec(uow, end).await {
+                outcome = Err(error);
+                break;
+            }
         }
     }
-    uow.outbox.clear();
-    let committed = exec(uow, "COMMIT").await;
-    if let Err(error) = &committed {
-        tracing::error!(%error, "group commit failed");
+    if outcome.is_ok() {
+        outcome = exec(uow, "COMMIT").await;
+    }
+    if let Err(error) = &outcome {
+        tracing::error!(%error, "group commit failed; the batch is rolled back");
         let _ = exec(uow, "ROLLBACK").await;
     }
-    let ok = committed.is_ok();
+    if let (Ok(()), Some(position)) = (&outcome, last_position) {
+        head.send_replace(position);
+    }
     for finish in finishes {
         finish(
-            committed
+            outcome
                 .as_ref()
                 .map(|_| ())
                 .map_err(|e| StoreError::Commit(e.to_string())),
         );
     }
-    if let (true, Some(position)) = (ok, last_position) {
-        head.send_replace(position);
+}
+
+/// Runs one unit of work and appends the messages it emitted to the log. `None` when it
+/// failed (and has been told so): its changes must be rolled back.
+async fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Option<i64>)> {
+    uow.outbox.clear();
+    let finish = match AssertUnwindSafe(job(uow)).catch_unwind().await {
+        Ok(finish) => finish?,
+        Err(_) => {
+            tracing::error!("a unit of work panicked; rolled back");
+            return None;
+        }
+    };
+    let appended = log::append(&mut uow.conn, &uow.outbox).await;
+    uow.outbox.clear();
+    match appended {
+        Ok(position) => Some((finish, position)),
+        Err(error) => {
+            finish(Err(StoreError::Database(error)));
+            None
+        }
     }
 }
 

@@ -34,7 +34,8 @@ pub(crate) async fn record(
     sqlx::query(
         "INSERT INTO conveyor_dead_letters \
          (group_name, message_id, kind, name, topic, key, payload, headers, occurred_at, error, attempts, failed_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (group_name, message_id) DO NOTHING",
     )
     .bind(group)
     .bind(envelope.id.to_string())

@@ -2,13 +2,14 @@
 //! routing by name, a tracing span, the inbox check, retries with backoff, dead-lettering
 //! and metrics.
 
-use crate::context::{self, CausalContext};
-use crate::db::Database;
+use crate::context::CausalContext;
+use crate::db::{Database, StoreError, UnitOfWork};
 use crate::dead_letter;
 use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Route};
 use crate::inbox;
 use crate::retry::RetryPolicy;
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,27 +48,95 @@ pub(crate) struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub async fn deliver(&self, envelope: Envelope, stop: &CancellationToken) -> Outcome {
+    /// Delivers one message, retrying it until it is handled or dead-lettered. `failed` is a
+    /// first attempt that already failed (in a batch), counted against the attempts.
+    pub async fn deliver(
+        &self,
+        envelope: Arc<Envelope>,
+        failed: Option<HandlerError>,
+        stop: &CancellationToken,
+    ) -> Outcome {
         let Some(route) = self.routes.get(envelope.name.as_str()).cloned() else {
             return Outcome::Done;
         };
-        let span = tracing::info_span!(
-            "handle",
-            group = %self.group,
-            message = %envelope.name,
-            message_id = %envelope.id,
-            correlation_id = envelope.correlation_id().unwrap_or_default(),
-            causation_id = envelope.causation_id().unwrap_or_default(),
-        );
-        self.deliver_with_retries(route, Arc::new(envelope), stop)
+        let span = message_span(&self.group, &envelope);
+        self.deliver_with_retries(route, envelope, failed, stop)
             .instrument(span)
             .await
+    }
+
+    /// Handles a whole batch in one unit of work that also runs `acknowledge`, the transport's
+    /// acknowledgement. Any failure rolls all of it back: then deliver the messages one by
+    /// one, with retries.
+    pub async fn deliver_batch<A>(&self, batch: &[Arc<Envelope>], acknowledge: A) -> BatchOutcome
+    where
+        A: for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Result<bool, StoreError>>
+            + Send
+            + 'static,
+    {
+        let routed: Vec<(usize, Arc<dyn Route>, Arc<Envelope>)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(index, envelope)| {
+                let route = self.routes.get(envelope.name.as_str())?;
+                Some((index, route.clone(), envelope.clone()))
+            })
+            .collect();
+        let names: Vec<String> = routed
+            .iter()
+            .map(|(_, _, envelope)| envelope.name.clone())
+            .collect();
+        let group = self.group.clone();
+        let started = Instant::now();
+        let write = self.db.write(move |uow| {
+            async move {
+                for (index, route, envelope) in routed {
+                    let span = message_span(&group, &envelope);
+                    handle_in(&group, route.as_ref(), envelope, uow)
+                        .instrument(span)
+                        .await
+                        .map_err(|error| BatchError {
+                            index: Some(index),
+                            error,
+                        })?;
+                }
+                Ok(acknowledge(uow).await?)
+            }
+            .boxed()
+        });
+        match tokio::time::timeout(self.timeout, write).await {
+            Ok(Ok(true)) => {
+                let each =
+                    started.elapsed() / u32::try_from(names.len().max(1)).unwrap_or(u32::MAX);
+                for name in names {
+                    let labels = [("group", self.group.to_string()), ("message", name)];
+                    metrics::histogram!(metric::DURATION, &labels).record(each);
+                    metrics::counter!(metric::HANDLED, &labels).increment(1);
+                }
+                BatchOutcome::Acknowledged
+            }
+            Ok(Ok(false)) => BatchOutcome::NotOwned,
+            Ok(Err(BatchError {
+                index: Some(index),
+                error,
+            })) => {
+                metrics::counter!(metric::FAILED, "group" => self.group.to_string(), "message" => batch[index].name.clone())
+                    .increment(1);
+                BatchOutcome::Failed(Some((index, error)))
+            }
+            Ok(Err(BatchError { index: None, error })) => {
+                tracing::warn!(%error, group = %self.group, "cannot acknowledge a batch");
+                BatchOutcome::Failed(None)
+            }
+            Err(_) => BatchOutcome::Failed(None),
+        }
     }
 
     async fn deliver_with_retries(
         &self,
         route: Arc<dyn Route>,
         envelope: Arc<Envelope>,
+        mut failed: Option<HandlerError>,
         stop: &CancellationToken,
     ) -> Outcome {
         let labels = [
@@ -76,17 +145,24 @@ impl Dispatcher {
         ];
         let mut attempt = 1;
         loop {
-            let started = Instant::now();
-            let result = self.attempt(route.clone(), envelope.clone()).await;
-            metrics::histogram!(metric::DURATION, &labels).record(started.elapsed());
-            let error = match result {
-                Ok(()) => {
-                    metrics::counter!(metric::HANDLED, &labels).increment(1);
-                    return Outcome::Done;
+            let error = match failed.take() {
+                Some(error) => error,
+                None => {
+                    let started = Instant::now();
+                    let result = self.attempt(route.clone(), envelope.clone()).await;
+                    metrics::histogram!(metric::DURATION, &labels).record(started.elapsed());
+                    match result {
+                        Ok(()) => {
+                            metrics::counter!(metric::HANDLED, &labels).increment(1);
+                            return Outcome::Done;
+                        }
+                        Err(error) => {
+                            metrics::counter!(metric::FAILED, &labels).increment(1);
+                            error
+                        }
+                    }
                 }
-                Err(error) => error,
             };
-            metrics::counter!(metric::FAILED, &labels).increment(1);
             if error.is_permanent() || attempt >= self.retry.max_attempts {
                 tracing::error!(%error, attempt, "giving up: dead-lettering the message");
                 return self.dead_letter(&envelope, &error, attempt, stop).await;
@@ -102,34 +178,17 @@ impl Dispatcher {
         }
     }
 
-    /// One try: inbox check, handler and inbox mark in one unit of work.
+    /// One try: inbox mark and handler in one unit of work.
     async fn attempt(
         &self,
         route: Arc<dyn Route>,
         envelope: Arc<Envelope>,
     ) -> Result<(), HandlerError> {
         let group = self.group.clone();
-        let causal = CausalContext {
-            correlation_id: Some(
-                envelope
-                    .correlation_id()
-                    .map_or_else(|| envelope.id.to_string(), str::to_owned),
-            ),
-            causation_id: Some(envelope.id.to_string()),
-        };
         let write = self.db.write(move |uow| {
-            async move {
-                let id = envelope.id;
-                if inbox::seen(uow, &group, id).await.map_err(store)? {
-                    tracing::debug!("already handled; skipping");
-                    return Ok(());
-                }
-                route.handle(envelope, uow).await?;
-                inbox::mark(uow, &group, id).await.map_err(store)
-            }
-            .boxed()
+            async move { handle_in(&group, route.as_ref(), envelope, uow).await }.boxed()
         });
-        match tokio::time::timeout(self.timeout, context::scope(causal, write)).await {
+        match tokio::time::timeout(self.timeout, write).await {
             Ok(result) => result,
             Err(_) => Err(HandlerError::transient(format!(
                 "handler timed out after {:?}",
@@ -175,6 +234,64 @@ impl Dispatcher {
     }
 }
 
-fn store(error: sqlx::Error) -> HandlerError {
-    HandlerError::transient(error)
+/// Why a batch's unit of work failed: a handler (at `index` of the batch) or the store.
+struct BatchError {
+    index: Option<usize>,
+    error: HandlerError,
+}
+
+impl From<StoreError> for BatchError {
+    fn from(error: StoreError) -> Self {
+        BatchError {
+            index: None,
+            error: error.into(),
+        }
+    }
+}
+
+/// The outcome of `deliver_batch`.
+pub(crate) enum BatchOutcome {
+    /// Every message handled (or skipped) and the batch acknowledged, all in one commit.
+    Acknowledged,
+    /// The acknowledgement was refused: this consumer no longer owns the messages.
+    NotOwned,
+    /// Nothing committed. Names the message whose handler failed, and how, when it was one.
+    Failed(Option<(usize, HandlerError)>),
+}
+
+fn message_span(group: &str, envelope: &Envelope) -> tracing::Span {
+    tracing::info_span!(
+        "handle",
+        group = %group,
+        message = %envelope.name,
+        message_id = %envelope.id,
+        correlation_id = envelope.correlation_id().unwrap_or_default(),
+        causation_id = envelope.causation_id().unwrap_or_default(),
+    )
+}
+
+/// Handles one message inside `uow`: claims it in the inbox (skipping it when it was already
+/// handled), then runs its handler, emitting with the message as the cause.
+async fn handle_in(
+    group: &str,
+    route: &dyn Route,
+    envelope: Arc<Envelope>,
+    uow: &mut UnitOfWork,
+) -> Result<(), HandlerError> {
+    uow.set_context(CausalContext {
+        correlation_id: Some(
+            envelope
+                .correlation_id()
+                .map_or_else(|| envelope.id.to_string(), str::to_owned),
+        ),
+        causation_id: Some(envelope.id.to_string()),
+    });
+    if !inbox::claim(uow, group, envelope.id)
+        .await
+        .map_err(HandlerError::transient)?
+    {
+        tracing::debug!("already handled; skipping");
+        return Ok(());
+    }
+    route.handle(envelope, uow).await
 }

@@ -7,30 +7,21 @@ use crate::db::UnitOfWork;
 use crate::envelope::now_millis;
 use uuid::Uuid;
 
-pub(crate) async fn seen(
+/// Records `message_id` as handled by `group`; false when it already was. Called inside the
+/// handler's unit of work, before the handler: if the handler fails, the mark rolls back too.
+pub(crate) async fn claim(
     uow: &mut UnitOfWork,
     group: &str,
     message_id: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    let found: Option<i64> =
-        sqlx::query_scalar("SELECT 1 FROM conveyor_inbox WHERE group_name = ? AND message_id = ?")
-            .bind(group)
-            .bind(message_id.to_string())
-            .fetch_optional(uow.conn())
-            .await?;
-    Ok(found.is_some())
-}
-
-pub(crate) async fn mark(
-    uow: &mut UnitOfWork,
-    group: &str,
-    message_id: Uuid,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO conveyor_inbox (group_name, message_id, handled_at) VALUES (?, ?, ?)")
-        .bind(group)
-        .bind(message_id.to_string())
-        .bind(now_millis())
-        .execute(uow.conn())
-        .await?;
-    Ok(())
+    let done = sqlx::query(
+        "INSERT INTO conveyor_inbox (group_name, message_id, handled_at) VALUES (?, ?, ?) \
+         ON CONFLICT (group_name, message_id) DO NOTHING",
+    )
+    .bind(group)
+    .bind(message_id.to_string())
+    .bind(now_millis())
+    .execute(uow.conn())
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

@@ -67,43 +67,53 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
     attempts    INTEGER NOT NULL,
     failed_at   INTEGER NOT NULL
 );
+-- A crash between dead-lettering and acknowledging redelivers the message; it must not
+-- become a second dead letter.
+CREATE UNIQUE INDEX IF NOT EXISTS conveyor_dead_letters_message
+    ON conveyor_dead_letters (group_name, message_id);
 "#;
 
 /// The columns an envelope is stored in, in the order `envelope_from_row` reads them.
 pub(crate) const ENVELOPE_COLUMNS: &str =
     "message_id, kind, name, topic, key, payload, headers, occurred_at";
 
-/// Appends `messages`; returns the position of the last one, if any.
+/// Rows per INSERT: 10 parameters each stays far below SQLite's limit on bound parameters.
+const ROWS_PER_INSERT: usize = 500;
+
+/// Appends `messages`, a statement per 500; returns the position of the last one, if any.
 pub(crate) async fn append(
     conn: &mut SqliteConnection,
     messages: &[Outgoing],
 ) -> Result<Option<i64>, sqlx::Error> {
     let mut last = None;
-    for Outgoing {
-        envelope,
-        only_group,
-    } in messages
-    {
-        let headers = serde_json::to_string(&envelope.headers)
-            .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-        let done = sqlx::query(
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
             "INSERT INTO conveyor_log \
              (message_id, kind, name, topic, key, key_hash, payload, headers, occurred_at, only_group) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(envelope.id.to_string())
-        .bind(envelope.kind.as_str())
-        .bind(&envelope.name)
-        .bind(&envelope.topic)
-        .bind(&envelope.key)
-        .bind(key_hash(&envelope.key))
-        .bind(&envelope.payload)
-        .bind(headers)
-        .bind(envelope.occurred_at)
-        .bind(only_group.as_deref())
-        .execute(&mut *conn)
-        .await?;
-        last = Some(done.last_insert_rowid());
+             VALUES {rows}"
+        );
+        let mut query = sqlx::query(&sql);
+        for Outgoing {
+            envelope,
+            only_group,
+        } in chunk
+        {
+            let headers = serde_json::to_string(&envelope.headers)
+                .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+            query = query
+                .bind(envelope.id.to_string())
+                .bind(envelope.kind.as_str())
+                .bind(envelope.name.clone())
+                .bind(envelope.topic.clone())
+                .bind(envelope.key.clone())
+                .bind(key_hash(&envelope.key))
+                .bind(envelope.payload.clone())
+                .bind(headers)
+                .bind(envelope.occurred_at)
+                .bind(only_group.clone());
+        }
+        last = Some(query.execute(&mut *conn).await?.last_insert_rowid());
     }
     Ok(last)
 }

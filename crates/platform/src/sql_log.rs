@@ -7,10 +7,12 @@
 //! Consumers wake when a commit moves the log head (no polling), with a slow safety poll.
 
 use crate::bus::{Bus, BusError, Consumer};
+use crate::db::UnitOfWork;
 use crate::db::{Database, StoreError};
-use crate::dispatch::{metric, Dispatcher, Outcome};
+use crate::dispatch::{metric, BatchOutcome, Dispatcher, Outcome};
 use crate::envelope::now_millis;
-use crate::handler::Subscription;
+use crate::envelope::Envelope;
+use crate::handler::{HandlerError, Subscription};
 use crate::log::{self, Cursor};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -23,6 +25,8 @@ use uuid::Uuid;
 
 /// How often an idle partition looks at the log even without a wake-up.
 const SAFETY_POLL: Duration = Duration::from_secs(5);
+/// The shortest interval between lease renewals.
+const MIN_TICK: Duration = Duration::from_millis(10);
 /// How long to back off after a failed read or acknowledgement.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -128,7 +132,7 @@ async fn ensure_partitions(db: &Database, group: &str, partitions: u16) -> Resul
 async fn coordinate(shared: Arc<Shared>, stop: CancellationToken) {
     let mut lanes: HashMap<i64, CancellationToken> = HashMap::new();
     let mut running = JoinSet::new();
-    let mut tick = tokio::time::interval(shared.lease / 3);
+    let mut tick = tokio::time::interval((shared.lease / 3).max(MIN_TICK));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -369,38 +373,133 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             continue;
         }
         lag.set((head_seen - position).max(0) as f64);
-        let mut handled = position;
-        let mut stopped = false;
-        for (at, envelope) in batch {
-            if stop.is_cancelled() {
+        let (positions, envelopes): (Vec<i64>, Vec<Arc<Envelope>>) = batch
+            .into_iter()
+            .map(|(at, envelope)| (at, Arc::new(envelope)))
+            .unzip();
+        let last = positions.last().copied().unwrap_or(position);
+        // The common case: the whole batch and its acknowledgement in one unit of work.
+        let outcome = shared
+            .dispatcher
+            .deliver_batch(&envelopes, acknowledge(shared.clone(), partition, last))
+            .await;
+        let step = match outcome {
+            BatchOutcome::Acknowledged => Ok(last),
+            BatchOutcome::NotOwned => Err(LaneEnd::NotOwned),
+            BatchOutcome::Failed(Some((index, error))) => {
+                recover(
+                    &shared, partition, &positions, &envelopes, index, error, &stop,
+                )
+                .await
+            }
+            BatchOutcome::Failed(None) => {
+                one_by_one(&shared, partition, &positions, &envelopes, None, &stop).await
+            }
+        };
+        match step {
+            Ok(acknowledged) => position = position.max(acknowledged),
+            Err(LaneEnd::NotOwned) => {
+                tracing::info!(group = %shared.group, partition, "partition lease lost");
+                return;
+            }
+            Err(LaneEnd::Stopped) => return,
+        }
+    }
+}
+
+enum LaneEnd {
+    NotOwned,
+    Stopped,
+}
+
+/// After message `index` of a batch failed: commits the messages before it as a batch of
+/// their own, then delivers it with that failure counted as its first attempt. The rest of
+/// the batch is read again. Returns the position acknowledged.
+async fn recover(
+    shared: &Arc<Shared>,
+    partition: i64,
+    positions: &[i64],
+    envelopes: &[Arc<Envelope>],
+    index: usize,
+    error: HandlerError,
+    stop: &CancellationToken,
+) -> Result<i64, LaneEnd> {
+    if index > 0 {
+        let before = positions[index - 1];
+        let outcome = shared
+            .dispatcher
+            .deliver_batch(
+                &envelopes[..index],
+                acknowledge(shared.clone(), partition, before),
+            )
+            .await;
+        match outcome {
+            BatchOutcome::Acknowledged => {}
+            BatchOutcome::NotOwned => return Err(LaneEnd::NotOwned),
+            BatchOutcome::Failed(_) => {
+                return one_by_one(shared, partition, positions, envelopes, None, stop).await
+            }
+        }
+    }
+    one_by_one(
+        shared,
+        partition,
+        &positions[index..=index],
+        &envelopes[index..=index],
+        Some(error),
+        stop,
+    )
+    .await
+}
+
+/// Delivers messages one at a time, with retries and dead letters, then acknowledges what was
+/// done. `failed` is an earlier failed attempt of the first message.
+async fn one_by_one(
+    shared: &Arc<Shared>,
+    partition: i64,
+    positions: &[i64],
+    envelopes: &[Arc<Envelope>],
+    mut failed: Option<HandlerError>,
+    stop: &CancellationToken,
+) -> Result<i64, LaneEnd> {
+    let mut handled = None;
+    let mut stopped = false;
+    for (at, envelope) in positions.iter().zip(envelopes) {
+        if stop.is_cancelled() {
+            stopped = true;
+            break;
+        }
+        match shared
+            .dispatcher
+            .deliver(envelope.clone(), failed.take(), stop)
+            .await
+        {
+            Outcome::Done => handled = Some(*at),
+            Outcome::Stopped => {
                 stopped = true;
                 break;
             }
-            match shared.dispatcher.deliver(envelope, &stop).await {
-                Outcome::Done => handled = at,
-                Outcome::Stopped => {
-                    stopped = true;
-                    break;
-                }
-            }
-        }
-        if handled > position {
-            match acknowledge(&shared, partition, handled).await {
-                Ok(true) => position = handled,
-                Ok(false) => {
-                    tracing::info!(group = %shared.group, partition, "partition lease lost");
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, group = %shared.group, partition, "cannot acknowledge");
-                    stopped = pause(&stop, ERROR_PAUSE).await || stopped;
-                }
-            }
-        }
-        if stopped {
-            return;
         }
     }
+    let mut acknowledged = 0;
+    if let Some(handled) = handled {
+        match shared
+            .db()
+            .write(acknowledge(shared.clone(), partition, handled))
+            .await
+        {
+            Ok(true) => acknowledged = handled,
+            Ok(false) => return Err(LaneEnd::NotOwned),
+            Err(error) => {
+                tracing::warn!(%error, group = %shared.group, partition, "cannot acknowledge");
+                stopped = pause(stop, ERROR_PAUSE).await || stopped;
+            }
+        }
+    }
+    if stopped {
+        return Err(LaneEnd::Stopped);
+    }
+    Ok(acknowledged)
 }
 
 /// Sleeps for `duration`; true when stopped meanwhile.
@@ -422,15 +521,14 @@ async fn offset(shared: &Shared, partition: i64) -> Result<i64, sqlx::Error> {
 }
 
 /// Moves the offset, but only while this member still owns the partition (a fence against a
-/// consumer whose lease lapsed). Returns whether it did.
-async fn acknowledge(
-    shared: &Arc<Shared>,
+/// consumer whose lease lapsed); the unit of work learns whether it did.
+fn acknowledge(
+    shared: Arc<Shared>,
     partition: i64,
     position: i64,
-) -> Result<bool, StoreError> {
-    let shared = shared.clone();
-    let db = shared.db().clone();
-    db.write(move |uow| {
+) -> impl for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Result<bool, StoreError>> + Send + 'static
+{
+    move |uow: &mut UnitOfWork| {
         async move {
             let done = sqlx::query(
                 "UPDATE conveyor_partitions SET position = ? \
@@ -445,6 +543,5 @@ async fn acknowledge(
             Ok(done.rows_affected() == 1)
         }
         .boxed()
-    })
-    .await
+    }
 }

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use platform::{Database, HandlerError, Incoming, StoreError, Subscription, UnitOfWork};
 
 /// Bookings' consumer group for the events service's messages.
-pub const EVENTS_GROUP: &str = "bookings.events";
+pub const EVENTS_GROUP: &str = "bookings.learn-events";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BookingsError {

@@ -138,21 +138,21 @@ pub struct EventResponse {
     location: LocationResponse,
 }
 
-impl From<Location> for LocationResponse {
-    fn from(location: Location) -> Self {
+impl From<&Location> for LocationResponse {
+    fn from(location: &Location) -> Self {
         LocationResponse {
             id: location.id.to_string(),
-            name: location.name,
-            address: location.address,
-            country: location.country,
+            name: location.name.clone(),
+            address: location.address.clone(),
+            country: location.country.clone(),
             open_time: location.open_time,
             close_time: location.close_time,
             halls: location
                 .halls
-                .into_iter()
+                .iter()
                 .map(|hall| HallResponse {
-                    name: hall.name,
-                    location: hall.location,
+                    name: hall.name.clone(),
+                    location: hall.location.clone(),
                     capacity: hall.capacity,
                 })
                 .collect(),
@@ -160,15 +160,15 @@ impl From<Location> for LocationResponse {
     }
 }
 
-impl From<Event> for EventResponse {
-    fn from(event: Event) -> Self {
+impl From<&Event> for EventResponse {
+    fn from(event: &Event) -> Self {
         EventResponse {
             id: event.id.to_string(),
-            name: event.name,
+            name: event.name.clone(),
             duration: event.duration,
             start_date: event.start_date,
             end_date: event.end_date,
-            location: event.location.into(),
+            location: (&event.location).into(),
         }
     }
 }
@@ -201,7 +201,7 @@ async fn list_events(
     Query(page): Query<PageQuery>,
 ) -> Result<Json<Vec<EventResponse>>, Problem> {
     let events = events.events(page.try_into()?).await?;
-    Ok(Json(events.into_iter().map(EventResponse::from).collect()))
+    Ok(Json(events.iter().map(EventResponse::from).collect()))
 }
 
 /// Creates an event, and its location unless `location.id` names a known one.
@@ -214,7 +214,7 @@ async fn create_event(
     let event = events.create_event(request.into()).await?;
     Ok(created(
         format!("/events/{}", event.id),
-        EventResponse::from(event),
+        EventResponse::from(&event),
     ))
 }
 
@@ -225,7 +225,7 @@ async fn get_event(
     State(events): State<Events>,
     Path(id): Path<String>,
 ) -> Result<Json<EventResponse>, Problem> {
-    Ok(Json(events.event(&id).await?.into()))
+    Ok(Json(events.event(&id).await?.as_ref().into()))
 }
 
 /// One event (the original's search form).
@@ -235,7 +235,7 @@ async fn get_event_by_id(
     State(events): State<Events>,
     Path(id): Path<String>,
 ) -> Result<Json<EventResponse>, Problem> {
-    Ok(Json(events.event(&id).await?.into()))
+    Ok(Json(events.event(&id).await?.as_ref().into()))
 }
 
 /// The newest event with this exact name.
@@ -245,7 +245,7 @@ async fn get_event_by_name(
     State(events): State<Events>,
     Path(name): Path<String>,
 ) -> Result<Json<EventResponse>, Problem> {
-    Ok(Json(events.event_by_name(&name).await?.into()))
+    Ok(Json((&events.event_by_name(&name).await?).into()))
 }
 
 /// Locations, newest first.
@@ -256,9 +256,7 @@ async fn list_locations(
     Query(page): Query<PageQuery>,
 ) -> Result<Json<Vec<LocationResponse>>, Problem> {
     let locations = events.locations(page.try_into()?).await?;
-    Ok(Json(
-        locations.into_iter().map(LocationResponse::from).collect(),
-    ))
+    Ok(Json(locations.iter().map(LocationResponse::from).collect()))
 }
 
 /// Creates a location.
@@ -271,7 +269,7 @@ async fn create_location(
     let location = events.create_location(request.into()).await?;
     Ok(created(
         format!("/locations/{}", location.id),
-        LocationResponse::from(location),
+        LocationResponse::from(&location),
     ))
 }
 
@@ -282,5 +280,5 @@ async fn get_location(
     State(events): State<Events>,
     Path(id): Path<String>,
 ) -> Result<Json<LocationResponse>, Problem> {
-    Ok(Json(events.location(&id).await?.into()))
+    Ok(Json((&events.location(&id).await?).into()))
 }
