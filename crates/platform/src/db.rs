@@ -345,48 +345,48 @@ async fn run_writer(
 /// Runs a batch of units of work in one transaction, each inside its own savepoint so one
 /// failing unit rolls back alone (a lone unit needs none: its failure rolls back the
 /// transaction), then commits once and tells every unit the outcome.
+///
+/// Every statement is a round trip to SQLite's thread, and those are slow on small machines,
+/// so closing one savepoint, opening the next and committing share round trips.
 async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i64>) {
-    if let Err(error) = exec(uow, "BEGIN IMMEDIATE").await {
+    let isolate = batch.len() > 1;
+    let begin = if isolate {
+        "BEGIN IMMEDIATE; SAVEPOINT unit"
+    } else {
+        "BEGIN IMMEDIATE"
+    };
+    if let Err(error) = exec(uow, begin).await {
         tracing::error!(%error, "cannot begin a write transaction");
         return;
     }
-    let isolate = batch.len() > 1;
-    let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
+    let count = batch.len();
+    let mut finishes: Vec<Finish> = Vec::with_capacity(count);
     let mut last_position = None;
     let mut outcome = Ok(());
-    for job in batch {
-        if isolate {
-            if let Err(error) = exec(uow, "SAVEPOINT unit").await {
-                outcome = Err(error);
-                break;
-            }
-        }
-        let end = match run_unit(uow, job).await {
+    for (index, job) in batch.into_iter().enumerate() {
+        let succeeded = match run_unit(uow, job).await {
             Some((finish, position)) => {
                 finishes.push(finish);
                 last_position = position.or(last_position);
-                "RELEASE unit"
+                true
             }
-            None if isolate => "ROLLBACK TO unit; RELEASE unit",
-            None => {
-                if let Err(error) = exec(uow, "ROLLBACK").await {
-                    tracing::error!(%error, "cannot roll back");
-                }
-                return;
-            }
+            None => false,
         };
-        if isolate {
-            // SQLite may have rolled back the whole transaction on its own (a full disk, an
-            // IO error): then closing the savepoint fails, and nothing of the batch may be
-            // reported as committed.
-            if let Err(error) = exec(uow, end).await {
-                outcome = Err(error);
-                break;
-            }
+        let step = match (isolate, succeeded, index + 1 == count) {
+            (false, true, _) => "COMMIT",
+            (false, false, _) => "ROLLBACK",
+            (true, true, false) => "RELEASE unit; SAVEPOINT unit",
+            (true, false, false) => "ROLLBACK TO unit; RELEASE unit; SAVEPOINT unit",
+            (true, true, true) => "RELEASE unit; COMMIT",
+            (true, false, true) => "ROLLBACK TO unit; RELEASE unit; COMMIT",
+        };
+        // SQLite may have rolled back the whole transaction on its own (a full disk, an IO
+        // error): then closing the savepoint fails, and nothing of the batch may be reported
+        // as committed.
+        if let Err(error) = exec(uow, step).await {
+            outcome = Err(error);
+            break;
         }
-    }
-    if outcome.is_ok() {
-        outcome = exec(uow, "COMMIT").await;
     }
     if let Err(error) = &outcome {
         tracing::error!(%error, "group commit failed; the batch is rolled back");

@@ -103,3 +103,33 @@ async fn what_committed_is_there_after_reopening() {
     assert_eq!(count, 1);
     assert_eq!(*reopened.head().borrow(), 1);
 }
+
+#[tokio::test]
+async fn a_unit_may_emit_more_messages_than_one_insert_holds() {
+    let (db, _dir) = open().await;
+    db.write(|uow| {
+        async move {
+            for seq in 0..1200 {
+                uow.emit(&Ping {
+                    key: format!("k{}", seq % 7),
+                    seq,
+                })?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .boxed()
+    })
+    .await
+    .expect("commits");
+    let payloads: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT payload FROM conveyor_log ORDER BY position")
+            .fetch_all(db.reader())
+            .await
+            .expect("log");
+    let seqs: Vec<u32> = payloads
+        .iter()
+        .map(|payload| serde_json::from_slice::<Ping>(payload).expect("ping").seq)
+        .collect();
+    assert_eq!(seqs, (0..1200).collect::<Vec<u32>>());
+    assert_eq!(*db.head().borrow(), 1200);
+}
