@@ -364,15 +364,14 @@ async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i
     let mut last_position = None;
     let mut outcome = Ok(());
     for (index, job) in batch.into_iter().enumerate() {
-        let succeeded = match run_unit(uow, job).await {
-            Some((finish, position)) => {
+        let outbox = match run_unit(uow, job).await {
+            Some((finish, outbox)) => {
                 finishes.push(finish);
-                last_position = position.or(last_position);
-                true
+                Some(outbox)
             }
-            None => false,
+            None => None,
         };
-        let step = match (isolate, succeeded, index + 1 == count) {
+        let step = match (isolate, outbox.is_some(), index + 1 == count) {
             (false, true, _) => "COMMIT",
             (false, false, _) => "ROLLBACK",
             (true, true, false) => "RELEASE unit; SAVEPOINT unit",
@@ -380,12 +379,15 @@ async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i
             (true, true, true) => "RELEASE unit; COMMIT",
             (true, false, true) => "ROLLBACK TO unit; RELEASE unit; COMMIT",
         };
-        // SQLite may have rolled back the whole transaction on its own (a full disk, an IO
-        // error): then closing the savepoint fails, and nothing of the batch may be reported
-        // as committed.
-        if let Err(error) = exec(uow, step).await {
-            outcome = Err(error);
-            break;
+        // The unit's messages and the step share a round trip. If either fails (or SQLite has
+        // rolled the whole transaction back on its own, on a full disk or an IO error), the
+        // whole batch is rolled back: nothing may be reported committed that is not.
+        match log::append_then(&mut uow.conn, &outbox.unwrap_or_default(), step).await {
+            Ok(position) => last_position = position.or(last_position),
+            Err(error) => {
+                outcome = Err(error);
+                break;
+            }
         }
     }
     if let Err(error) = &outcome {
@@ -405,9 +407,9 @@ async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i
     }
 }
 
-/// Runs one unit of work and appends the messages it emitted to the log. `None` when it
-/// failed (and has been told so): its changes must be rolled back.
-async fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Option<i64>)> {
+/// Runs one unit of work; returns its messages, or `None` when it failed (and has been told
+/// so): its changes must be rolled back.
+async fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Vec<Outgoing>)> {
     uow.outbox.clear();
     let finish = match AssertUnwindSafe(job(uow)).catch_unwind().await {
         Ok(finish) => finish?,
@@ -416,15 +418,7 @@ async fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Option<i64>
             return None;
         }
     };
-    let appended = log::append(&mut uow.conn, &uow.outbox).await;
-    uow.outbox.clear();
-    match appended {
-        Ok(position) => Some((finish, position)),
-        Err(error) => {
-            finish(Err(StoreError::Database(error)));
-            None
-        }
-    }
+    Some((finish, std::mem::take(&mut uow.outbox)))
 }
 
 async fn exec(uow: &mut UnitOfWork, sql: &str) -> Result<(), sqlx::Error> {

@@ -80,18 +80,31 @@ pub(crate) const ENVELOPE_COLUMNS: &str =
 /// Rows per INSERT: 10 parameters each stays far below SQLite's limit on bound parameters.
 const ROWS_PER_INSERT: usize = 500;
 
-/// Appends `messages`, a statement per 500; returns the position of the last one, if any.
-pub(crate) async fn append(
+/// Appends `messages` (a statement per 500 of them), then runs `then`, statements without
+/// parameters, in the same round trip as the last insert. Returns the position of the last
+/// message, if any.
+pub(crate) async fn append_then(
     conn: &mut SqliteConnection,
     messages: &[Outgoing],
+    then: &str,
 ) -> Result<Option<i64>, sqlx::Error> {
+    if messages.is_empty() {
+        sqlx::Executor::execute(&mut *conn, then).await?;
+        return Ok(None);
+    }
+    let chunks = messages.chunks(ROWS_PER_INSERT).count();
     let mut last = None;
-    for chunk in messages.chunks(ROWS_PER_INSERT) {
+    for (index, chunk) in messages.chunks(ROWS_PER_INSERT).enumerate() {
         let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let trailer = if index + 1 == chunks {
+            format!("; {then}")
+        } else {
+            String::new()
+        };
         let sql = format!(
             "INSERT INTO conveyor_log \
              (message_id, kind, name, topic, key, key_hash, payload, headers, occurred_at, only_group) \
-             VALUES {rows}"
+             VALUES {rows}{trailer}"
         );
         let mut query = sqlx::query(&sql);
         for Outgoing {
@@ -113,6 +126,7 @@ pub(crate) async fn append(
                 .bind(envelope.occurred_at)
                 .bind(only_group.clone());
         }
+        // The trailing statements insert nothing, so the last insert id is the log's.
         last = Some(query.execute(&mut *conn).await?.last_insert_rowid());
     }
     Ok(last)

@@ -112,14 +112,16 @@ impl Events {
                         duration,
                         venue,
                     } = new;
-                    let location = match venue {
-                        Venue::Known(id) => store::location(uow.conn(), id)
-                            .await?
-                            .ok_or(EventsError::UnknownLocation(id))?,
+                    let (location, new_location) = match venue {
+                        Venue::Known(id) => {
+                            let known = store::location(uow.conn(), id)
+                                .await?
+                                .ok_or(EventsError::UnknownLocation(id))?;
+                            (known, false)
+                        }
                         Venue::New(location) => {
-                            store::insert_location(uow, &location).await?;
                             uow.emit(&location_created(&location))?;
-                            location
+                            (location, true)
                         }
                     };
                     let event = Event {
@@ -130,7 +132,7 @@ impl Events {
                         duration,
                         location,
                     };
-                    store::insert_event(uow, &event).await?;
+                    store::insert_event(uow, &event, new_location).await?;
                     uow.emit(&event_created(&event))?;
                     Ok(event)
                 }

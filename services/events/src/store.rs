@@ -39,7 +39,16 @@ struct StoredHall {
     capacity: i64,
 }
 
-pub async fn insert_location(uow: &mut UnitOfWork, location: &Location) -> Result<(), sqlx::Error> {
+type Insert<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+const INSERT_LOCATION: &str =
+    "INSERT INTO events_locations (id, name, address, country, open_time, close_time, halls) \
+     VALUES (?, ?, ?, ?, ?, ?, ?)";
+const INSERT_EVENT: &str =
+    "INSERT INTO events_events (id, name, start_date, end_date, duration, location_id) \
+     VALUES (?, ?, ?, ?, ?, ?)";
+
+fn bind_location<'q>(query: Insert<'q>, location: &'q Location) -> Result<Insert<'q>, sqlx::Error> {
     let halls: Vec<StoredHall> = location
         .halls
         .iter()
@@ -50,35 +59,48 @@ pub async fn insert_location(uow: &mut UnitOfWork, location: &Location) -> Resul
         })
         .collect();
     let halls = serde_json::to_string(&halls).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    sqlx::query(
-        "INSERT INTO events_locations (id, name, address, country, open_time, close_time, halls) \
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(location.id.to_string())
-    .bind(&location.name)
-    .bind(&location.address)
-    .bind(&location.country)
-    .bind(location.open_time)
-    .bind(location.close_time)
-    .bind(halls)
-    .execute(uow.conn())
-    .await?;
+    Ok(query
+        .bind(location.id.to_string())
+        .bind(&location.name)
+        .bind(&location.address)
+        .bind(&location.country)
+        .bind(location.open_time)
+        .bind(location.close_time)
+        .bind(halls))
+}
+
+fn bind_event<'q>(query: Insert<'q>, event: &'q Event) -> Insert<'q> {
+    query
+        .bind(event.id.to_string())
+        .bind(&event.name)
+        .bind(event.start_date)
+        .bind(event.end_date)
+        .bind(event.duration)
+        .bind(event.location.id.to_string())
+}
+
+pub async fn insert_location(uow: &mut UnitOfWork, location: &Location) -> Result<(), sqlx::Error> {
+    bind_location(sqlx::query(INSERT_LOCATION), location)?
+        .execute(uow.conn())
+        .await?;
     Ok(())
 }
 
-pub async fn insert_event(uow: &mut UnitOfWork, event: &Event) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events_events (id, name, start_date, end_date, duration, location_id) \
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(event.id.to_string())
-    .bind(&event.name)
-    .bind(event.start_date)
-    .bind(event.end_date)
-    .bind(event.duration)
-    .bind(event.location.id.to_string())
-    .execute(uow.conn())
-    .await?;
+/// Inserts the event, and first its location when that is new, in one round trip.
+pub async fn insert_event(
+    uow: &mut UnitOfWork,
+    event: &Event,
+    new_location: bool,
+) -> Result<(), sqlx::Error> {
+    if !new_location {
+        bind_event(sqlx::query(INSERT_EVENT), event)
+            .execute(uow.conn())
+            .await?;
+        return Ok(());
+    }
+    let both = format!("{INSERT_LOCATION}; {INSERT_EVENT}");
+    let query = bind_location(sqlx::query(&both), &event.location)?;
+    bind_event(query, event).execute(uow.conn()).await?;
     Ok(())
 }
 
