@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 /// Metric names, labelled by `group` and `message`.
 pub mod metric {
@@ -90,9 +91,16 @@ impl Dispatcher {
         let started = Instant::now();
         let write = self.db.write(move |uow| {
             async move {
+                let ids: Vec<Uuid> = routed.iter().map(|(_, _, envelope)| envelope.id).collect();
+                let mut claimed = inbox::claim_all(uow, &group, &ids)
+                    .await
+                    .map_err(StoreError::from)?;
                 for (index, route, envelope) in routed {
+                    if !claimed.remove(&envelope.id) {
+                        continue;
+                    }
                     let span = message_span(&group, &envelope);
-                    handle_in(&group, route.as_ref(), envelope, uow)
+                    run_handler(route.as_ref(), envelope, uow)
                         .instrument(span)
                         .await
                         .map_err(|error| BatchError {
@@ -271,9 +279,25 @@ fn message_span(group: &str, envelope: &Envelope) -> tracing::Span {
 }
 
 /// Handles one message inside `uow`: claims it in the inbox (skipping it when it was already
-/// handled), then runs its handler, emitting with the message as the cause.
+/// handled), then runs its handler.
 async fn handle_in(
     group: &str,
+    route: &dyn Route,
+    envelope: Arc<Envelope>,
+    uow: &mut UnitOfWork,
+) -> Result<(), HandlerError> {
+    if !inbox::claim(uow, group, envelope.id)
+        .await
+        .map_err(HandlerError::transient)?
+    {
+        tracing::debug!("already handled; skipping");
+        return Ok(());
+    }
+    run_handler(route, envelope, uow).await
+}
+
+/// Runs a claimed message's handler, emitting with the message as the cause.
+async fn run_handler(
     route: &dyn Route,
     envelope: Arc<Envelope>,
     uow: &mut UnitOfWork,
@@ -286,12 +310,5 @@ async fn handle_in(
         ),
         causation_id: Some(envelope.id.to_string()),
     });
-    if !inbox::claim(uow, group, envelope.id)
-        .await
-        .map_err(HandlerError::transient)?
-    {
-        tracing::debug!("already handled; skipping");
-        return Ok(());
-    }
     route.handle(envelope, uow).await
 }
