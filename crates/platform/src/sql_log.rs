@@ -153,7 +153,11 @@ async fn coordinate(shared: Arc<Shared>, stop: CancellationToken) {
                 let lane = stop.child_token();
                 let (shared, partition, done) = (shared.clone(), *partition, lane.clone());
                 running.spawn(async move {
+                    let group = shared.group.to_string();
                     run_lane(shared, partition, done.clone()).await;
+                    // The new owner reports this partition's lag from now on.
+                    metrics::gauge!(metric::CONSUMER_LAG, "group" => group, "partition" => partition.to_string())
+                        .set(0.0);
                     // Marks the lane finished, so the next tick restarts it if still owned.
                     done.cancel();
                 });

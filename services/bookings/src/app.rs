@@ -1,8 +1,8 @@
 //! The bookings service's use cases, and the handler that learns events.
 
 use crate::api::EventBooked;
-use crate::domain::{Availability, BookingId, BookingRequest, Invalid, SoldOut};
-use crate::store::{self, StoredBooking};
+use crate::domain::{Availability, Booking, BookingId, BookingRequest, EventId, Invalid, SoldOut};
+use crate::store;
 use events_api::EventCreated;
 use futures::FutureExt;
 use platform::{Database, HandlerError, Incoming, StoreError, Subscription, UnitOfWork};
@@ -31,9 +31,9 @@ impl From<sqlx::Error> for BookingsError {
 /// An event's seats and its bookings.
 #[derive(Debug, Clone)]
 pub struct Summary {
-    pub event_id: String,
+    pub event_id: EventId,
     pub availability: Availability,
-    pub bookings: Vec<StoredBooking>,
+    pub bookings: Vec<Booking>,
 }
 
 #[derive(Clone)]
@@ -52,28 +52,28 @@ impl Bookings {
         &self,
         event_id: &str,
         request: BookingRequest,
-    ) -> Result<StoredBooking, BookingsError> {
-        let event_id = event_id.to_owned();
+    ) -> Result<Booking, BookingsError> {
+        let event_id = known_id(event_id)?;
         let booking = self
             .db
             .write(move |uow| {
                 async move {
-                    let availability = store::availability(uow.conn(), &event_id)
+                    let availability = store::availability(uow.conn(), event_id)
                         .await?
-                        .ok_or_else(|| BookingsError::EventNotFound(event_id.clone()))?;
+                        .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
                     let after = availability.book(request.seats)?;
-                    store::set_booked(uow, &event_id, after.booked).await?;
-                    let booking = StoredBooking {
-                        id: BookingId::new().to_string(),
+                    store::set_booked(uow, event_id, after.booked).await?;
+                    let booking = Booking {
+                        id: BookingId::new(),
                         event_id,
                         seats: request.seats,
                         user: request.user,
-                        created_at: platform::envelope::now_millis() / 1000,
+                        date: platform::envelope::now_millis() / 1000,
                     };
                     store::insert_booking(uow, &booking).await?;
                     uow.emit(&EventBooked {
-                        booking_id: booking.id.clone(),
-                        event_id: booking.event_id.clone(),
+                        booking_id: booking.id.to_string(),
+                        event_id: booking.event_id.to_string(),
                         seats: booking.seats,
                         user: booking.user.clone(),
                     })?;
@@ -82,23 +82,29 @@ impl Bookings {
                 .boxed()
             })
             .await?;
-        let event = [("event", booking.event_id.clone())];
+        let event = [("event", booking.event_id.to_string())];
         metrics::counter!("myevents_bookings_total", &event).increment(1);
         metrics::histogram!("myevents_booking_seats", &event).record(booking.seats as f64);
         Ok(booking)
     }
 
     pub async fn summary(&self, event_id: &str) -> Result<Summary, BookingsError> {
+        let event_id = known_id(event_id)?;
         let availability = store::availability(self.db.reader(), event_id)
             .await?
-            .ok_or_else(|| BookingsError::EventNotFound(event_id.to_owned()))?;
+            .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
         let bookings = store::bookings(self.db.reader(), event_id).await?;
         Ok(Summary {
-            event_id: event_id.to_owned(),
+            event_id,
             availability,
             bookings,
         })
     }
+}
+
+/// An id that is not a UUID names no event bookings can know.
+fn known_id(event_id: &str) -> Result<EventId, BookingsError> {
+    EventId::parse(event_id).ok_or_else(|| BookingsError::EventNotFound(event_id.to_owned()))
 }
 
 /// Bookings learns events only from `events.EventCreated`, into its own table.
@@ -113,13 +119,19 @@ async fn learn_event(
     uow: &mut UnitOfWork,
 ) -> Result<(), HandlerError> {
     let event = incoming.message;
+    let Some(id) = EventId::parse(&event.id) else {
+        return Err(HandlerError::permanent(format!(
+            "event id {:?} is not a UUID",
+            event.id
+        )));
+    };
     if event.capacity < 0 {
         return Err(HandlerError::permanent(format!(
             "event {} has a negative capacity",
             event.id
         )));
     }
-    store::learn_event(uow, &event.id, event.capacity)
+    store::learn_event(uow, id, event.capacity)
         .await
         .map_err(HandlerError::transient)
 }

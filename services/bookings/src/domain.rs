@@ -1,6 +1,21 @@
 //! Bookings: the rule that an event never sells more seats than it has. Pure: no IO, no async.
 
 platform::uuid_id!(BookingId);
+platform::uuid_id!(
+    /// An event, as the events service names it; bookings knows it from `EventCreated`.
+    EventId
+);
+
+/// A sold booking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Booking {
+    pub id: BookingId,
+    pub event_id: EventId,
+    pub seats: i64,
+    pub user: String,
+    /// Unix seconds.
+    pub date: i64,
+}
 
 pub const MAX_USER_CHARS: usize = 200;
 

@@ -1,8 +1,8 @@
 //! The bookings service's REST API, in the original MyEvents wire format.
 
 use crate::app::{Bookings, BookingsError, Summary};
+use crate::domain::Booking;
 use crate::domain::BookingRequest as ValidBooking;
-use crate::store::StoredBooking;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -62,14 +62,14 @@ pub struct SummaryResponse {
     bookings: Vec<BookingResponse>,
 }
 
-impl From<StoredBooking> for BookingResponse {
-    fn from(booking: StoredBooking) -> Self {
+impl From<Booking> for BookingResponse {
+    fn from(booking: Booking) -> Self {
         BookingResponse {
-            id: booking.id,
-            event_id: booking.event_id,
+            id: booking.id.to_string(),
+            event_id: booking.event_id.to_string(),
             seats: booking.seats,
             user: booking.user,
-            date: booking.created_at,
+            date: booking.date,
         }
     }
 }
@@ -77,7 +77,7 @@ impl From<StoredBooking> for BookingResponse {
 impl From<Summary> for SummaryResponse {
     fn from(summary: Summary) -> Self {
         SummaryResponse {
-            event_id: summary.event_id,
+            event_id: summary.event_id.to_string(),
             capacity: summary.availability.capacity,
             booked: summary.availability.booked,
             available: summary.availability.available(),

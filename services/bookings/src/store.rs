@@ -1,7 +1,7 @@
 //! The bookings service's tables: its own copy of the events it sells (`bookings_events`,
 //! filled from `events.EventCreated`) and the bookings (`bookings_bookings`).
 
-use crate::domain::Availability;
+use crate::domain::{Availability, Booking, BookingId, EventId};
 use platform::{Migration, UnitOfWork};
 use sqlx::sqlite::SqlitePool;
 
@@ -28,11 +28,15 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 pub const MAX_LISTED: i64 = 1000;
 
 /// Remembers an event as bookable; a second copy of the same event changes nothing.
-pub async fn learn_event(uow: &mut UnitOfWork, id: &str, capacity: i64) -> Result<(), sqlx::Error> {
+pub async fn learn_event(
+    uow: &mut UnitOfWork,
+    id: EventId,
+    capacity: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO bookings_events (id, capacity) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
     )
-    .bind(id)
+    .bind(id.to_string())
     .bind(capacity)
     .execute(uow.conn())
     .await?;
@@ -41,11 +45,11 @@ pub async fn learn_event(uow: &mut UnitOfWork, id: &str, capacity: i64) -> Resul
 
 pub async fn availability<'e>(
     executor: impl sqlx::SqliteExecutor<'e>,
-    event_id: &str,
+    event_id: EventId,
 ) -> Result<Option<Availability>, sqlx::Error> {
     let row: Option<(i64, i64)> =
         sqlx::query_as("SELECT capacity, booked FROM bookings_events WHERE id = ?")
-            .bind(event_id)
+            .bind(event_id.to_string())
             .fetch_optional(executor)
             .await?;
     Ok(row.map(|(capacity, booked)| Availability { capacity, booked }))
@@ -53,55 +57,69 @@ pub async fn availability<'e>(
 
 pub async fn set_booked(
     uow: &mut UnitOfWork,
-    event_id: &str,
+    event_id: EventId,
     booked: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE bookings_events SET booked = ? WHERE id = ?")
         .bind(booked)
-        .bind(event_id)
+        .bind(event_id.to_string())
         .execute(uow.conn())
         .await?;
     Ok(())
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct StoredBooking {
-    pub id: String,
-    pub event_id: String,
-    pub seats: i64,
-    pub user: String,
-    pub created_at: i64,
+#[derive(sqlx::FromRow)]
+struct BookingRow {
+    id: String,
+    event_id: String,
+    seats: i64,
+    user: String,
+    created_at: i64,
 }
 
-pub async fn insert_booking(
-    uow: &mut UnitOfWork,
-    booking: &StoredBooking,
-) -> Result<(), sqlx::Error> {
+impl TryFrom<BookingRow> for Booking {
+    type Error = sqlx::Error;
+
+    fn try_from(row: BookingRow) -> Result<Booking, sqlx::Error> {
+        let corrupt = |column: &str, value: &str| sqlx::Error::ColumnDecode {
+            index: column.to_owned(),
+            source: format!("not an id: {value}").into(),
+        };
+        Ok(Booking {
+            id: BookingId::parse(&row.id).ok_or_else(|| corrupt("id", &row.id))?,
+            event_id: EventId::parse(&row.event_id)
+                .ok_or_else(|| corrupt("event_id", &row.event_id))?,
+            seats: row.seats,
+            user: row.user,
+            date: row.created_at,
+        })
+    }
+}
+
+pub async fn insert_booking(uow: &mut UnitOfWork, booking: &Booking) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO bookings_bookings (id, event_id, seats, user, created_at) VALUES (?, ?, ?, ?, ?)",
     )
-    .bind(&booking.id)
-    .bind(&booking.event_id)
+    .bind(booking.id.to_string())
+    .bind(booking.event_id.to_string())
     .bind(booking.seats)
     .bind(&booking.user)
-    .bind(booking.created_at)
+    .bind(booking.date)
     .execute(uow.conn())
     .await?;
     Ok(())
 }
 
 /// The newest `MAX_LISTED` bookings of an event, oldest first.
-pub async fn bookings(
-    pool: &SqlitePool,
-    event_id: &str,
-) -> Result<Vec<StoredBooking>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn bookings(pool: &SqlitePool, event_id: EventId) -> Result<Vec<Booking>, sqlx::Error> {
+    let rows: Vec<BookingRow> = sqlx::query_as(
         "SELECT id, event_id, seats, user, created_at FROM ( \
            SELECT * FROM bookings_bookings WHERE event_id = ? ORDER BY seq DESC LIMIT ? \
          ) ORDER BY seq",
     )
-    .bind(event_id)
+    .bind(event_id.to_string())
     .bind(MAX_LISTED)
     .fetch_all(pool)
-    .await
+    .await?;
+    rows.into_iter().map(Booking::try_from).collect()
 }
