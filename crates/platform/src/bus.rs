@@ -22,6 +22,12 @@ pub enum BusError {
     },
     #[error("subscription {0} handles no messages")]
     Empty(String),
+    #[error("consumer group {group}: the lease ({lease:?}) must be at least twice the handler timeout ({handler_timeout:?})")]
+    LeaseTooShort {
+        group: String,
+        lease: std::time::Duration,
+        handler_timeout: std::time::Duration,
+    },
 }
 
 /// A message transport.
@@ -55,9 +61,12 @@ impl Consumer {
     /// group back.
     pub async fn stop(mut self) {
         self.stop.cancel();
-        if let Some(task) = self.task.take() {
+        // The handle stays in `self` while awaited: if this future is dropped (a drain timeout),
+        // `Drop` aborts the task instead of leaving it running.
+        if let Some(task) = self.task.as_mut() {
             let _ = task.await;
         }
+        self.task = None;
     }
 }
 

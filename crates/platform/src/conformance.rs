@@ -34,7 +34,8 @@ macro_rules! conformance_suite {
             failing_handler_is_retried_with_growing_delays,
             always_failing_handler_is_dead_lettered_and_the_group_continues,
             replay_delivers_a_dead_letter_again, unacknowledged_message_is_delivered_after_restart,
-            inbox_turns_redelivery_into_a_no_op);
+            inbox_turns_redelivery_into_a_no_op, a_dead_letter_is_not_handled_again_on_redelivery,
+            stop_returns_while_a_backlog_remains);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(
@@ -141,7 +142,7 @@ fn fast_options() -> ConsumerOptions {
             base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
         },
-        handler_timeout: Duration::from_secs(10),
+        handler_timeout: Duration::from_millis(300),
     }
 }
 
@@ -499,5 +500,77 @@ pub async fn inbox_turns_redelivery_into_a_no_op(fixture: &impl Fixture) {
         calls.load(Ordering::SeqCst),
         1,
         "redelivered messages reached the handler"
+    );
+}
+
+pub async fn a_dead_letter_is_not_handled_again_on_redelivery(fixture: &impl Fixture) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let consumer = fixture
+        .bus()
+        .subscribe(poisoned(Arc::new(AtomicBool::new(true)), calls.clone()))
+        .await
+        .expect("subscribe");
+    publish(fixture.db(), pings(1, 2)).await;
+    wait_for_handled(fixture.db(), "poisoned", 1).await;
+    consumer.stop().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        dead_letter::list(fixture.db(), None, 10)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+
+    fixture.rewind("poisoned").await;
+    let _again = fixture
+        .bus()
+        .subscribe(poisoned(Arc::new(AtomicBool::new(true)), calls.clone()))
+        .await
+        .expect("subscribe");
+    publish(
+        fixture.db(),
+        vec![Ping {
+            key: "key-0".into(),
+            seq: 2,
+        }],
+    )
+    .await;
+    let rows = wait_for_handled(fixture.db(), "poisoned", 2).await;
+    assert_eq!(
+        rows.iter().map(|row| row.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the dead letter ran again");
+    assert_eq!(
+        dead_letter::list(fixture.db(), None, 10)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+}
+
+pub async fn stop_returns_while_a_backlog_remains(fixture: &impl Fixture) {
+    let slow = Subscription::new("backlogged")
+        .with_options(fast_options())
+        .on(|incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                record(uow, "backlogged", "only", &incoming).await
+            }
+            .boxed()
+        });
+    let consumer = fixture.bus().subscribe(slow).await.expect("subscribe");
+    // About ten seconds of work.
+    publish(fixture.db(), pings(50, 100)).await;
+    wait_for_handled(fixture.db(), "backlogged", 1).await;
+    tokio::time::timeout(Duration::from_secs(5), consumer.stop())
+        .await
+        .expect("stop waited for the backlog");
+    let handled = handled(fixture.db(), "backlogged").await.len();
+    assert!(
+        handled < 5000,
+        "the whole backlog was worked off before stopping"
     );
 }

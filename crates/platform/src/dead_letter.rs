@@ -108,6 +108,11 @@ pub async fn replay(db: &Database, id: i64) -> Result<bool, StoreError> {
             .await?;
             let Some(row) = row else { return Ok(false) };
             let letter = from_row(&row)?;
+            sqlx::query("DELETE FROM conveyor_inbox WHERE group_name = ? AND message_id = ?")
+                .bind(&letter.group)
+                .bind(letter.envelope.id.to_string())
+                .execute(uow.conn())
+                .await?;
             uow.republish(letter.envelope, letter.group);
             Ok(true)
         }

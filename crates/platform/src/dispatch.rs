@@ -89,31 +89,38 @@ impl Dispatcher {
             .collect();
         let group = self.group.clone();
         let started = Instant::now();
-        let write = self.db.write(move |uow| {
-            async move {
-                let ids: Vec<Uuid> = routed.iter().map(|(_, _, envelope)| envelope.id).collect();
-                let mut claimed = inbox::claim_all(uow, &group, &ids)
-                    .await
-                    .map_err(StoreError::from)?;
-                for (index, route, envelope) in routed {
-                    if !claimed.remove(&envelope.id) {
-                        continue;
-                    }
-                    let span = message_span(&group, &envelope);
-                    run_handler(route.as_ref(), envelope, uow)
-                        .instrument(span)
+        let timeout = self.timeout;
+        let written = self
+            .db
+            .write(move |uow| {
+                async move {
+                    let ids: Vec<Uuid> =
+                        routed.iter().map(|(_, _, envelope)| envelope.id).collect();
+                    let mut claimed = inbox::claim_all(uow, &group, &ids)
                         .await
-                        .map_err(|error| BatchError {
-                            index: Some(index),
-                            error,
-                        })?;
+                        .map_err(StoreError::from)?;
+                    for (index, route, envelope) in routed {
+                        if !claimed.remove(&envelope.id) {
+                            continue;
+                        }
+                        let span = message_span(&group, &envelope);
+                        run_handler(route.as_ref(), envelope, uow, timeout)
+                            .instrument(span)
+                            .await
+                            .map_err(|error| BatchError::Handler { index, error })?;
+                    }
+                    // A consumer that lost the partition must not commit the effects either.
+                    if acknowledge(uow).await? {
+                        Ok(())
+                    } else {
+                        Err(BatchError::NotOwned)
+                    }
                 }
-                Ok(acknowledge(uow).await?)
-            }
-            .boxed()
-        });
-        match tokio::time::timeout(self.timeout, write).await {
-            Ok(Ok(true)) => {
+                .boxed()
+            })
+            .await;
+        match written {
+            Ok(()) => {
                 let each =
                     started.elapsed() / u32::try_from(names.len().max(1)).unwrap_or(u32::MAX);
                 for name in names {
@@ -123,20 +130,16 @@ impl Dispatcher {
                 }
                 BatchOutcome::Acknowledged
             }
-            Ok(Ok(false)) => BatchOutcome::NotOwned,
-            Ok(Err(BatchError {
-                index: Some(index),
-                error,
-            })) => {
+            Err(BatchError::NotOwned) => BatchOutcome::NotOwned,
+            Err(BatchError::Handler { index, error }) => {
                 metrics::counter!(metric::FAILED, "group" => self.group.to_string(), "message" => batch[index].name.clone())
                     .increment(1);
                 BatchOutcome::Failed(Some((index, error)))
             }
-            Ok(Err(BatchError { index: None, error })) => {
-                tracing::warn!(%error, group = %self.group, "cannot acknowledge a batch");
+            Err(BatchError::Store(error)) => {
+                tracing::warn!(%error, group = %self.group, "a batch failed to commit");
                 BatchOutcome::Failed(None)
             }
-            Err(_) => BatchOutcome::Failed(None),
         }
     }
 
@@ -192,17 +195,13 @@ impl Dispatcher {
         route: Arc<dyn Route>,
         envelope: Arc<Envelope>,
     ) -> Result<(), HandlerError> {
-        let group = self.group.clone();
-        let write = self.db.write(move |uow| {
-            async move { handle_in(&group, route.as_ref(), envelope, uow).await }.boxed()
-        });
-        match tokio::time::timeout(self.timeout, write).await {
-            Ok(result) => result,
-            Err(_) => Err(HandlerError::transient(format!(
-                "handler timed out after {:?}",
-                self.timeout
-            ))),
-        }
+        let (group, timeout) = (self.group.clone(), self.timeout);
+        self.db
+            .write(move |uow| {
+                async move { handle_in(&group, route.as_ref(), envelope, uow, timeout).await }
+                    .boxed()
+            })
+            .await
     }
 
     async fn dead_letter(
@@ -218,7 +217,12 @@ impl Dispatcher {
                 .db
                 .write(move |uow| {
                     async move {
-                        dead_letter::record(uow, &group, &message, &error, attempts).await
+                        // The inbox mark keeps a redelivery of the message from running it
+                        // again; replay removes it.
+                        if inbox::claim(uow, &group, message.id).await? {
+                            dead_letter::record(uow, &group, &message, &error, attempts).await?;
+                        }
+                        Ok::<_, StoreError>(())
                     }
                     .boxed()
                 })
@@ -242,18 +246,21 @@ impl Dispatcher {
     }
 }
 
-/// Why a batch's unit of work failed: a handler (at `index` of the batch) or the store.
-struct BatchError {
-    index: Option<usize>,
-    error: HandlerError,
+/// Why a batch's unit of work did not commit.
+enum BatchError {
+    /// The handler of message `index` of the batch failed.
+    Handler {
+        index: usize,
+        error: HandlerError,
+    },
+    /// The acknowledgement was refused: the partition has another owner now.
+    NotOwned,
+    Store(StoreError),
 }
 
 impl From<StoreError> for BatchError {
     fn from(error: StoreError) -> Self {
-        BatchError {
-            index: None,
-            error: error.into(),
-        }
+        BatchError::Store(error)
     }
 }
 
@@ -285,6 +292,7 @@ async fn handle_in(
     route: &dyn Route,
     envelope: Arc<Envelope>,
     uow: &mut UnitOfWork,
+    timeout: Duration,
 ) -> Result<(), HandlerError> {
     if !inbox::claim(uow, group, envelope.id)
         .await
@@ -293,14 +301,16 @@ async fn handle_in(
         tracing::debug!("already handled; skipping");
         return Ok(());
     }
-    run_handler(route, envelope, uow).await
+    run_handler(route, envelope, uow, timeout).await
 }
 
-/// Runs a claimed message's handler, emitting with the message as the cause.
+/// Runs a claimed message's handler, emitting with the message as the cause. The timeout
+/// counts from here, not from when the unit of work was queued.
 async fn run_handler(
     route: &dyn Route,
     envelope: Arc<Envelope>,
     uow: &mut UnitOfWork,
+    timeout: Duration,
 ) -> Result<(), HandlerError> {
     uow.set_context(CausalContext {
         correlation_id: Some(
@@ -310,5 +320,10 @@ async fn run_handler(
         ),
         causation_id: Some(envelope.id.to_string()),
     });
-    route.handle(envelope, uow).await
+    match tokio::time::timeout(timeout, route.handle(envelope, uow)).await {
+        Ok(handled) => handled,
+        Err(_) => Err(HandlerError::transient(format!(
+            "handler timed out after {timeout:?}"
+        ))),
+    }
 }

@@ -97,6 +97,8 @@ pub struct ConsumerOptions {
     pub batch: u16,
     pub retry: RetryPolicy,
     /// A handler still running after this long is cut off and its attempt counts as failed.
+    /// Handlers run on the database's single writer, which renews leases too: the lease must
+    /// be at least twice as long.
     pub handler_timeout: Duration,
 }
 
@@ -107,7 +109,7 @@ impl Default for ConsumerOptions {
             lease: Duration::from_secs(10),
             batch: 64,
             retry: RetryPolicy::default(),
-            handler_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(4),
         }
     }
 }

@@ -47,6 +47,14 @@ impl Bus for SqlLog {
             if subscription.routes.is_empty() {
                 return Err(BusError::Empty(subscription.group));
             }
+            let options = &subscription.options;
+            if options.lease < options.handler_timeout.saturating_mul(2) {
+                return Err(BusError::LeaseTooShort {
+                    group: subscription.group,
+                    lease: options.lease,
+                    handler_timeout: options.handler_timeout,
+                });
+            }
             let partitions = subscription.options.partitions.max(1);
             ensure_partitions(&self.db, &subscription.group, partitions).await?;
             let group: Arc<str> = subscription.group.into();
@@ -346,7 +354,8 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     // How far the log is known to hold nothing more for this partition: reads start here,
     // so they skip other partitions' messages already looked past.
     let mut scanned = position;
-    loop {
+    // A busy partition never reads empty: the stop is checked before every read.
+    while !stop.is_cancelled() {
         let head_seen = *head.borrow_and_update();
         let cursor = Cursor {
             group: &shared.group,
@@ -535,7 +544,7 @@ fn acknowledge(
     move |uow: &mut UnitOfWork| {
         async move {
             let done = sqlx::query(
-                "UPDATE conveyor_partitions SET position = ? \
+                "UPDATE conveyor_partitions SET position = MAX(position, ?) \
                  WHERE group_name = ? AND partition = ? AND owner = ?",
             )
             .bind(position)

@@ -133,3 +133,24 @@ async fn a_unit_may_emit_more_messages_than_one_insert_holds() {
     assert_eq!(seqs, (0..1200).collect::<Vec<u32>>());
     assert_eq!(*db.head().borrow(), 1200);
 }
+
+#[tokio::test]
+async fn a_lease_shorter_than_two_handler_timeouts_is_refused() {
+    use platform::{
+        Bus, BusError, ConsumerOptions, HandlerError, Incoming, SqlLog, Subscription, UnitOfWork,
+    };
+    use std::time::Duration;
+    let (db, _dir) = open().await;
+    let options = ConsumerOptions {
+        lease: Duration::from_secs(5),
+        handler_timeout: Duration::from_secs(3),
+        ..ConsumerOptions::default()
+    };
+    let subscription = Subscription::new("impatient").with_options(options).on(
+        |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
+            async { Ok::<(), HandlerError>(()) }.boxed()
+        },
+    );
+    let refused = SqlLog::new(db.clone()).subscribe(subscription).await;
+    assert!(matches!(refused, Err(BusError::LeaseTooShort { .. })));
+}
