@@ -412,3 +412,22 @@ async fn wrong_methods_are_405_problems() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_api_and_the_workers_can_run_as_separate_roles_on_one_database() {
+    let api = common::spawn_app_with(&["--role", "api"]).await;
+    let id = api.create_event("split roles", 5).await;
+    let path = format!("/events/{id}/bookings");
+    // Nobody consumes `EventCreated` in an API-only process.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    problem(api.get(&path).await, 404).await;
+
+    let data = api.dir.as_ref().expect("data dir").path().to_owned();
+    let workers = common::spawn_app_on(&data, &["--role", "workers"]).await;
+    problem(workers.get("/events").await, 404).await;
+    assert_eq!(workers.get("/health/ready").await.status(), 200);
+    api.wait_until_bookable(&id).await;
+    assert_eq!(api.post(&path, &json!({ "seats": 5 })).await.status(), 201);
+    workers.stop().await;
+    api.stop().await;
+}

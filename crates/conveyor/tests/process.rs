@@ -397,3 +397,23 @@ fn dlq_lists_shows_replays_and_purges_dead_letters() {
     assert!(run(&["purge", "--all"]).contains("purged 1"));
     assert!(run(&["list", "--group", "test.failing"]).contains("0 dead letter(s)"));
 }
+
+#[test]
+fn migrate_creates_the_tables_once_and_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    for _ in 0..2 {
+        let output = conveyor(&["migrate", "--data", &data]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let printed = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            printed.contains("migrated") && printed.contains("events, bookings"),
+            "{printed}"
+        );
+    }
+    assert!(dir.path().join("conveyor.db").exists());
+}

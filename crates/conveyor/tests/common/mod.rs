@@ -21,13 +21,21 @@ pub struct TestApp {
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    pub dir: tempfile::TempDir,
+    /// The data directory, when the app owns it.
+    pub dir: Option<tempfile::TempDir>,
 }
 
 /// Starts the whole process (all services, embedded defaults) with `extra` flags.
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().display().to_string();
+    let mut app = spawn_app_on(dir.path(), extra).await;
+    app.dir = Some(dir);
+    app
+}
+
+/// Starts a process on an existing data directory, as a second process on the same files.
+pub async fn spawn_app_on(data: &std::path::Path, extra: &[&str]) -> TestApp {
+    let data = data.display().to_string();
     let mut argv = vec!["conveyor", "--http", "127.0.0.1:0", "--data", &data];
     argv.extend_from_slice(extra);
     let settings = Args::parse_from(argv)
@@ -43,7 +51,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
         client: reqwest::Client::new(),
         shutdown,
         task,
-        dir,
+        dir: None,
     }
 }
 
