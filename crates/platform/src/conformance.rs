@@ -132,6 +132,15 @@ impl Fixture for SqlLogFixture {
     }
 }
 
+/// Starts a consumer of `subscription` on the fixture's bus.
+async fn start(fixture: &impl Fixture, subscription: Subscription) -> crate::Consumer {
+    fixture
+        .bus()
+        .subscribe(subscription)
+        .await
+        .expect("subscribe")
+}
+
 fn fast_options() -> ConsumerOptions {
     ConsumerOptions {
         partitions: 4,
@@ -231,11 +240,7 @@ async fn wait_for_handled(db: &Database, group: &str, count: usize) -> Vec<Handl
 }
 
 pub async fn order_per_key(fixture: &impl Fixture) {
-    let _consumer = fixture
-        .bus()
-        .subscribe(recording("ordered", "only"))
-        .await
-        .expect("subscribe");
+    let _consumer = start(fixture, recording("ordered", "only")).await;
     for chunk in pings(8, 25).chunks(10) {
         publish(fixture.db(), chunk.to_vec()).await;
     }
@@ -250,16 +255,8 @@ pub async fn order_per_key(fixture: &impl Fixture) {
 }
 
 pub async fn every_group_gets_every_message(fixture: &impl Fixture) {
-    let _a = fixture
-        .bus()
-        .subscribe(recording("group-a", "a"))
-        .await
-        .expect("subscribe");
-    let _b = fixture
-        .bus()
-        .subscribe(recording("group-b", "b"))
-        .await
-        .expect("subscribe");
+    let _a = start(fixture, recording("group-a", "a")).await;
+    let _b = start(fixture, recording("group-b", "b")).await;
     publish(fixture.db(), pings(5, 10)).await;
     for group in ["group-a", "group-b"] {
         let rows = wait_for_handled(fixture.db(), group, 50).await;
@@ -268,16 +265,8 @@ pub async fn every_group_gets_every_message(fixture: &impl Fixture) {
 }
 
 pub async fn consumers_of_a_group_split_the_work(fixture: &impl Fixture) {
-    let _one = fixture
-        .bus()
-        .subscribe(recording("shared", "one"))
-        .await
-        .expect("subscribe");
-    let _two = fixture
-        .bus()
-        .subscribe(recording("shared", "two"))
-        .await
-        .expect("subscribe");
+    let _one = start(fixture, recording("shared", "one")).await;
+    let _two = start(fixture, recording("shared", "two")).await;
     // Give the second consumer time to take its share before the work arrives.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     publish(fixture.db(), pings(40, 5)).await;
@@ -316,11 +305,7 @@ pub async fn failing_handler_is_retried_with_growing_delays(fixture: &impl Fixtu
             .boxed()
         },
     );
-    let _consumer = fixture
-        .bus()
-        .subscribe(subscription)
-        .await
-        .expect("subscribe");
+    let _consumer = start(fixture, subscription).await;
     publish(fixture.db(), pings(1, 1)).await;
     let rows = wait_for_handled(fixture.db(), "flaky", 1).await;
     assert_eq!(rows.len(), 1);
@@ -388,16 +373,8 @@ pub async fn always_failing_handler_is_dead_lettered_and_the_group_continues(
 pub async fn replay_delivers_a_dead_letter_again(fixture: &impl Fixture) {
     let failing = Arc::new(AtomicBool::new(true));
     let calls = Arc::new(AtomicU32::new(0));
-    let _consumer = fixture
-        .bus()
-        .subscribe(poisoned(failing.clone(), calls))
-        .await
-        .expect("subscribe");
-    let _bystander = fixture
-        .bus()
-        .subscribe(recording("bystander", "b"))
-        .await
-        .expect("subscribe");
+    let _consumer = start(fixture, poisoned(failing.clone(), calls)).await;
+    let _bystander = start(fixture, recording("bystander", "b")).await;
     publish(fixture.db(), pings(1, 2)).await;
     wait_for_handled(fixture.db(), "poisoned", 1).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -447,29 +424,21 @@ pub async fn unacknowledged_message_is_delivered_after_restart(fixture: &impl Fi
             }
             .boxed()
         });
-    let consumer = fixture.bus().subscribe(stuck).await.expect("subscribe");
+    let consumer = start(fixture, stuck).await;
     publish(fixture.db(), pings(1, 1)).await;
     tokio::time::timeout(Duration::from_secs(20), started.notified())
         .await
         .expect("the message reached the first consumer");
     drop(consumer);
 
-    let _restarted = fixture
-        .bus()
-        .subscribe(recording("restarted", "second"))
-        .await
-        .expect("subscribe");
+    let _restarted = start(fixture, recording("restarted", "second")).await;
     let rows = wait_for_handled(fixture.db(), "restarted", 1).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].consumer, "second");
 }
 
 pub async fn inbox_turns_redelivery_into_a_no_op(fixture: &impl Fixture) {
-    let consumer = fixture
-        .bus()
-        .subscribe(recording("deduped", "first"))
-        .await
-        .expect("subscribe");
+    let consumer = start(fixture, recording("deduped", "first")).await;
     publish(fixture.db(), pings(3, 2)).await;
     assert_eq!(wait_for_handled(fixture.db(), "deduped", 6).await.len(), 6);
     consumer.stop().await;
@@ -483,7 +452,7 @@ pub async fn inbox_turns_redelivery_into_a_no_op(fixture: &impl Fixture) {
             counted.fetch_add(1, Ordering::SeqCst);
             async move { record(uow, "deduped", "second", &incoming).await }.boxed()
         });
-    let _second = fixture.bus().subscribe(watcher).await.expect("subscribe");
+    let _second = start(fixture, watcher).await;
     // A fresh message behind the redelivered ones shows when they have all gone through.
     publish(
         fixture.db(),
@@ -561,7 +530,7 @@ pub async fn stop_returns_while_a_backlog_remains(fixture: &impl Fixture) {
             }
             .boxed()
         });
-    let consumer = fixture.bus().subscribe(slow).await.expect("subscribe");
+    let consumer = start(fixture, slow).await;
     // About ten seconds of work.
     publish(fixture.db(), pings(50, 100)).await;
     wait_for_handled(fixture.db(), "backlogged", 1).await;
