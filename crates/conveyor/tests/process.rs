@@ -312,7 +312,6 @@ fn config_prints_the_effective_settings_from_file_env_and_flags() {
 
 #[test]
 fn dlq_lists_shows_replays_and_purges_dead_letters() {
-    use futures::FutureExt;
     use platform::conformance::Ping;
     use platform::{
         ConsumerOptions, HandlerError, Incoming, RetryPolicy, Subscription, UnitOfWork,
@@ -332,7 +331,7 @@ fn dlq_lists_shows_replays_and_purges_dead_letters() {
         };
         let failing = Subscription::new("test.failing").with_options(options).on(
             |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
-                async { Err(HandlerError::transient("always broken")) }.boxed()
+                Err(HandlerError::transient("always broken"))
             },
         );
         let consumer = platform::Bus::subscribe(&platform::SqlLog::new(db.clone()), failing)
@@ -340,13 +339,10 @@ fn dlq_lists_shows_replays_and_purges_dead_letters() {
             .unwrap();
         for seq in 0..2 {
             db.write(move |uow| {
-                async move {
-                    uow.emit(&Ping {
-                        key: "k".into(),
-                        seq,
-                    })
-                }
-                .boxed()
+                uow.emit(&Ping {
+                    key: "k".into(),
+                    seq,
+                })
             })
             .await
             .unwrap();

@@ -114,16 +114,11 @@ impl Fixture for SqlLogFixture {
         async move {
             self.db
                 .write(move |uow| {
-                    async move {
-                        sqlx::query(
-                            "UPDATE conveyor_partitions SET position = 0 WHERE group_name = ?",
-                        )
-                        .bind(group)
-                        .execute(uow.conn())
-                        .await?;
-                        Ok::<_, crate::StoreError>(())
-                    }
-                    .boxed()
+                    uow.conn().execute(
+                        "UPDATE conveyor_partitions SET position = 0 WHERE group_name = ?",
+                        [group],
+                    )?;
+                    Ok::<_, crate::StoreError>(())
                 })
                 .await
                 .expect("rewind");
@@ -157,13 +152,10 @@ fn fast_options() -> ConsumerOptions {
 
 async fn publish(db: &Database, pings: Vec<Ping>) {
     db.write(move |uow| {
-        async move {
-            for ping in &pings {
-                uow.emit(ping)?;
-            }
-            Ok::<_, crate::StoreError>(())
+        for ping in &pings {
+            uow.emit(ping)?;
         }
-        .boxed()
+        Ok::<_, crate::StoreError>(())
     })
     .await
     .expect("publish");
@@ -180,23 +172,24 @@ fn pings(keys: usize, per_key: u32) -> Vec<Ping> {
         .collect()
 }
 
-async fn record(
-    uow: &mut UnitOfWork,
+fn record(
+    uow: &UnitOfWork,
     group: &str,
     consumer: &str,
     incoming: &Incoming<Ping>,
 ) -> Result<(), HandlerError> {
-    sqlx::query(
-        "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(group)
-    .bind(consumer)
-    .bind(incoming.envelope.id.to_string())
-    .bind(&incoming.message.key)
-    .bind(incoming.message.seq)
-    .execute(uow.conn())
-    .await
-    .map_err(HandlerError::transient)?;
+    uow.conn()
+        .execute(
+            "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) VALUES (?, ?, ?, ?, ?)",
+            (
+                group,
+                consumer,
+                incoming.envelope.id.to_string(),
+                &incoming.message.key,
+                incoming.message.seq,
+            ),
+        )
+        .map_err(HandlerError::transient)?;
     Ok(())
 }
 
@@ -204,12 +197,12 @@ async fn record(
 fn recording(group: &'static str, consumer: &'static str) -> Subscription {
     Subscription::new(group).with_options(fast_options()).on(
         move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-            async move { record(uow, group, consumer, &incoming).await }.boxed()
+            record(uow, group, consumer, &incoming)
         },
     )
 }
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 struct Handled {
     consumer: String,
     message_id: String,
@@ -218,11 +211,21 @@ struct Handled {
 }
 
 async fn handled(db: &Database, group: &str) -> Vec<Handled> {
-    sqlx::query_as(
-        "SELECT consumer, message_id, key, seq FROM conformance_handled WHERE group_name = ? ORDER BY row_id",
-    )
-    .bind(group)
-    .fetch_all(db.reader())
+    let group = group.to_owned();
+    db.read(move |conn| {
+        let mut select = conn.prepare(
+            "SELECT consumer, message_id, key, seq FROM conformance_handled WHERE group_name = ? ORDER BY row_id",
+        )?;
+        let rows = select.query_map([group], |row| {
+            Ok(Handled {
+                consumer: row.get(0)?,
+                message_id: row.get(1)?,
+                key: row.get(2)?,
+                seq: row.get(3)?,
+            })
+        })?;
+        Ok::<_, crate::StoreError>(rows.collect::<Result<_, _>>()?)
+    })
     .await
     .expect("read handled")
 }
@@ -290,19 +293,15 @@ pub async fn failing_handler_is_retried_with_growing_delays(fixture: &impl Fixtu
     let seen = attempts.clone();
     let subscription = Subscription::new("flaky").with_options(fast_options()).on(
         move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-            let seen = seen.clone();
-            async move {
-                let attempt = {
-                    let mut seen = seen.lock().expect("lock");
-                    seen.push(Instant::now());
-                    seen.len()
-                };
-                if attempt <= 2 {
-                    return Err(HandlerError::transient(format!("failure {attempt}")));
-                }
-                record(uow, "flaky", "only", &incoming).await
+            let attempt = {
+                let mut seen = seen.lock().expect("lock");
+                seen.push(Instant::now());
+                seen.len()
+            };
+            if attempt <= 2 {
+                return Err(HandlerError::transient(format!("failure {attempt}")));
             }
-            .boxed()
+            record(uow, "flaky", "only", &incoming)
         },
     );
     let _consumer = start(fixture, subscription).await;
@@ -325,17 +324,13 @@ fn poisoned(failing: Arc<AtomicBool>, calls: Arc<AtomicU32>) -> Subscription {
     Subscription::new("poisoned")
         .with_options(fast_options())
         .on(move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-            let (failing, calls) = (failing.clone(), calls.clone());
-            async move {
-                if incoming.message.seq == 0 {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    if failing.load(Ordering::SeqCst) {
-                        return Err(HandlerError::transient("poison"));
-                    }
+            if incoming.message.seq == 0 {
+                calls.fetch_add(1, Ordering::SeqCst);
+                if failing.load(Ordering::SeqCst) {
+                    return Err(HandlerError::transient("poison"));
                 }
-                record(uow, "poisoned", "only", &incoming).await
             }
-            .boxed()
+            record(uow, "poisoned", "only", &incoming)
         })
 }
 
@@ -413,16 +408,19 @@ pub async fn replay_delivers_a_dead_letter_again(fixture: &impl Fixture) {
 pub async fn unacknowledged_message_is_delivered_after_restart(fixture: &impl Fixture) {
     let started = Arc::new(tokio::sync::Notify::new());
     let signal = started.clone();
+    // The first consumer fails the message and is dropped (a crash) while waiting to retry.
     let stuck = Subscription::new("restarted")
-        .with_options(fast_options())
+        .with_options(ConsumerOptions {
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base_delay: Duration::from_secs(60),
+                max_delay: Duration::from_secs(60),
+            },
+            ..fast_options()
+        })
         .on(move |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
-            let signal = signal.clone();
-            async move {
-                signal.notify_one();
-                futures::future::pending::<()>().await;
-                Ok(())
-            }
-            .boxed()
+            signal.notify_one();
+            Err(HandlerError::transient("crashing"))
         });
     let consumer = start(fixture, stuck).await;
     publish(fixture.db(), pings(1, 1)).await;
@@ -450,7 +448,7 @@ pub async fn inbox_turns_redelivery_into_a_no_op(fixture: &impl Fixture) {
         .with_options(fast_options())
         .on(move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
             counted.fetch_add(1, Ordering::SeqCst);
-            async move { record(uow, "deduped", "second", &incoming).await }.boxed()
+            record(uow, "deduped", "second", &incoming)
         });
     let _second = start(fixture, watcher).await;
     // A fresh message behind the redelivered ones shows when they have all gone through.
@@ -524,11 +522,8 @@ pub async fn stop_returns_while_a_backlog_remains(fixture: &impl Fixture) {
     let slow = Subscription::new("backlogged")
         .with_options(fast_options())
         .on(|incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-            async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                record(uow, "backlogged", "only", &incoming).await
-            }
-            .boxed()
+            std::thread::sleep(Duration::from_millis(2));
+            record(uow, "backlogged", "only", &incoming)
         });
     let consumer = start(fixture, slow).await;
     // About ten seconds of work.

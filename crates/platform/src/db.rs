@@ -1,44 +1,43 @@
 //! The database behind every unit of work: an embedded SQLite file in WAL mode.
 //!
-//! All writes go through one writer task that owns the only write connection. It takes
+//! All writes go through one writer thread that owns the only write connection. It takes
 //! whatever units of work are queued, runs each inside a savepoint of one transaction and
-//! commits them together: one fsync for a whole batch (group commit). Jobs left in the batch
-//! after the writer broke off are dropped, and their callers get `StoreError::Abandoned`. Because there is only
-//! one writer, log positions are assigned and committed in the same order, so a consumer
-//! reading "everything after position N" never skips a row that commits late.
+//! commits them together: one fsync for a whole batch (group commit). Units of work are plain
+//! functions run on that thread, so each statement is a function call, not a hop to another
+//! thread. Because there is only one writer, log positions are assigned and committed in the
+//! same order, so a consumer reading "everything after position N" never skips a row that
+//! commits late.
 //!
-//! Reads go to a small pool of separate connections and never wait for the writer.
+//! Reads go to a small pool of read-only connections on blocking threads and never wait for
+//! the writer.
 
 use crate::context::{self, CausalContext};
 use crate::envelope::{header, now_millis, Envelope, Message};
 use crate::log;
-use futures::future::BoxFuture;
-use futures::FutureExt;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::ConnectOptions;
+use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use uuid::Uuid;
 
 /// Units of work waiting for the writer; callers wait (backpressure) when it is full.
 const WRITE_QUEUE: usize = 1024;
 /// The most units of work committed in one transaction.
 const MAX_BATCH: usize = 256;
-const READ_CONNECTIONS: u32 = 4;
+const READ_CONNECTIONS: usize = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Prepared statements each connection keeps.
+const STATEMENT_CACHE: usize = 128;
+/// SQLite virtual-machine steps between two looks at a unit's deadline.
+const DEADLINE_CHECK_STEPS: i32 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[from] rusqlite::Error),
     #[error("cannot encode message {name}: {source}")]
     Encode {
         name: &'static str,
@@ -51,7 +50,19 @@ pub enum StoreError {
     #[error("commit failed: {0}")]
     Commit(String),
     #[error("cannot open database {path}: {source}")]
-    Open { path: String, source: sqlx::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+}
+
+/// The error for a stored value that does not decode: the data is corrupt, not the query.
+pub fn corrupt(column: &str, error: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("column {column}: {error}").into(),
+    )
 }
 
 /// A schema change owned by one service. Versions are applied once, in order, per service.
@@ -62,19 +73,15 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// The work a unit of work does: a closure over the open transaction.
-pub type Work<T, E> =
-    Box<dyn for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Result<T, E>> + Send>;
-
 /// Told whether the batch holding a successful unit of work committed.
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job = Box<dyn for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Option<Finish>> + Send>;
+/// A queued unit of work: runs it, and returns how to report the commit when it succeeded.
+type Job = Box<dyn FnOnce(&mut UnitOfWork) -> Option<Finish> + Send>;
 
-fn job<F>(f: F) -> Job
-where
-    F: for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Option<Finish>> + Send + 'static,
-{
-    Box::new(f)
+enum Command {
+    Run(Job),
+    /// Commit what is queued, then stop.
+    Stop,
 }
 
 /// A message waiting for its unit of work to commit.
@@ -86,15 +93,17 @@ pub(crate) struct Outgoing {
 
 /// One database transaction, plus the messages it will publish when it commits.
 pub struct UnitOfWork {
-    conn: SqliteConnection,
+    conn: Connection,
     outbox: Vec<Outgoing>,
     context: CausalContext,
+    /// When set and passed, SQLite interrupts the statement running.
+    deadline: Arc<Mutex<Option<Instant>>>,
 }
 
 impl UnitOfWork {
     /// The open transaction. Everything executed on it commits or rolls back as one.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
+    pub fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// Queues `message` for publication; it is written in this transaction and delivered
@@ -142,6 +151,24 @@ impl UnitOfWork {
             only_group: Some(only_group),
         });
     }
+
+    /// Runs `work` with every SQL statement it starts after `limit` interrupted; also says
+    /// whether the limit passed.
+    pub(crate) fn within<T>(
+        &mut self,
+        limit: Duration,
+        work: impl FnOnce(&mut UnitOfWork) -> T,
+    ) -> (T, bool) {
+        let deadline = Instant::now() + limit;
+        self.set_deadline(Some(deadline));
+        let outcome = work(self);
+        self.set_deadline(None);
+        (outcome, Instant::now() >= deadline)
+    }
+
+    fn set_deadline(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner) = deadline;
+    }
 }
 
 /// A handle on the database; cheap to clone.
@@ -151,58 +178,114 @@ pub struct Database {
 }
 
 struct Inner {
-    jobs: mpsc::Sender<Job>,
-    reader: SqlitePool,
+    commands: mpsc::Sender<Command>,
+    readers: Arc<Readers>,
     head: watch::Receiver<i64>,
-    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
-    stop: tokio_util::sync::CancellationToken,
+    /// Becomes true when the writer thread has committed its last batch and stopped.
+    stopped: watch::Receiver<bool>,
+}
+
+/// Read-only connections, each used by one blocking thread at a time.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    permits: Semaphore,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Connection, rusqlite::Error> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => open_connection(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY),
+        }
+    }
+
+    fn put_back(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(conn);
+    }
+}
+
+fn open_connection(path: &Path, access: OpenFlags) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        path,
+        access | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    conn.pragma_update(None, "foreign_keys", true)?;
+    Ok(conn)
+}
+
+fn open_writer(path: &Path) -> Result<(UnitOfWork, i64), rusqlite::Error> {
+    let mut conn = open_connection(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+    )?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(log::SCHEMA)?;
+    let head = log::head(&conn)?;
+    let deadline: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let watched = deadline.clone();
+    conn.progress_handler(
+        DEADLINE_CHECK_STEPS,
+        Some(move || {
+            watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|deadline| Instant::now() >= deadline)
+        }),
+    )?;
+    let uow = UnitOfWork {
+        conn,
+        outbox: Vec::new(),
+        context: CausalContext::default(),
+        deadline,
+    };
+    Ok((uow, head))
 }
 
 impl Database {
-    /// Opens (creating if needed) the SQLite file at `path` and starts the writer task.
+    /// Opens (creating if needed) the SQLite file at `path` and starts the writer thread.
     pub async fn open(path: &Path) -> Result<Database, StoreError> {
         let open_error = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
         };
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        let mut writer = options.connect().await.map_err(open_error)?;
-        sqlx::raw_sql(log::SCHEMA)
-            .execute(&mut writer)
-            .await
-            .map_err(open_error)?;
-        let head = log::head(&mut writer).await.map_err(open_error)?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(READ_CONNECTIONS)
-            .min_connections(1)
-            .connect_with(options.read_only(true))
-            .await
-            .map_err(open_error)?;
+        let (uow, head) = open_writer(path).map_err(open_error)?;
+        let readers = Arc::new(Readers {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(READ_CONNECTIONS),
+        });
+        readers.put_back(readers.take().map_err(open_error)?);
 
-        let (jobs, queue) = mpsc::channel(WRITE_QUEUE);
+        let (commands, queue) = mpsc::channel(WRITE_QUEUE);
         let (head_tx, head_rx) = watch::channel(head);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(run_writer(writer, queue, head_tx, stop.clone()));
+        let (stopped_tx, stopped_rx) = watch::channel(false);
+        std::thread::Builder::new()
+            .name("conveyor-writer".into())
+            .spawn(move || {
+                run_writer(uow, queue, &head_tx);
+                stopped_tx.send_replace(true);
+            })
+            .map_err(|error| StoreError::Commit(format!("cannot start the writer: {error}")))?;
         Ok(Database {
             inner: Arc::new(Inner {
-                jobs,
-                reader,
+                commands,
+                readers,
                 head: head_rx,
-                writer: std::sync::Mutex::new(Some(task)),
-                stop,
+                stopped: stopped_rx,
             }),
         })
-    }
-
-    /// The read pool. Reads see every committed unit of work, never an uncommitted one.
-    pub fn reader(&self) -> &SqlitePool {
-        &self.inner.reader
     }
 
     /// The position of the newest message in the log; changes after every commit that
@@ -215,72 +298,84 @@ impl Database {
     ///
     /// An `Err` from `work` rolls back everything it did, messages included. The messages it
     /// emitted are durable when this returns `Ok`. Dropping the returned future before `work`
-    /// finishes rolls it back. Work runs on the single writer: keep it to database work.
+    /// starts cancels it. Work runs on the single writer thread: keep it to database work.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
-        F: for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Result<T, E>> + Send + 'static,
+        F: FnOnce(&mut UnitOfWork) -> Result<T, E> + Send + 'static,
     {
-        let (mut reply, result) = oneshot::channel::<Result<T, E>>();
+        let (reply, result) = oneshot::channel::<Result<T, E>>();
         let context = context::current();
-        let job = job(move |uow| {
-            async move {
-                uow.context = context;
-                // A caller that gave up (dropped or timed out) abandons its unit of work, so a
-                // stuck handler cannot hold the writer.
-                let outcome = tokio::select! {
-                    biased;
-                    outcome = work(uow) => outcome,
-                    () = reply.closed() => return None,
-                };
-                match outcome {
-                    Ok(value) => Some(Box::new(move |committed: Result<(), StoreError>| {
-                        let _ = reply.send(committed.map(|()| value).map_err(E::from));
-                    }) as Finish),
-                    Err(error) => {
-                        let _ = reply.send(Err(error));
-                        None
-                    }
+        let span = tracing::Span::current();
+        let job: Job = Box::new(move |uow| {
+            if reply.is_closed() {
+                return None;
+            }
+            let _entered = span.enter();
+            uow.context = context;
+            match work(uow) {
+                Ok(value) => Some(Box::new(move |committed: Result<(), StoreError>| {
+                    let _ = reply.send(committed.map(|()| value).map_err(E::from));
+                })),
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                    None
                 }
             }
-            .boxed()
         });
         self.inner
-            .jobs
-            .send(job)
+            .commands
+            .send(Command::Run(job))
             .await
             .map_err(|_| E::from(StoreError::Abandoned))?;
         result.await.unwrap_or(Err(E::from(StoreError::Abandoned)))
+    }
+
+    /// Runs `query` on a read-only connection, on a blocking thread. It sees every committed
+    /// unit of work, never an uncommitted one.
+    pub async fn read<T, E, F>(&self, query: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        let _permit = self
+            .inner
+            .readers
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| E::from(StoreError::Abandoned))?;
+        let readers = self.inner.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.take().map_err(StoreError::from)?;
+            let result = query(&conn);
+            readers.put_back(conn);
+            result
+        })
+        .await
+        .unwrap_or(Err(E::from(StoreError::Abandoned)))
     }
 
     /// Applies the migrations not yet applied, in order, each in its own unit of work.
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
         for migration in migrations.iter().copied() {
             self.write(move |uow| {
-                async move {
-                    let applied: Option<i64> = sqlx::query_scalar(
-                        "SELECT version FROM conveyor_migrations WHERE service = ? AND version = ?",
-                    )
-                    .bind(migration.service)
-                    .bind(migration.version)
-                    .fetch_optional(uow.conn())
-                    .await?;
-                    if applied.is_none() {
-                        // SQLite runs every statement of a multi-statement string.
-                        sqlx::Executor::execute(uow.conn(), migration.sql).await?;
-                        sqlx::query(
-                            "INSERT INTO conveyor_migrations (service, version, applied_at) VALUES (?, ?, ?)",
-                        )
-                        .bind(migration.service)
-                        .bind(migration.version)
-                        .bind(now_millis())
-                        .execute(uow.conn())
-                        .await?;
-                    }
-                    Ok::<_, StoreError>(())
+                let conn = uow.conn();
+                let applied = conn.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM conveyor_migrations WHERE service = ? AND version = ?)",
+                    (migration.service, migration.version),
+                    |row| row.get::<_, bool>(0),
+                )?;
+                if !applied {
+                    conn.execute_batch(migration.sql)?;
+                    conn.execute(
+                        "INSERT INTO conveyor_migrations (service, version, applied_at) VALUES (?, ?, ?)",
+                        (migration.service, migration.version, now_millis()),
+                    )?;
                 }
-                .boxed()
+                Ok::<_, StoreError>(())
             })
             .await?;
         }
@@ -289,110 +384,88 @@ impl Database {
 
     /// Is the database answering reads?
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(self.reader()).await?;
-        Ok(())
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
     }
 
     /// Commits what is queued, stops the writer and closes the connections.
     pub async fn close(&self) {
-        self.inner.stop.cancel();
-        let writer = self
-            .inner
-            .writer
+        let _ = self.inner.commands.send(Command::Stop).await;
+        let mut stopped = self.inner.stopped.clone();
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+        self.inner.readers.permits.close();
+        self.inner
+            .readers
+            .idle
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if let Some(writer) = writer {
-            let _ = writer.await;
-        }
-        self.inner.reader.close().await;
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 }
 
-async fn run_writer(
-    conn: SqliteConnection,
-    mut queue: mpsc::Receiver<Job>,
-    head: watch::Sender<i64>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut uow = UnitOfWork {
-        conn,
-        outbox: Vec::new(),
-        context: CausalContext::default(),
-    };
-    loop {
-        let first = tokio::select! {
-            biased;
-            job = queue.recv() => job,
-            () = stop.cancelled() => {
-                queue.close();
-                queue.recv().await
+fn run_writer(mut uow: UnitOfWork, mut queue: mpsc::Receiver<Command>, head: &watch::Sender<i64>) {
+    while let Some(command) = queue.blocking_recv() {
+        let mut batch = Vec::new();
+        let mut next = Some(command);
+        while let Some(command) = next {
+            match command {
+                Command::Run(job) => batch.push(job),
+                // What was queued before the stop still runs; then `blocking_recv` ends the loop.
+                Command::Stop => queue.close(),
             }
-        };
-        let Some(first) = first else { break };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+            next = if batch.len() < MAX_BATCH {
+                queue.try_recv().ok()
+            } else {
+                None
+            };
         }
-        run_batch(&mut uow, batch, &head).await;
+        if !batch.is_empty() {
+            run_batch(&mut uow, batch, head);
+        }
     }
-    let _ = sqlx::Connection::close(uow.conn).await;
 }
 
 /// Runs a batch of units of work in one transaction, each inside its own savepoint so one
-/// failing unit rolls back alone (a lone unit needs none: its failure rolls back the
-/// transaction), then commits once and tells every unit the outcome.
-///
-/// Every statement is a round trip to SQLite's thread, and those are slow on small machines,
-/// so closing one savepoint, opening the next and committing share round trips.
-async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i64>) {
-    let isolate = batch.len() > 1;
-    let begin = if isolate {
-        "BEGIN IMMEDIATE; SAVEPOINT unit"
-    } else {
-        "BEGIN IMMEDIATE"
-    };
-    if let Err(error) = exec(uow, begin).await {
+/// failing unit rolls back alone, then commits once and tells every unit the outcome.
+fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i64>) {
+    if let Err(error) = exec(&uow.conn, "BEGIN IMMEDIATE") {
         tracing::error!(%error, "cannot begin a write transaction");
         return;
     }
-    let count = batch.len();
-    let mut finishes: Vec<Finish> = Vec::with_capacity(count);
+    let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut last_position = None;
-    let mut outcome = Ok(());
-    for (index, job) in batch.into_iter().enumerate() {
-        let outbox = match run_unit(uow, job).await {
-            Some((finish, outbox)) => {
-                finishes.push(finish);
-                Some(outbox)
-            }
-            None => None,
-        };
-        let step = match (isolate, outbox.is_some(), index + 1 == count) {
-            (false, true, _) => "COMMIT",
-            (false, false, _) => "ROLLBACK",
-            (true, true, false) => "RELEASE unit; SAVEPOINT unit",
-            (true, false, false) => "ROLLBACK TO unit; RELEASE unit; SAVEPOINT unit",
-            (true, true, true) => "RELEASE unit; COMMIT",
-            (true, false, true) => "ROLLBACK TO unit; RELEASE unit; COMMIT",
-        };
-        // The unit's messages and the step share a round trip. If either fails (or SQLite has
-        // rolled the whole transaction back on its own, on a full disk or an IO error), the
-        // whole batch is rolled back: nothing may be reported committed that is not.
-        match log::append_then(&mut uow.conn, &outbox.unwrap_or_default(), step).await {
-            Ok(position) => last_position = position.or(last_position),
-            Err(error) => {
-                outcome = Err(error);
-                break;
+    let run_all = || -> Result<(), rusqlite::Error> {
+        for job in batch {
+            exec(&uow.conn, "SAVEPOINT unit")?;
+            let Some((finish, outbox)) = run_unit(uow, job) else {
+                exec(&uow.conn, "ROLLBACK TO unit")?;
+                exec(&uow.conn, "RELEASE unit")?;
+                continue;
+            };
+            match log::append(&uow.conn, &outbox) {
+                Ok(position) => {
+                    last_position = position.or(last_position);
+                    exec(&uow.conn, "RELEASE unit")?;
+                    finishes.push(finish);
+                }
+                Err(error) => {
+                    exec(&uow.conn, "ROLLBACK TO unit")?;
+                    exec(&uow.conn, "RELEASE unit")?;
+                    finish(Err(StoreError::Database(error)));
+                }
             }
         }
-    }
+        exec(&uow.conn, "COMMIT")
+    };
+    // A failing savepoint step or commit (SQLite may also have rolled the whole transaction
+    // back on its own, on a full disk or an IO error) fails the batch: nothing may be
+    // reported committed that is not.
+    let outcome = run_all();
     if let Err(error) = &outcome {
         tracing::error!(%error, "group commit failed; the batch is rolled back");
-        let _ = exec(uow, "ROLLBACK").await;
+        if !uow.conn.is_autocommit() {
+            let _ = exec(&uow.conn, "ROLLBACK");
+        }
     }
     if let (Ok(()), Some(position)) = (&outcome, last_position) {
         head.send_replace(position);
@@ -409,9 +482,9 @@ async fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i
 
 /// Runs one unit of work; returns its messages, or `None` when it failed (and has been told
 /// so): its changes must be rolled back.
-async fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Vec<Outgoing>)> {
+fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Vec<Outgoing>)> {
     uow.outbox.clear();
-    let finish = match AssertUnwindSafe(job(uow)).catch_unwind().await {
+    let finish = match std::panic::catch_unwind(AssertUnwindSafe(|| job(uow))) {
         Ok(finish) => finish?,
         Err(_) => {
             tracing::error!("a unit of work panicked; rolled back");
@@ -421,8 +494,6 @@ async fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Vec<Outgoin
     Some((finish, std::mem::take(&mut uow.outbox)))
 }
 
-async fn exec(uow: &mut UnitOfWork, sql: &str) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(&mut uow.conn, sql)
-        .await
-        .map(|_| ())
+fn exec(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }

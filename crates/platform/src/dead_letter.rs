@@ -4,9 +4,7 @@
 use crate::db::{Database, StoreError, UnitOfWork};
 use crate::envelope::{now_millis, Envelope};
 use crate::log::{envelope_from_row, ENVELOPE_COLUMNS};
-use futures::FutureExt;
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
+use rusqlite::{params, OptionalExtension, Row};
 
 /// Most dead letters `list` returns in one call.
 pub const MAX_LIST: i64 = 1000;
@@ -22,48 +20,50 @@ pub struct DeadLetter {
     pub failed_at: i64,
 }
 
-pub(crate) async fn record(
-    uow: &mut UnitOfWork,
+pub(crate) fn record(
+    uow: &UnitOfWork,
     group: &str,
     envelope: &Envelope,
     error: &str,
     attempts: u32,
 ) -> Result<(), StoreError> {
     let headers = serde_json::to_string(&envelope.headers)
-        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    sqlx::query(
+        .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
+    uow.conn().execute(
         "INSERT INTO conveyor_dead_letters \
          (group_name, message_id, kind, name, topic, key, payload, headers, occurred_at, error, attempts, failed_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (group_name, message_id) DO NOTHING",
-    )
-    .bind(group)
-    .bind(envelope.id.to_string())
-    .bind(envelope.kind.as_str())
-    .bind(&envelope.name)
-    .bind(&envelope.topic)
-    .bind(&envelope.key)
-    .bind(&envelope.payload)
-    .bind(headers)
-    .bind(envelope.occurred_at)
-    .bind(error)
-    .bind(attempts)
-    .bind(now_millis())
-    .execute(uow.conn())
-    .await?;
+        params![
+            group,
+            envelope.id.to_string(),
+            envelope.kind.as_str(),
+            envelope.name,
+            envelope.topic,
+            envelope.key,
+            envelope.payload,
+            headers,
+            envelope.occurred_at,
+            error,
+            attempts,
+            now_millis(),
+        ],
+    )?;
     Ok(())
 }
 
-fn from_row(row: &SqliteRow) -> Result<DeadLetter, sqlx::Error> {
+fn from_row(row: &Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
     Ok(DeadLetter {
-        id: row.try_get("id")?,
-        group: row.try_get("group_name")?,
+        id: row.get("id")?,
+        group: row.get("group_name")?,
         envelope: envelope_from_row(row)?,
-        error: row.try_get("error")?,
-        attempts: row.try_get("attempts")?,
-        failed_at: row.try_get("failed_at")?,
+        error: row.get("error")?,
+        attempts: row.get("attempts")?,
+        failed_at: row.get("failed_at")?,
     })
 }
+
+const COLUMNS: &str = "id, group_name, error, attempts, failed_at";
 
 /// Dead letters, oldest first, of one group or of all; at most `limit` (capped at `MAX_LIST`).
 pub async fn list(
@@ -71,52 +71,59 @@ pub async fn list(
     group: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, StoreError> {
-    let rows = sqlx::query(&format!(
-        "SELECT id, group_name, error, attempts, failed_at, {ENVELOPE_COLUMNS} \
-         FROM conveyor_dead_letters WHERE (? IS NULL OR group_name = ?) ORDER BY id LIMIT ?"
-    ))
-    .bind(group)
-    .bind(group)
-    .bind(limit.clamp(0, MAX_LIST))
-    .fetch_all(db.reader())
-    .await?;
-    Ok(rows.iter().map(from_row).collect::<Result<_, _>>()?)
+    let group = group.map(str::to_owned);
+    db.read(move |conn| {
+        let mut select = conn.prepare(&format!(
+            "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters \
+             WHERE (?1 IS NULL OR group_name = ?1) ORDER BY id LIMIT ?2"
+        ))?;
+        let letters = select
+            .query_map((group, limit.clamp(0, MAX_LIST)), from_row)?
+            .collect::<Result<_, _>>()?;
+        Ok(letters)
+    })
+    .await
 }
 
 pub async fn get(db: &Database, id: i64) -> Result<Option<DeadLetter>, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT id, group_name, error, attempts, failed_at, {ENVELOPE_COLUMNS} \
-         FROM conveyor_dead_letters WHERE id = ?"
-    ))
-    .bind(id)
-    .fetch_optional(db.reader())
-    .await?;
-    Ok(row.as_ref().map(from_row).transpose()?)
+    db.read(move |conn| {
+        Ok(conn
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters WHERE id = ?"
+                ),
+                [id],
+                from_row,
+            )
+            .optional()?)
+    })
+    .await
 }
 
 /// Delivers dead letter `id` again, to its group only, and removes it from the dead letters,
 /// in one unit of work. Returns false when there is no such dead letter.
 pub async fn replay(db: &Database, id: i64) -> Result<bool, StoreError> {
     db.write(move |uow| {
-        async move {
-            let row = sqlx::query(&format!(
-                "DELETE FROM conveyor_dead_letters WHERE id = ? \
-                 RETURNING id, group_name, error, attempts, failed_at, {ENVELOPE_COLUMNS}"
-            ))
-            .bind(id)
-            .fetch_optional(uow.conn())
-            .await?;
-            let Some(row) = row else { return Ok(false) };
-            let letter = from_row(&row)?;
-            sqlx::query("DELETE FROM conveyor_inbox WHERE group_name = ? AND message_id = ?")
-                .bind(&letter.group)
-                .bind(letter.envelope.id.to_string())
-                .execute(uow.conn())
-                .await?;
-            uow.republish(letter.envelope, letter.group);
-            Ok(true)
-        }
-        .boxed()
+        let letter = uow
+            .conn()
+            .query_row(
+                &format!(
+                    "DELETE FROM conveyor_dead_letters WHERE id = ? \
+                     RETURNING {COLUMNS}, {ENVELOPE_COLUMNS}"
+                ),
+                [id],
+                from_row,
+            )
+            .optional()?;
+        let Some(letter) = letter else {
+            return Ok(false);
+        };
+        uow.conn().execute(
+            "DELETE FROM conveyor_inbox WHERE group_name = ? AND message_id = ?",
+            (&letter.group, letter.envelope.id.to_string()),
+        )?;
+        uow.republish(letter.envelope, letter.group);
+        Ok(true)
     })
     .await
 }
@@ -128,20 +135,12 @@ pub async fn purge(
     group: Option<String>,
 ) -> Result<u64, StoreError> {
     db.write(move |uow| {
-        async move {
-            let done = sqlx::query(
-                "DELETE FROM conveyor_dead_letters \
-                 WHERE (? IS NULL OR id = ?) AND (? IS NULL OR group_name = ?)",
-            )
-            .bind(id)
-            .bind(id)
-            .bind(group.as_deref())
-            .bind(group.as_deref())
-            .execute(uow.conn())
-            .await?;
-            Ok(done.rows_affected())
-        }
-        .boxed()
+        let deleted = uow.conn().execute(
+            "DELETE FROM conveyor_dead_letters \
+             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR group_name = ?2)",
+            (id, group),
+        )?;
+        Ok(deleted as u64)
     })
     .await
 }

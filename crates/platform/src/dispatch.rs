@@ -9,14 +9,11 @@ use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Route};
 use crate::inbox;
 use crate::retry::RetryPolicy;
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use uuid::Uuid;
 
 /// Metric names, labelled by `group` and `message`.
 pub mod metric {
@@ -71,9 +68,7 @@ impl Dispatcher {
     /// one, with retries.
     pub async fn deliver_batch<A>(&self, batch: &[Arc<Envelope>], acknowledge: A) -> BatchOutcome
     where
-        A: for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Result<bool, StoreError>>
-            + Send
-            + 'static,
+        A: FnOnce(&mut UnitOfWork) -> Result<bool, StoreError> + Send + 'static,
     {
         let routed: Vec<(usize, Arc<dyn Route>, Arc<Envelope>)> = batch
             .iter()
@@ -93,30 +88,18 @@ impl Dispatcher {
         let written = self
             .db
             .write(move |uow| {
-                async move {
-                    let ids: Vec<Uuid> =
-                        routed.iter().map(|(_, _, envelope)| envelope.id).collect();
-                    let mut claimed = inbox::claim_all(uow, &group, &ids)
-                        .await
-                        .map_err(StoreError::from)?;
-                    for (index, route, envelope) in routed {
-                        if !claimed.remove(&envelope.id) {
-                            continue;
-                        }
-                        let span = message_span(&group, &envelope);
-                        run_handler(route.as_ref(), envelope, uow, timeout)
-                            .instrument(span)
-                            .await
-                            .map_err(|error| BatchError::Handler { index, error })?;
-                    }
-                    // A consumer that lost the partition must not commit the effects either.
-                    if acknowledge(uow).await? {
-                        Ok(())
-                    } else {
-                        Err(BatchError::NotOwned)
-                    }
+                for (index, route, envelope) in routed {
+                    let span = message_span(&group, &envelope);
+                    let _entered = span.enter();
+                    handle_in(&group, route.as_ref(), envelope, uow, timeout)
+                        .map_err(|error| BatchError::Handler { index, error })?;
                 }
-                .boxed()
+                // A consumer that lost the partition must not commit the effects either.
+                if acknowledge(uow)? {
+                    Ok(())
+                } else {
+                    Err(BatchError::NotOwned)
+                }
             })
             .await;
         match written {
@@ -197,10 +180,7 @@ impl Dispatcher {
     ) -> Result<(), HandlerError> {
         let (group, timeout) = (self.group.clone(), self.timeout);
         self.db
-            .write(move |uow| {
-                async move { handle_in(&group, route.as_ref(), envelope, uow, timeout).await }
-                    .boxed()
-            })
+            .write(move |uow| handle_in(&group, route.as_ref(), envelope, uow, timeout))
             .await
     }
 
@@ -216,15 +196,12 @@ impl Dispatcher {
             let recorded = self
                 .db
                 .write(move |uow| {
-                    async move {
-                        // The inbox mark keeps a redelivery of the message from running it
-                        // again; replay removes it.
-                        if inbox::claim(uow, &group, message.id).await? {
-                            dead_letter::record(uow, &group, &message, &error, attempts).await?;
-                        }
-                        Ok::<_, StoreError>(())
+                    // The inbox mark keeps a redelivery of the message from running it
+                    // again; replay removes it.
+                    if inbox::claim(uow, &group, message.id)? {
+                        dead_letter::record(uow, &group, &message, &error, attempts)?;
                     }
-                    .boxed()
+                    Ok::<_, StoreError>(())
                 })
                 .await;
             match recorded {
@@ -286,32 +263,19 @@ fn message_span(group: &str, envelope: &Envelope) -> tracing::Span {
 }
 
 /// Handles one message inside `uow`: claims it in the inbox (skipping it when it was already
-/// handled), then runs its handler.
-async fn handle_in(
+/// handled), then runs its handler, emitting with the message as the cause. The handler's
+/// time limit counts from here, not from when the unit of work was queued.
+fn handle_in(
     group: &str,
     route: &dyn Route,
     envelope: Arc<Envelope>,
     uow: &mut UnitOfWork,
     timeout: Duration,
 ) -> Result<(), HandlerError> {
-    if !inbox::claim(uow, group, envelope.id)
-        .await
-        .map_err(HandlerError::transient)?
-    {
+    if !inbox::claim(uow, group, envelope.id).map_err(HandlerError::transient)? {
         tracing::debug!("already handled; skipping");
         return Ok(());
     }
-    run_handler(route, envelope, uow, timeout).await
-}
-
-/// Runs a claimed message's handler, emitting with the message as the cause. The timeout
-/// counts from here, not from when the unit of work was queued.
-async fn run_handler(
-    route: &dyn Route,
-    envelope: Arc<Envelope>,
-    uow: &mut UnitOfWork,
-    timeout: Duration,
-) -> Result<(), HandlerError> {
     uow.set_context(CausalContext {
         correlation_id: Some(
             envelope
@@ -320,9 +284,9 @@ async fn run_handler(
         ),
         causation_id: Some(envelope.id.to_string()),
     });
-    match tokio::time::timeout(timeout, route.handle(envelope, uow)).await {
-        Ok(handled) => handled,
-        Err(_) => Err(HandlerError::transient(format!(
+    match uow.within(timeout, |uow| route.handle(envelope, uow)) {
+        (handled, false) => handled,
+        (_, true) => Err(HandlerError::transient(format!(
             "handler timed out after {timeout:?}"
         ))),
     }

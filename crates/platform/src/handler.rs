@@ -3,8 +3,6 @@
 use crate::db::{StoreError, UnitOfWork};
 use crate::envelope::{Envelope, Message};
 use crate::retry::RetryPolicy;
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -49,18 +47,14 @@ pub struct Incoming<M> {
 }
 
 /// A handler for messages of type `M`: runs inside the unit of work that also records the
-/// message as handled, so its effects and the dedupe mark commit together.
-pub type HandlerFn<M> = dyn for<'u> Fn(Incoming<M>, &'u mut UnitOfWork) -> BoxFuture<'u, Result<(), HandlerError>>
-    + Send
-    + Sync;
+/// message as handled, so its effects and the dedupe mark commit together. It runs on the
+/// database's writer thread: database work only.
+pub type HandlerFn<M> =
+    dyn Fn(Incoming<M>, &mut UnitOfWork) -> Result<(), HandlerError> + Send + Sync;
 
 /// A type-erased handler: decodes the payload, then calls the typed handler.
 pub(crate) trait Route: Send + Sync {
-    fn handle<'u>(
-        &'u self,
-        envelope: Arc<Envelope>,
-        uow: &'u mut UnitOfWork,
-    ) -> BoxFuture<'u, Result<(), HandlerError>>;
+    fn handle(&self, envelope: Arc<Envelope>, uow: &mut UnitOfWork) -> Result<(), HandlerError>;
 }
 
 struct TypedRoute<M> {
@@ -69,18 +63,11 @@ struct TypedRoute<M> {
 }
 
 impl<M: Message> Route for TypedRoute<M> {
-    fn handle<'u>(
-        &'u self,
-        envelope: Arc<Envelope>,
-        uow: &'u mut UnitOfWork,
-    ) -> BoxFuture<'u, Result<(), HandlerError>> {
-        match serde_json::from_slice::<M>(&envelope.payload) {
-            Ok(message) => (self.handler)(Incoming { envelope, message }, uow),
-            Err(error) => {
-                let error = HandlerError::permanent(format!("cannot decode {}: {error}", M::NAME));
-                async move { Err(error) }.boxed()
-            }
-        }
+    fn handle(&self, envelope: Arc<Envelope>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
+        let message = serde_json::from_slice::<M>(&envelope.payload).map_err(|error| {
+            HandlerError::permanent(format!("cannot decode {}: {error}", M::NAME))
+        })?;
+        (self.handler)(Incoming { envelope, message }, uow)
     }
 }
 
@@ -96,9 +83,9 @@ pub struct ConsumerOptions {
     /// Messages read per query.
     pub batch: u16,
     pub retry: RetryPolicy,
-    /// A handler still running after this long is cut off and its attempt counts as failed.
-    /// Handlers run on the database's single writer, which renews leases too: the lease must
-    /// be at least twice as long.
+    /// A handler still running after this long has its SQL interrupted, and its attempt
+    /// counts as failed. Handlers run on the database's single writer, which renews leases
+    /// too: the lease must be at least twice as long.
     pub handler_timeout: Duration,
 }
 
@@ -137,10 +124,7 @@ impl Subscription {
     pub fn on<M, F>(mut self, handler: F) -> Self
     where
         M: Message,
-        F: for<'u> Fn(Incoming<M>, &'u mut UnitOfWork) -> BoxFuture<'u, Result<(), HandlerError>>
-            + Send
-            + Sync
-            + 'static,
+        F: Fn(Incoming<M>, &mut UnitOfWork) -> Result<(), HandlerError> + Send + Sync + 'static,
     {
         if !self.topics.iter().any(|topic| topic == M::TOPIC) {
             self.topics.push(M::TOPIC.to_owned());

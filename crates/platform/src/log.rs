@@ -4,11 +4,11 @@
 //! change and the messages it emits commit together, and "published" means "committed".
 //! Positions come from a single writer (see `db`), so they commit in order and never repeat.
 
-use crate::db::Outgoing;
+use crate::db::{corrupt, Outgoing};
 use crate::envelope::{key_hash, Envelope, Kind};
-use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
-use sqlx::Row;
+use rusqlite::{params, Connection, Row, ToSql};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// The platform's own tables. Idempotent; run on every open.
 pub(crate) const SCHEMA: &str = r#"
@@ -77,83 +77,66 @@ CREATE UNIQUE INDEX IF NOT EXISTS conveyor_dead_letters_message
 pub(crate) const ENVELOPE_COLUMNS: &str =
     "message_id, kind, name, topic, key, payload, headers, occurred_at";
 
-/// Rows per INSERT: 10 parameters each stays far below SQLite's limit on bound parameters.
-const ROWS_PER_INSERT: usize = 500;
-
-/// Appends `messages` (a statement per 500 of them), then runs `then`, statements without
-/// parameters, in the same round trip as the last insert. Returns the position of the last
-/// message, if any.
-pub(crate) async fn append_then(
-    conn: &mut SqliteConnection,
+/// Appends `messages` to the log; returns the position of the last one, if any.
+pub(crate) fn append(
+    conn: &Connection,
     messages: &[Outgoing],
-    then: &str,
-) -> Result<Option<i64>, sqlx::Error> {
+) -> Result<Option<i64>, rusqlite::Error> {
     if messages.is_empty() {
-        sqlx::Executor::execute(&mut *conn, then).await?;
         return Ok(None);
     }
-    let chunks = messages.chunks(ROWS_PER_INSERT).count();
-    let mut last = None;
-    for (index, chunk) in messages.chunks(ROWS_PER_INSERT).enumerate() {
-        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-        let trailer = if index + 1 == chunks {
-            format!("; {then}")
-        } else {
-            String::new()
-        };
-        let sql = format!(
-            "INSERT INTO conveyor_log \
-             (message_id, kind, name, topic, key, key_hash, payload, headers, occurred_at, only_group) \
-             VALUES {rows}{trailer}"
-        );
-        let mut query = sqlx::query(&sql);
-        for Outgoing {
-            envelope,
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO conveyor_log \
+         (message_id, kind, name, topic, key, key_hash, payload, headers, occurred_at, only_group) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )?;
+    for Outgoing {
+        envelope,
+        only_group,
+    } in messages
+    {
+        let headers = serde_json::to_string(&envelope.headers)
+            .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
+        insert.execute(params![
+            envelope.id.to_string(),
+            envelope.kind.as_str(),
+            envelope.name,
+            envelope.topic,
+            envelope.key,
+            key_hash(&envelope.key),
+            envelope.payload,
+            headers,
+            envelope.occurred_at,
             only_group,
-        } in chunk
-        {
-            let headers = serde_json::to_string(&envelope.headers)
-                .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-            query = query
-                .bind(envelope.id.to_string())
-                .bind(envelope.kind.as_str())
-                .bind(envelope.name.clone())
-                .bind(envelope.topic.clone())
-                .bind(envelope.key.clone())
-                .bind(key_hash(&envelope.key))
-                .bind(envelope.payload.clone())
-                .bind(headers)
-                .bind(envelope.occurred_at)
-                .bind(only_group.clone());
-        }
-        // The trailing statements insert nothing, so the last insert id is the log's.
-        last = Some(query.execute(&mut *conn).await?.last_insert_rowid());
+        ])?;
     }
-    Ok(last)
+    Ok(Some(conn.last_insert_rowid()))
 }
 
 /// The newest position, 0 for an empty log.
-pub(crate) async fn head(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM conveyor_log")
-        .fetch_one(conn)
-        .await
+pub(crate) fn head(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(position), 0) FROM conveyor_log",
+        [],
+        |row| row.get(0),
+    )
 }
 
 /// Where a consumer group's partition reads from.
-pub(crate) struct Cursor<'a> {
-    pub group: &'a str,
-    pub topics: &'a [String],
+pub(crate) struct Cursor {
+    pub group: Arc<str>,
+    pub topics: Arc<[String]>,
     pub partitions: i64,
     pub partition: i64,
     pub after: i64,
 }
 
 /// Up to `limit` messages of the cursor's partition after its position, oldest first.
-pub(crate) async fn read(
-    pool: &SqlitePool,
-    cursor: &Cursor<'_>,
+pub(crate) fn read(
+    conn: &Connection,
+    cursor: &Cursor,
     limit: i64,
-) -> Result<Vec<(i64, Envelope)>, sqlx::Error> {
+) -> Result<Vec<(i64, Envelope)>, rusqlite::Error> {
     let topic_params = vec!["?"; cursor.topics.len()].join(", ");
     let sql = format!(
         "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log \
@@ -161,41 +144,34 @@ pub(crate) async fn read(
            AND (only_group IS NULL OR only_group = ?) \
          ORDER BY position LIMIT ?"
     );
-    let mut query = sqlx::query(&sql).bind(cursor.after);
-    for topic in cursor.topics {
-        query = query.bind(topic);
-    }
-    let rows = query
-        .bind(cursor.partitions)
-        .bind(cursor.partition)
-        .bind(cursor.group)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get("position")?, envelope_from_row(row)?)))
-        .collect()
+    let mut params: Vec<&dyn ToSql> = vec![&cursor.after];
+    params.extend(cursor.topics.iter().map(|topic| topic as &dyn ToSql));
+    params.extend([
+        &cursor.partitions as &dyn ToSql,
+        &cursor.partition,
+        &cursor.group,
+        &limit,
+    ]);
+    let mut select = conn.prepare_cached(&sql)?;
+    let rows = select.query_map(params.as_slice(), |row| {
+        Ok((row.get("position")?, envelope_from_row(row)?))
+    })?;
+    rows.collect()
 }
 
-pub(crate) fn envelope_from_row(row: &SqliteRow) -> Result<Envelope, sqlx::Error> {
-    let decode = |column: &str, error: String| sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
-        source: error.into(),
-    };
-    let id: String = row.try_get("message_id")?;
-    let kind: String = row.try_get("kind")?;
-    let headers: String = row.try_get("headers")?;
+pub(crate) fn envelope_from_row(row: &Row<'_>) -> Result<Envelope, rusqlite::Error> {
+    let id: String = row.get("message_id")?;
+    let kind: String = row.get("kind")?;
+    let headers: String = row.get("headers")?;
     Ok(Envelope {
-        id: id
-            .parse()
-            .map_err(|e| decode("message_id", format!("{e}")))?,
-        kind: Kind::parse(&kind).ok_or_else(|| decode("kind", kind.clone()))?,
-        name: row.try_get("name")?,
-        topic: row.try_get("topic")?,
-        key: row.try_get("key")?,
-        payload: row.try_get("payload")?,
+        id: id.parse().map_err(|e| corrupt("message_id", e))?,
+        kind: Kind::parse(&kind).ok_or_else(|| corrupt("kind", format!("unknown kind {kind}")))?,
+        name: row.get("name")?,
+        topic: row.get("topic")?,
+        key: row.get("key")?,
+        payload: row.get("payload")?,
         headers: serde_json::from_str::<BTreeMap<String, String>>(&headers)
-            .map_err(|e| decode("headers", e.to_string()))?,
-        occurred_at: row.try_get("occurred_at")?,
+            .map_err(|e| corrupt("headers", e))?,
+        occurred_at: row.get("occurred_at")?,
     })
 }

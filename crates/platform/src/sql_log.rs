@@ -16,6 +16,7 @@ use crate::handler::{HandlerError, Subscription};
 use crate::log::{self, Cursor};
 use futures::future::BoxFuture;
 use futures::FutureExt;
+use rusqlite::OptionalExtension;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +61,7 @@ impl Bus for SqlLog {
             let group: Arc<str> = subscription.group.into();
             let shared = Arc::new(Shared {
                 member: Uuid::now_v7().to_string(),
-                topics: subscription.topics,
+                topics: subscription.topics.into(),
                 partitions: i64::from(partitions),
                 lease: subscription.options.lease,
                 batch: i64::from(subscription.options.batch.max(1)),
@@ -84,7 +85,7 @@ impl Bus for SqlLog {
 struct Shared {
     group: Arc<str>,
     member: String,
-    topics: Vec<String>,
+    topics: Arc<[String]>,
     partitions: i64,
     lease: Duration,
     batch: i64,
@@ -105,25 +106,19 @@ async fn ensure_partitions(db: &Database, group: &str, partitions: u16) -> Resul
     let owned = group.to_owned();
     let existing: i64 = db
         .write(move |uow| {
-            async move {
-                for partition in 0..i64::from(partitions) {
-                    sqlx::query(
-                        "INSERT OR IGNORE INTO conveyor_partitions (group_name, partition) VALUES (?, ?)",
-                    )
-                    .bind(&owned)
-                    .bind(partition)
-                    .execute(uow.conn())
-                    .await?;
-                }
-                let count = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = ?",
-                )
-                .bind(&owned)
-                .fetch_one(uow.conn())
-                .await?;
-                Ok::<_, StoreError>(count)
+            let conn = uow.conn();
+            for partition in 0..i64::from(partitions) {
+                conn.execute(
+                    "INSERT OR IGNORE INTO conveyor_partitions (group_name, partition) VALUES (?, ?)",
+                    (&owned, partition),
+                )?;
             }
-            .boxed()
+            let count = conn.query_row(
+                "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = ?",
+                [&owned],
+                |row| row.get(0),
+            )?;
+            Ok::<_, StoreError>(count)
         })
         .await?;
     if existing != i64::from(partitions) {
@@ -213,78 +208,61 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Share, StoreError> {
     let shared = shared.clone();
     let db = shared.db().clone();
     db.write(move |uow| {
-        async move {
-            let (group, member) = (&*shared.group, shared.member.as_str());
-            let now = now_millis();
-            let until = now.saturating_add(shared.lease_millis());
-            sqlx::query("DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?")
-                .bind(group)
-                .bind(now)
-                .execute(uow.conn())
-                .await?;
-            sqlx::query(
-                "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
-                 ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
-            )
-            .bind(group)
-            .bind(member)
-            .bind(until)
-            .execute(uow.conn())
-            .await?;
-            let members: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?")
-                    .bind(group)
-                    .fetch_one(uow.conn())
-                    .await?;
-            let fair = usize::try_from((shared.partitions + members - 1) / members.max(1))
-                .unwrap_or(usize::MAX);
-            sqlx::query(
-                "UPDATE conveyor_partitions SET lease_until = ? WHERE group_name = ? AND owner = ?",
-            )
-            .bind(until)
-            .bind(group)
-            .bind(member)
-            .execute(uow.conn())
-            .await?;
-            let mut mine: Vec<i64> = sqlx::query_scalar(
-                "SELECT partition FROM conveyor_partitions WHERE group_name = ? AND owner = ? ORDER BY partition",
-            )
-            .bind(group)
-            .bind(member)
-            .fetch_all(uow.conn())
-            .await?;
-            if mine.len() < fair {
-                let free: Vec<i64> = sqlx::query_scalar(
+        let conn = uow.conn();
+        let (group, member) = (&*shared.group, shared.member.as_str());
+        let now = now_millis();
+        let until = now.saturating_add(shared.lease_millis());
+        conn.execute(
+            "DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?",
+            (group, now),
+        )?;
+        conn.execute(
+            "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
+             ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
+            (group, member, until),
+        )?;
+        let members: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?",
+            [group],
+            |row| row.get(0),
+        )?;
+        let fair = usize::try_from((shared.partitions + members - 1) / members.max(1))
+            .unwrap_or(usize::MAX);
+        conn.execute(
+            "UPDATE conveyor_partitions SET lease_until = ? WHERE group_name = ? AND owner = ?",
+            (until, group, member),
+        )?;
+        let mut mine: Vec<i64> = conn
+            .prepare_cached(
+                "SELECT partition FROM conveyor_partitions \
+                 WHERE group_name = ? AND owner = ? ORDER BY partition",
+            )?
+            .query_map((group, member), |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        if mine.len() < fair {
+            let wanted = i64::try_from(fair - mine.len()).unwrap_or(i64::MAX);
+            let free: Vec<i64> = conn
+                .prepare_cached(
                     "SELECT partition FROM conveyor_partitions \
                      WHERE group_name = ? AND (owner IS NULL OR lease_until < ?) \
                      ORDER BY partition LIMIT ?",
-                )
-                .bind(group)
-                .bind(now)
-                .bind(i64::try_from(fair - mine.len()).unwrap_or(i64::MAX))
-                .fetch_all(uow.conn())
-                .await?;
-                for partition in free {
-                    sqlx::query(
-                        "UPDATE conveyor_partitions SET owner = ?, lease_until = ? \
-                         WHERE group_name = ? AND partition = ?",
-                    )
-                    .bind(member)
-                    .bind(until)
-                    .bind(group)
-                    .bind(partition)
-                    .execute(uow.conn())
-                    .await?;
-                    mine.push(partition);
-                }
+                )?
+                .query_map((group, now, wanted), |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            for partition in free {
+                conn.execute(
+                    "UPDATE conveyor_partitions SET owner = ?, lease_until = ? \
+                     WHERE group_name = ? AND partition = ?",
+                    (member, until, group, partition),
+                )?;
+                mine.push(partition);
             }
-            let surplus = mine.split_off(fair.min(mine.len()));
-            Ok(Share {
-                keep: mine,
-                surplus,
-            })
         }
-        .boxed()
+        let surplus = mine.split_off(fair.min(mine.len()));
+        Ok(Share {
+            keep: mine,
+            surplus,
+        })
     })
     .await
 }
@@ -293,21 +271,14 @@ async fn release(shared: &Arc<Shared>, partitions: Vec<i64>) -> Result<(), Store
     let shared = shared.clone();
     let db = shared.db().clone();
     db.write(move |uow| {
-        async move {
-            for partition in partitions {
-                sqlx::query(
-                    "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
-                     WHERE group_name = ? AND partition = ? AND owner = ?",
-                )
-                .bind(&*shared.group)
-                .bind(partition)
-                .bind(&shared.member)
-                .execute(uow.conn())
-                .await?;
-            }
-            Ok(())
+        for partition in partitions {
+            uow.conn().execute(
+                "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
+                 WHERE group_name = ? AND partition = ? AND owner = ?",
+                (&*shared.group, partition, &shared.member),
+            )?;
         }
-        .boxed()
+        Ok(())
     })
     .await
 }
@@ -317,23 +288,17 @@ async fn leave(shared: &Arc<Shared>) -> Result<(), StoreError> {
     let shared = shared.clone();
     let db = shared.db().clone();
     db.write(move |uow| {
-        async move {
-            sqlx::query(
-                "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
-                 WHERE group_name = ? AND owner = ?",
-            )
-            .bind(&*shared.group)
-            .bind(&shared.member)
-            .execute(uow.conn())
-            .await?;
-            sqlx::query("DELETE FROM conveyor_members WHERE group_name = ? AND member = ?")
-                .bind(&*shared.group)
-                .bind(&shared.member)
-                .execute(uow.conn())
-                .await?;
-            Ok(())
-        }
-        .boxed()
+        let conn = uow.conn();
+        conn.execute(
+            "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
+             WHERE group_name = ? AND owner = ?",
+            (&*shared.group, &shared.member),
+        )?;
+        conn.execute(
+            "DELETE FROM conveyor_members WHERE group_name = ? AND member = ?",
+            (&*shared.group, &shared.member),
+        )?;
+        Ok(())
     })
     .await
 }
@@ -358,13 +323,17 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     while !stop.is_cancelled() {
         let head_seen = *head.borrow_and_update();
         let cursor = Cursor {
-            group: &shared.group,
-            topics: &shared.topics,
+            group: shared.group.clone(),
+            topics: shared.topics.clone(),
             partitions: shared.partitions,
             partition,
             after: scanned.max(position),
         };
-        let batch = match log::read(shared.db().reader(), &cursor, shared.batch).await {
+        let limit = shared.batch;
+        let read = shared
+            .db()
+            .read(move |conn| log::read(conn, &cursor, limit).map_err(StoreError::from));
+        let batch = match read.await {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::warn!(%error, group = %shared.group, partition, "cannot read the log");
@@ -523,14 +492,21 @@ async fn pause(stop: &CancellationToken, duration: Duration) -> bool {
     }
 }
 
-async fn offset(shared: &Shared, partition: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT position FROM conveyor_partitions WHERE group_name = ? AND partition = ?",
-    )
-    .bind(&*shared.group)
-    .bind(partition)
-    .fetch_one(shared.db().reader())
-    .await
+async fn offset(shared: &Shared, partition: i64) -> Result<i64, StoreError> {
+    let group = shared.group.clone();
+    shared
+        .db()
+        .read(move |conn| {
+            let position = conn
+                .query_row(
+                    "SELECT position FROM conveyor_partitions WHERE group_name = ? AND partition = ?",
+                    (&*group, partition),
+                    |row| row.get(0),
+                )
+                .optional()?;
+            Ok(position.unwrap_or(0))
+        })
+        .await
 }
 
 /// Moves the offset, but only while this member still owns the partition (a fence against a
@@ -539,22 +515,15 @@ fn acknowledge(
     shared: Arc<Shared>,
     partition: i64,
     position: i64,
-) -> impl for<'u> FnOnce(&'u mut UnitOfWork) -> BoxFuture<'u, Result<bool, StoreError>> + Send + 'static
-{
+) -> impl FnOnce(&mut UnitOfWork) -> Result<bool, StoreError> + Send + 'static {
     move |uow: &mut UnitOfWork| {
-        async move {
-            let done = sqlx::query(
+        let updated = uow
+            .conn()
+            .prepare_cached(
                 "UPDATE conveyor_partitions SET position = MAX(position, ?) \
                  WHERE group_name = ? AND partition = ? AND owner = ?",
-            )
-            .bind(position)
-            .bind(&*shared.group)
-            .bind(partition)
-            .bind(&shared.member)
-            .execute(uow.conn())
-            .await?;
-            Ok(done.rows_affected() == 1)
-        }
-        .boxed()
+            )?
+            .execute((position, &*shared.group, partition, &shared.member))?;
+        Ok(updated == 1)
     }
 }

@@ -1,6 +1,5 @@
 //! Correlation and causation ids flow from a request through every message it sets off.
 
-use futures::FutureExt;
 use platform::conformance::{Ping, MIGRATIONS};
 use platform::context::{self, CausalContext};
 use platform::envelope::header;
@@ -9,11 +8,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 async fn headers_of(db: &Database, seq: u32) -> Option<(String, BTreeMap<String, String>)> {
-    let rows: Vec<(String, Vec<u8>, String)> =
-        sqlx::query_as("SELECT message_id, payload, headers FROM conveyor_log ORDER BY position")
-            .fetch_all(db.reader())
-            .await
-            .expect("log");
+    let rows: Vec<(String, Vec<u8>, String)> = db
+        .read(|conn| {
+            let mut select = conn.prepare(
+                "SELECT message_id, payload, headers FROM conveyor_log ORDER BY position",
+            )?;
+            let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            Ok::<_, StoreError>(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+        .expect("log");
     rows.into_iter().find_map(|(id, payload, headers)| {
         let ping: Ping = serde_json::from_slice(&payload).ok()?;
         (ping.seq == seq).then(|| (id, serde_json::from_str(&headers).expect("headers")))
@@ -29,16 +33,13 @@ async fn a_handler_emits_with_the_incoming_correlation_and_its_id_as_causation()
     db.migrate(MIGRATIONS).await.expect("migrate");
     // Every Ping with seq 0 causes a Ping with seq 1.
     let echo = Subscription::new("echo").on(|incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-        async move {
-            if incoming.message.seq == 0 {
-                uow.emit(&Ping {
-                    key: incoming.message.key,
-                    seq: 1,
-                })?;
-            }
-            Ok(())
+        if incoming.message.seq == 0 {
+            uow.emit(&Ping {
+                key: incoming.message.key,
+                seq: 1,
+            })?;
         }
-        .boxed()
+        Ok(())
     });
     let _consumer = SqlLog::new(db.clone())
         .subscribe(echo)
@@ -50,13 +51,10 @@ async fn a_handler_emits_with_the_incoming_correlation_and_its_id_as_causation()
         causation_id: Some("request-42".into()),
     };
     let publish = db.write(|uow| {
-        async move {
-            uow.emit(&Ping {
-                key: "k".into(),
-                seq: 0,
-            })
-        }
-        .boxed()
+        uow.emit(&Ping {
+            key: "k".into(),
+            seq: 0,
+        })
     });
     context::scope(request, publish)
         .await

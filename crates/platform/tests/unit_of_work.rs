@@ -1,8 +1,8 @@
 //! The unit of work: all or nothing per unit, also when many share one group commit.
 
-use futures::FutureExt;
 use platform::conformance::{Ping, MIGRATIONS};
 use platform::{Database, StoreError};
+use rusqlite::types::FromSql;
 
 async fn open() -> (Database, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -11,6 +11,17 @@ async fn open() -> (Database, tempfile::TempDir) {
         .expect("open");
     db.migrate(MIGRATIONS).await.expect("migrate");
     (db, dir)
+}
+
+/// The first column of every row `sql` selects.
+async fn column<T: FromSql + Send + 'static>(db: &Database, sql: &'static str) -> Vec<T> {
+    db.read(move |conn| {
+        let mut select = conn.prepare(sql)?;
+        let values = select.query_map([], |row| row.get(0))?;
+        Ok::<_, StoreError>(values.collect::<Result<_, _>>()?)
+    })
+    .await
+    .expect(sql)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,20 +35,22 @@ enum Failure {
 /// Writes a row and emits a message, then fails when `seq` is odd (and panics for 7).
 async fn write(db: Database, seq: u32) -> Result<(), Failure> {
     db.write(move |uow| {
-        async move {
-            sqlx::query("INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) VALUES ('g', 'c', 'm', 'k', ?)")
-                .bind(seq)
-                .execute(uow.conn())
-                .await
-                .map_err(StoreError::from)?;
-            uow.emit(&Ping { key: "k".into(), seq })?;
-            assert_ne!(seq, 7, "a unit of work that panics");
-            if seq % 2 == 1 {
-                return Err(Failure::Refused);
-            }
-            Ok(())
+        uow.conn()
+            .execute(
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+                 VALUES ('g', 'c', 'm', 'k', ?)",
+                [seq],
+            )
+            .map_err(StoreError::from)?;
+        uow.emit(&Ping {
+            key: "k".into(),
+            seq,
+        })?;
+        assert_ne!(seq, 7, "a unit of work that panics");
+        if seq % 2 == 1 {
+            return Err(Failure::Refused);
         }
-        .boxed()
+        Ok(())
     })
     .await
 }
@@ -59,16 +72,10 @@ async fn failing_units_roll_back_alone_and_their_messages_are_never_published() 
             _ => assert!(result.is_ok(), "{seq}: {result:?}"),
         }
     }
-    let rows: Vec<i64> = sqlx::query_scalar("SELECT seq FROM conformance_handled ORDER BY seq")
-        .fetch_all(db.reader())
-        .await
-        .expect("rows");
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled ORDER BY seq").await;
     assert_eq!(rows, (0..200).step_by(2).collect::<Vec<i64>>());
-    let published: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conveyor_log")
-        .fetch_one(db.reader())
-        .await
-        .expect("count");
-    assert_eq!(published, 100);
+    let published: Vec<i64> = column(&db, "SELECT COUNT(*) FROM conveyor_log").await;
+    assert_eq!(published, [100]);
     assert_eq!(
         *db.head().borrow(),
         100,
@@ -81,10 +88,7 @@ async fn a_lone_failing_unit_rolls_back_and_the_next_one_commits() {
     let (db, _dir) = open().await;
     assert!(matches!(write(db.clone(), 1).await, Err(Failure::Refused)));
     write(db.clone(), 2).await.expect("commits");
-    let rows: Vec<i64> = sqlx::query_scalar("SELECT seq FROM conformance_handled")
-        .fetch_all(db.reader())
-        .await
-        .expect("rows");
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
     assert_eq!(rows, vec![2]);
 }
 
@@ -96,36 +100,27 @@ async fn what_committed_is_there_after_reopening() {
     let reopened = Database::open(&dir.path().join("uow.db"))
         .await
         .expect("reopen");
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM conformance_handled")
-        .fetch_one(reopened.reader())
-        .await
-        .expect("count");
-    assert_eq!(count, 1);
+    let count: Vec<i64> = column(&reopened, "SELECT COUNT(*) FROM conformance_handled").await;
+    assert_eq!(count, [1]);
     assert_eq!(*reopened.head().borrow(), 1);
 }
 
 #[tokio::test]
-async fn a_unit_may_emit_more_messages_than_one_insert_holds() {
+async fn a_unit_may_emit_many_messages_and_they_keep_their_order() {
     let (db, _dir) = open().await;
     db.write(|uow| {
-        async move {
-            for seq in 0..1200 {
-                uow.emit(&Ping {
-                    key: format!("k{}", seq % 7),
-                    seq,
-                })?;
-            }
-            Ok::<_, StoreError>(())
+        for seq in 0..1200 {
+            uow.emit(&Ping {
+                key: format!("k{}", seq % 7),
+                seq,
+            })?;
         }
-        .boxed()
+        Ok::<_, StoreError>(())
     })
     .await
     .expect("commits");
     let payloads: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT payload FROM conveyor_log ORDER BY position")
-            .fetch_all(db.reader())
-            .await
-            .expect("log");
+        column(&db, "SELECT payload FROM conveyor_log ORDER BY position").await;
     let seqs: Vec<u32> = payloads
         .iter()
         .map(|payload| serde_json::from_slice::<Ping>(payload).expect("ping").seq)
@@ -146,11 +141,82 @@ async fn a_lease_shorter_than_two_handler_timeouts_is_refused() {
         handler_timeout: Duration::from_secs(3),
         ..ConsumerOptions::default()
     };
-    let subscription = Subscription::new("impatient").with_options(options).on(
-        |_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| {
-            async { Ok::<(), HandlerError>(()) }.boxed()
-        },
-    );
+    let subscription = Subscription::new("impatient")
+        .with_options(options)
+        .on(|_incoming: Incoming<Ping>, _uow: &mut UnitOfWork| Ok::<(), HandlerError>(()));
     let refused = SqlLog::new(db.clone()).subscribe(subscription).await;
     assert!(matches!(refused, Err(BusError::LeaseTooShort { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_over_its_time_limit_is_interrupted_and_dead_lettered() {
+    use platform::{
+        dead_letter, Bus, ConsumerOptions, HandlerError, Incoming, RetryPolicy, SqlLog,
+        Subscription, UnitOfWork,
+    };
+    use std::time::{Duration, Instant};
+    let (db, _dir) = open().await;
+    let options = ConsumerOptions {
+        lease: Duration::from_secs(2),
+        handler_timeout: Duration::from_millis(200),
+        retry: RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+        },
+        ..ConsumerOptions::default()
+    };
+    // A query that would run for minutes: only the time limit ends it.
+    let endless = Subscription::new("endless").with_options(options).on(
+        |_incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            uow.conn()
+                .query_row(
+                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+                     SELECT COUNT(*) FROM n",
+                    [],
+                    |row| row.get::<_, i64>(0),
+                )
+                .map_err(HandlerError::transient)?;
+            Ok(())
+        },
+    );
+    let _consumer = SqlLog::new(db.clone())
+        .subscribe(endless)
+        .await
+        .expect("subscribe");
+    db.write(|uow| {
+        uow.emit(&Ping {
+            key: "k".into(),
+            seq: 0,
+        })
+    })
+    .await
+    .expect("publish");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let letters = loop {
+        let letters = dead_letter::list(&db, Some("endless"), 10)
+            .await
+            .expect("list");
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "the handler was never cut off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters[0].attempts, 2);
+    assert!(
+        letters[0].error.contains("timed out"),
+        "{}",
+        letters[0].error
+    );
+    // The writer is free again.
+    db.write(|uow| {
+        uow.emit(&Ping {
+            key: "k".into(),
+            seq: 1,
+        })
+    })
+    .await
+    .expect("a later unit of work commits");
 }

@@ -4,7 +4,6 @@ use crate::api::EventBooked;
 use crate::domain::{Availability, Booking, BookingId, BookingRequest, EventId, Invalid, SoldOut};
 use crate::store;
 use events_api::EventCreated;
-use futures::FutureExt;
 use platform::{Database, HandlerError, Incoming, StoreError, Subscription, UnitOfWork};
 
 /// Bookings' consumer group for the events service's messages.
@@ -22,8 +21,8 @@ pub enum BookingsError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for BookingsError {
-    fn from(error: sqlx::Error) -> Self {
+impl From<rusqlite::Error> for BookingsError {
+    fn from(error: rusqlite::Error) -> Self {
         BookingsError::Store(error.into())
     }
 }
@@ -57,29 +56,25 @@ impl Bookings {
         let booking = self
             .db
             .write(move |uow| {
-                async move {
-                    let availability = store::availability(uow.conn(), event_id)
-                        .await?
-                        .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
-                    let after = availability.book(request.seats)?;
-                    store::set_booked(uow, event_id, after.booked).await?;
-                    let booking = Booking {
-                        id: BookingId::new(),
-                        event_id,
-                        seats: request.seats,
-                        user: request.user,
-                        date: platform::envelope::now_millis() / 1000,
-                    };
-                    store::insert_booking(uow, &booking).await?;
-                    uow.emit(&EventBooked {
-                        booking_id: booking.id.to_string(),
-                        event_id: booking.event_id.to_string(),
-                        seats: booking.seats,
-                        user: booking.user.clone(),
-                    })?;
-                    Ok::<_, BookingsError>(booking)
-                }
-                .boxed()
+                let availability = store::availability(uow.conn(), event_id)?
+                    .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
+                let after = availability.book(request.seats)?;
+                store::set_booked(uow, event_id, after.booked)?;
+                let booking = Booking {
+                    id: BookingId::new(),
+                    event_id,
+                    seats: request.seats,
+                    user: request.user,
+                    date: platform::envelope::now_millis() / 1000,
+                };
+                store::insert_booking(uow, &booking)?;
+                uow.emit(&EventBooked {
+                    booking_id: booking.id.to_string(),
+                    event_id: booking.event_id.to_string(),
+                    seats: booking.seats,
+                    user: booking.user.clone(),
+                })?;
+                Ok::<_, BookingsError>(booking)
             })
             .await?;
         let event = [("event", booking.event_id.to_string())];
@@ -90,15 +85,18 @@ impl Bookings {
 
     pub async fn summary(&self, event_id: &str) -> Result<Summary, BookingsError> {
         let event_id = known_id(event_id)?;
-        let availability = store::availability(self.db.reader(), event_id)
-            .await?
-            .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
-        let bookings = store::bookings(self.db.reader(), event_id).await?;
-        Ok(Summary {
-            event_id,
-            availability,
-            bookings,
-        })
+        self.db
+            .read(move |conn| {
+                let availability = store::availability(conn, event_id)?
+                    .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
+                let bookings = store::bookings(conn, event_id)?;
+                Ok(Summary {
+                    event_id,
+                    availability,
+                    bookings,
+                })
+            })
+            .await
     }
 }
 
@@ -109,15 +107,10 @@ fn known_id(event_id: &str) -> Result<EventId, BookingsError> {
 
 /// Bookings learns events only from `events.EventCreated`, into its own table.
 pub fn subscriptions() -> Vec<Subscription> {
-    vec![Subscription::new(EVENTS_GROUP).on(
-        |incoming: Incoming<EventCreated>, uow: &mut UnitOfWork| learn_event(incoming, uow).boxed(),
-    )]
+    vec![Subscription::new(EVENTS_GROUP).on(learn_event)]
 }
 
-async fn learn_event(
-    incoming: Incoming<EventCreated>,
-    uow: &mut UnitOfWork,
-) -> Result<(), HandlerError> {
+fn learn_event(incoming: Incoming<EventCreated>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
     let event = incoming.message;
     let Some(id) = EventId::parse(&event.id) else {
         return Err(HandlerError::permanent(format!(
@@ -131,7 +124,5 @@ async fn learn_event(
             event.id
         )));
     }
-    store::learn_event(uow, id, event.capacity)
-        .await
-        .map_err(HandlerError::transient)
+    store::learn_event(uow, id, event.capacity).map_err(HandlerError::transient)
 }

@@ -2,8 +2,9 @@
 //! filled from `events.EventCreated`) and the bookings (`bookings_bookings`).
 
 use crate::domain::{Availability, Booking, BookingId, EventId};
+use platform::db::corrupt;
 use platform::{Migration, UnitOfWork};
-use sqlx::sqlite::SqlitePool;
+use rusqlite::{Connection, OptionalExtension, Row};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     service: "bookings",
@@ -28,98 +29,71 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 pub const MAX_LISTED: i64 = 1000;
 
 /// Remembers an event as bookable; a second copy of the same event changes nothing.
-pub async fn learn_event(
-    uow: &mut UnitOfWork,
-    id: EventId,
-    capacity: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO bookings_events (id, capacity) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(id.to_string())
-    .bind(capacity)
-    .execute(uow.conn())
-    .await?;
+pub fn learn_event(uow: &UnitOfWork, id: EventId, capacity: i64) -> Result<(), rusqlite::Error> {
+    uow.conn()
+        .prepare_cached(
+            "INSERT INTO bookings_events (id, capacity) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute((id.to_string(), capacity))?;
     Ok(())
 }
 
-pub async fn availability<'e>(
-    executor: impl sqlx::SqliteExecutor<'e>,
+pub fn availability(
+    conn: &Connection,
     event_id: EventId,
-) -> Result<Option<Availability>, sqlx::Error> {
-    let row: Option<(i64, i64)> =
-        sqlx::query_as("SELECT capacity, booked FROM bookings_events WHERE id = ?")
-            .bind(event_id.to_string())
-            .fetch_optional(executor)
-            .await?;
-    Ok(row.map(|(capacity, booked)| Availability { capacity, booked }))
-}
-
-pub async fn set_booked(
-    uow: &mut UnitOfWork,
-    event_id: EventId,
-    booked: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE bookings_events SET booked = ? WHERE id = ?")
-        .bind(booked)
-        .bind(event_id.to_string())
-        .execute(uow.conn())
-        .await?;
-    Ok(())
-}
-
-#[derive(sqlx::FromRow)]
-struct BookingRow {
-    id: String,
-    event_id: String,
-    seats: i64,
-    user: String,
-    created_at: i64,
-}
-
-impl TryFrom<BookingRow> for Booking {
-    type Error = sqlx::Error;
-
-    fn try_from(row: BookingRow) -> Result<Booking, sqlx::Error> {
-        let corrupt = |column: &str, value: &str| sqlx::Error::ColumnDecode {
-            index: column.to_owned(),
-            source: format!("not an id: {value}").into(),
-        };
-        Ok(Booking {
-            id: BookingId::parse(&row.id).ok_or_else(|| corrupt("id", &row.id))?,
-            event_id: EventId::parse(&row.event_id)
-                .ok_or_else(|| corrupt("event_id", &row.event_id))?,
-            seats: row.seats,
-            user: row.user,
-            date: row.created_at,
+) -> Result<Option<Availability>, rusqlite::Error> {
+    conn.prepare_cached("SELECT capacity, booked FROM bookings_events WHERE id = ?")?
+        .query_row([event_id.to_string()], |row| {
+            Ok(Availability {
+                capacity: row.get(0)?,
+                booked: row.get(1)?,
+            })
         })
-    }
+        .optional()
 }
 
-pub async fn insert_booking(uow: &mut UnitOfWork, booking: &Booking) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO bookings_bookings (id, event_id, seats, user, created_at) VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(booking.id.to_string())
-    .bind(booking.event_id.to_string())
-    .bind(booking.seats)
-    .bind(&booking.user)
-    .bind(booking.date)
-    .execute(uow.conn())
-    .await?;
+pub fn set_booked(uow: &UnitOfWork, event_id: EventId, booked: i64) -> Result<(), rusqlite::Error> {
+    uow.conn()
+        .prepare_cached("UPDATE bookings_events SET booked = ? WHERE id = ?")?
+        .execute((booked, event_id.to_string()))?;
+    Ok(())
+}
+
+fn booking_from_row(row: &Row<'_>) -> Result<Booking, rusqlite::Error> {
+    let id: String = row.get("id")?;
+    let event_id: String = row.get("event_id")?;
+    Ok(Booking {
+        id: BookingId::parse(&id).ok_or_else(|| corrupt("id", &id))?,
+        event_id: EventId::parse(&event_id).ok_or_else(|| corrupt("event_id", &event_id))?,
+        seats: row.get("seats")?,
+        user: row.get("user")?,
+        date: row.get("created_at")?,
+    })
+}
+
+pub fn insert_booking(uow: &UnitOfWork, booking: &Booking) -> Result<(), rusqlite::Error> {
+    uow.conn()
+        .prepare_cached(
+            "INSERT INTO bookings_bookings (id, event_id, seats, user, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )?
+        .execute((
+            booking.id.to_string(),
+            booking.event_id.to_string(),
+            booking.seats,
+            &booking.user,
+            booking.date,
+        ))?;
     Ok(())
 }
 
 /// The newest `MAX_LISTED` bookings of an event, oldest first.
-pub async fn bookings(pool: &SqlitePool, event_id: EventId) -> Result<Vec<Booking>, sqlx::Error> {
-    let rows: Vec<BookingRow> = sqlx::query_as(
+pub fn bookings(conn: &Connection, event_id: EventId) -> Result<Vec<Booking>, rusqlite::Error> {
+    conn.prepare_cached(
         "SELECT id, event_id, seats, user, created_at FROM ( \
            SELECT * FROM bookings_bookings WHERE event_id = ? ORDER BY seq DESC LIMIT ? \
          ) ORDER BY seq",
-    )
-    .bind(event_id.to_string())
-    .bind(MAX_LISTED)
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter().map(Booking::try_from).collect()
+    )?
+    .query_map((event_id.to_string(), MAX_LISTED), booking_from_row)?
+    .collect()
 }

@@ -5,7 +5,6 @@ use crate::domain::{
 };
 use crate::store;
 use events_api::{EventCreated, Hall as HallMessage, LocationCreated};
-use futures::FutureExt;
 use platform::{Database, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -27,8 +26,8 @@ pub enum EventsError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for EventsError {
-    fn from(error: sqlx::Error) -> Self {
+impl From<rusqlite::Error> for EventsError {
+    fn from(error: rusqlite::Error) -> Self {
         EventsError::Store(error.into())
     }
 }
@@ -103,40 +102,35 @@ impl Events {
         let new = draft.validate()?;
         self.db
             .write(move |uow| {
-                async move {
-                    let NewEvent {
-                        id,
-                        name,
-                        start_date,
-                        end_date,
-                        duration,
-                        venue,
-                    } = new;
-                    let (location, new_location) = match venue {
-                        Venue::Known(id) => {
-                            let known = store::location(uow.conn(), id)
-                                .await?
-                                .ok_or(EventsError::UnknownLocation(id))?;
-                            (known, false)
-                        }
-                        Venue::New(location) => {
-                            uow.emit(&location_created(&location))?;
-                            (location, true)
-                        }
-                    };
-                    let event = Event {
-                        id,
-                        name,
-                        start_date,
-                        end_date,
-                        duration,
-                        location,
-                    };
-                    store::insert_event(uow, &event, new_location).await?;
-                    uow.emit(&event_created(&event))?;
-                    Ok(event)
-                }
-                .boxed()
+                let NewEvent {
+                    id,
+                    name,
+                    start_date,
+                    end_date,
+                    duration,
+                    venue,
+                } = new;
+                let location = match venue {
+                    Venue::Known(id) => {
+                        store::location(uow.conn(), id)?.ok_or(EventsError::UnknownLocation(id))?
+                    }
+                    Venue::New(location) => {
+                        store::insert_location(uow, &location)?;
+                        uow.emit(&location_created(&location))?;
+                        location
+                    }
+                };
+                let event = Event {
+                    id,
+                    name,
+                    start_date,
+                    end_date,
+                    duration,
+                    location,
+                };
+                store::insert_event(uow, &event)?;
+                uow.emit(&event_created(&event))?;
+                Ok(event)
             })
             .await
     }
@@ -145,12 +139,9 @@ impl Events {
         let location = draft.validate("")?;
         self.db
             .write(move |uow| {
-                async move {
-                    store::insert_location(uow, &location).await?;
-                    uow.emit(&location_created(&location))?;
-                    Ok(location)
-                }
-                .boxed()
+                store::insert_location(uow, &location)?;
+                uow.emit(&location_created(&location))?;
+                Ok(location)
             })
             .await
     }
@@ -162,7 +153,8 @@ impl Events {
             return Ok(event);
         }
         let event = Arc::new(
-            store::event(self.db.reader(), id)
+            self.db
+                .read(move |conn| Ok::<_, EventsError>(store::event(conn, id)?))
                 .await?
                 .ok_or_else(not_found)?,
         );
@@ -171,25 +163,32 @@ impl Events {
     }
 
     pub async fn event_by_name(&self, name: &str) -> Result<Event, EventsError> {
-        store::event_by_name(self.db.reader(), name)
+        let owned = name.to_owned();
+        self.db
+            .read(move |conn| Ok::<_, EventsError>(store::event_by_name(conn, &owned)?))
             .await?
             .ok_or_else(|| EventsError::EventNotFound(name.to_owned()))
     }
 
     pub async fn events(&self, page: Page) -> Result<Vec<Event>, EventsError> {
-        Ok(store::events(self.db.reader(), page.limit, page.offset).await?)
+        self.db
+            .read(move |conn| Ok(store::events(conn, page.limit, page.offset)?))
+            .await
     }
 
     pub async fn location(&self, id: &str) -> Result<Location, EventsError> {
         let not_found = || EventsError::LocationNotFound(id.to_owned());
         let id = LocationId::parse(id).ok_or_else(not_found)?;
-        store::location(self.db.reader(), id)
+        self.db
+            .read(move |conn| Ok::<_, EventsError>(store::location(conn, id)?))
             .await?
             .ok_or_else(not_found)
     }
 
     pub async fn locations(&self, page: Page) -> Result<Vec<Location>, EventsError> {
-        Ok(store::locations(self.db.reader(), page.limit, page.offset).await?)
+        self.db
+            .read(move |conn| Ok(store::locations(conn, page.limit, page.offset)?))
+            .await
     }
 }
 

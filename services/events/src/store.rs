@@ -1,10 +1,10 @@
 //! The events service's tables: `events_locations` and `events_events`.
 
 use crate::domain::{Event, EventId, Hall, Location, LocationId};
+use platform::db::corrupt;
 use platform::{Migration, UnitOfWork};
+use rusqlite::{Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqlitePool, SqliteRow};
-use sqlx::Row;
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     service: "events",
@@ -39,8 +39,6 @@ struct StoredHall {
     capacity: i64,
 }
 
-type Insert<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
 const INSERT_LOCATION: &str =
     "INSERT INTO events_locations (id, name, address, country, open_time, close_time, halls) \
      VALUES (?, ?, ?, ?, ?, ?, ?)";
@@ -48,7 +46,7 @@ const INSERT_EVENT: &str =
     "INSERT INTO events_events (id, name, start_date, end_date, duration, location_id) \
      VALUES (?, ?, ?, ?, ?, ?)";
 
-fn bind_location<'q>(query: Insert<'q>, location: &'q Location) -> Result<Insert<'q>, sqlx::Error> {
+pub fn insert_location(uow: &UnitOfWork, location: &Location) -> Result<(), rusqlite::Error> {
     let halls: Vec<StoredHall> = location
         .halls
         .iter()
@@ -58,86 +56,54 @@ fn bind_location<'q>(query: Insert<'q>, location: &'q Location) -> Result<Insert
             capacity: hall.capacity,
         })
         .collect();
-    let halls = serde_json::to_string(&halls).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    Ok(query
-        .bind(location.id.to_string())
-        .bind(&location.name)
-        .bind(&location.address)
-        .bind(&location.country)
-        .bind(location.open_time)
-        .bind(location.close_time)
-        .bind(halls))
-}
-
-fn bind_event<'q>(query: Insert<'q>, event: &'q Event) -> Insert<'q> {
-    query
-        .bind(event.id.to_string())
-        .bind(&event.name)
-        .bind(event.start_date)
-        .bind(event.end_date)
-        .bind(event.duration)
-        .bind(event.location.id.to_string())
-}
-
-pub async fn insert_location(uow: &mut UnitOfWork, location: &Location) -> Result<(), sqlx::Error> {
-    bind_location(sqlx::query(INSERT_LOCATION), location)?
-        .execute(uow.conn())
-        .await?;
+    let halls = serde_json::to_string(&halls)
+        .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
+    uow.conn().prepare_cached(INSERT_LOCATION)?.execute((
+        location.id.to_string(),
+        &location.name,
+        &location.address,
+        &location.country,
+        location.open_time,
+        location.close_time,
+        halls,
+    ))?;
     Ok(())
 }
 
-/// Inserts the event, and first its location when that is new, in one round trip.
-pub async fn insert_event(
-    uow: &mut UnitOfWork,
-    event: &Event,
-    new_location: bool,
-) -> Result<(), sqlx::Error> {
-    if !new_location {
-        bind_event(sqlx::query(INSERT_EVENT), event)
-            .execute(uow.conn())
-            .await?;
-        return Ok(());
-    }
-    let both = format!("{INSERT_LOCATION}; {INSERT_EVENT}");
-    let query = bind_location(sqlx::query(&both), &event.location)?;
-    bind_event(query, event).execute(uow.conn()).await?;
+pub fn insert_event(uow: &UnitOfWork, event: &Event) -> Result<(), rusqlite::Error> {
+    uow.conn().prepare_cached(INSERT_EVENT)?.execute((
+        event.id.to_string(),
+        &event.name,
+        event.start_date,
+        event.end_date,
+        event.duration,
+        event.location.id.to_string(),
+    ))?;
     Ok(())
 }
 
 const LOCATION_COLUMNS: &str = "l.id AS location_id, l.name AS location_name, l.address, \
      l.country, l.open_time, l.close_time, l.halls";
 
-/// A location, read through `executor`: the read pool, or a unit of work's connection to
-/// reuse the location for a new event.
-pub async fn location<'e>(
-    executor: impl sqlx::SqliteExecutor<'e>,
-    id: LocationId,
-) -> Result<Option<Location>, sqlx::Error> {
-    sqlx::query(&format!(
+/// A location, read on `conn`: a read connection, or a unit of work's to reuse the location
+/// for a new event.
+pub fn location(conn: &Connection, id: LocationId) -> Result<Option<Location>, rusqlite::Error> {
+    conn.prepare_cached(&format!(
         "SELECT {LOCATION_COLUMNS} FROM events_locations l WHERE l.id = ?"
-    ))
-    .bind(id.to_string())
-    .fetch_optional(executor)
-    .await?
-    .as_ref()
-    .map(location_from_row)
-    .transpose()
+    ))?
+    .query_row([id.to_string()], location_from_row)
+    .optional()
 }
 
-pub async fn locations(
-    pool: &SqlitePool,
+pub fn locations(
+    conn: &Connection,
     limit: i64,
     offset: i64,
-) -> Result<Vec<Location>, sqlx::Error> {
-    sqlx::query(&format!(
+) -> Result<Vec<Location>, rusqlite::Error> {
+    conn.prepare_cached(&format!(
         "SELECT {LOCATION_COLUMNS} FROM events_locations l ORDER BY l.seq DESC LIMIT ? OFFSET ?"
-    ))
-    .bind(limit)
-    .bind(offset)
-    .fetch_all(pool)
-    .await?
-    .iter()
-    .map(location_from_row)
+    ))?
+    .query_map([limit, offset], location_from_row)?
     .collect()
 }
 
@@ -148,57 +114,37 @@ fn event_query(filter: &str) -> String {
     )
 }
 
-pub async fn event(pool: &SqlitePool, id: EventId) -> Result<Option<Event>, sqlx::Error> {
-    sqlx::query(&event_query("WHERE e.id = ?"))
-        .bind(id.to_string())
-        .fetch_optional(pool)
-        .await?
-        .as_ref()
-        .map(event_from_row)
-        .transpose()
+pub fn event(conn: &Connection, id: EventId) -> Result<Option<Event>, rusqlite::Error> {
+    conn.prepare_cached(&event_query("WHERE e.id = ?"))?
+        .query_row([id.to_string()], event_from_row)
+        .optional()
 }
 
 /// The newest event with this exact name.
-pub async fn event_by_name(pool: &SqlitePool, name: &str) -> Result<Option<Event>, sqlx::Error> {
-    sqlx::query(&event_query("WHERE e.name = ? ORDER BY e.seq DESC LIMIT 1"))
-        .bind(name)
-        .fetch_optional(pool)
-        .await?
-        .as_ref()
-        .map(event_from_row)
-        .transpose()
+pub fn event_by_name(conn: &Connection, name: &str) -> Result<Option<Event>, rusqlite::Error> {
+    conn.prepare_cached(&event_query("WHERE e.name = ? ORDER BY e.seq DESC LIMIT 1"))?
+        .query_row([name], event_from_row)
+        .optional()
 }
 
 /// Newest first.
-pub async fn events(pool: &SqlitePool, limit: i64, offset: i64) -> Result<Vec<Event>, sqlx::Error> {
-    sqlx::query(&event_query("ORDER BY e.seq DESC LIMIT ? OFFSET ?"))
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(event_from_row)
+pub fn events(conn: &Connection, limit: i64, offset: i64) -> Result<Vec<Event>, rusqlite::Error> {
+    conn.prepare_cached(&event_query("ORDER BY e.seq DESC LIMIT ? OFFSET ?"))?
+        .query_map([limit, offset], event_from_row)?
         .collect()
 }
 
-fn corrupt(column: &str, detail: impl ToString) -> sqlx::Error {
-    sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
-        source: detail.to_string().into(),
-    }
-}
-
-fn location_from_row(row: &SqliteRow) -> Result<Location, sqlx::Error> {
-    let id: String = row.try_get("location_id")?;
-    let halls: String = row.try_get("halls")?;
+fn location_from_row(row: &Row<'_>) -> Result<Location, rusqlite::Error> {
+    let id: String = row.get("location_id")?;
+    let halls: String = row.get("halls")?;
     let halls: Vec<StoredHall> = serde_json::from_str(&halls).map_err(|e| corrupt("halls", e))?;
     Ok(Location {
         id: LocationId::parse(&id).ok_or_else(|| corrupt("location_id", &id))?,
-        name: row.try_get("location_name")?,
-        address: row.try_get("address")?,
-        country: row.try_get("country")?,
-        open_time: row.try_get("open_time")?,
-        close_time: row.try_get("close_time")?,
+        name: row.get("location_name")?,
+        address: row.get("address")?,
+        country: row.get("country")?,
+        open_time: row.get("open_time")?,
+        close_time: row.get("close_time")?,
         halls: halls
             .into_iter()
             .map(|hall| Hall {
@@ -210,14 +156,14 @@ fn location_from_row(row: &SqliteRow) -> Result<Location, sqlx::Error> {
     })
 }
 
-fn event_from_row(row: &SqliteRow) -> Result<Event, sqlx::Error> {
-    let id: String = row.try_get("id")?;
+fn event_from_row(row: &Row<'_>) -> Result<Event, rusqlite::Error> {
+    let id: String = row.get("id")?;
     Ok(Event {
         id: EventId::parse(&id).ok_or_else(|| corrupt("id", &id))?,
-        name: row.try_get("name")?,
-        start_date: row.try_get("start_date")?,
-        end_date: row.try_get("end_date")?,
-        duration: row.try_get("duration")?,
+        name: row.get("name")?,
+        start_date: row.get("start_date")?,
+        end_date: row.get("end_date")?,
+        duration: row.get("duration")?,
         location: location_from_row(row)?,
     })
 }
