@@ -2,11 +2,16 @@
 //!
 //! All writes go through one writer thread that owns the only write connection. It takes
 //! whatever units of work are queued, runs each inside a savepoint of one transaction and
-//! commits them together: one fsync for a whole batch (group commit). Units of work are plain
-//! functions run on that thread, so each statement is a function call, not a hop to another
-//! thread. Because there is only one writer, log positions are assigned and committed in the
-//! same order, so a consumer reading "everything after position N" never skips a row that
-//! commits late.
+//! commits them together (group commit). Units of work are plain functions run on that
+//! thread, so each statement is a function call, not a hop to another thread. Because there
+//! is only one writer, log positions are assigned and committed in the same order, so a
+//! consumer reading "everything after position N" never skips a row that commits late.
+//!
+//! A committed batch is reported to its callers only once it is on disk, but the writer does
+//! not wait for the disk: a syncer thread flushes the write-ahead log (one `fdatasync` for
+//! every batch committed since the last one) while the writer runs the next batch. This is
+//! exactly the sync SQLite's `synchronous=FULL` does after each commit, moved off the
+//! writer's path. The log head, which wakes consumers, also moves only after the flush.
 //!
 //! Reads go to a small pool of read-only connections on blocking threads and never wait for
 //! the writer.
@@ -53,6 +58,11 @@ pub enum StoreError {
     Open {
         path: String,
         source: rusqlite::Error,
+    },
+    #[error("cannot open the database's write-ahead log {path}: {source}")]
+    OpenWal {
+        path: String,
+        source: std::io::Error,
     },
 }
 
@@ -230,7 +240,8 @@ fn open_writer(path: &Path) -> Result<(UnitOfWork, i64), rusqlite::Error> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
     )?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // The syncer thread flushes the WAL after every commit, before anyone hears of it.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(log::SCHEMA)?;
     let head = log::head(&conn)?;
     let deadline: Arc<Mutex<Option<Instant>>> = Arc::default();
@@ -261,6 +272,10 @@ impl Database {
             source,
         };
         let (uow, head) = open_writer(path).map_err(open_error)?;
+        let wal = std::fs::File::open(wal_path(path)).map_err(|source| StoreError::OpenWal {
+            path: wal_path(path).display().to_string(),
+            source,
+        })?;
         let readers = Arc::new(Readers {
             path: path.to_owned(),
             idle: Mutex::new(Vec::new()),
@@ -274,7 +289,7 @@ impl Database {
         std::thread::Builder::new()
             .name("conveyor-writer".into())
             .spawn(move || {
-                run_writer(uow, queue, &head_tx);
+                run_writer(uow, queue, wal, head_tx);
                 stopped_tx.send_replace(true);
             })
             .map_err(|error| StoreError::Commit(format!("cannot start the writer: {error}")))?;
@@ -403,7 +418,30 @@ impl Database {
     }
 }
 
-fn run_writer(mut uow: UnitOfWork, mut queue: mpsc::Receiver<Command>, head: &watch::Sender<i64>) {
+/// SQLite's write-ahead log beside the database file.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+fn run_writer(
+    mut uow: UnitOfWork,
+    mut queue: mpsc::Receiver<Command>,
+    wal: std::fs::File,
+    head: watch::Sender<i64>,
+) {
+    let (committed, to_sync) = std::sync::mpsc::channel();
+    let syncer = std::thread::Builder::new()
+        .name("conveyor-syncer".into())
+        .spawn(move || run_syncer(&wal, &to_sync, &head));
+    let syncer = match syncer {
+        Ok(syncer) => syncer,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the syncer; no writes are possible");
+            return;
+        }
+    };
     while let Some(command) = queue.blocking_recv() {
         let mut batch = Vec::new();
         let mut next = Some(command);
@@ -419,18 +457,62 @@ fn run_writer(mut uow: UnitOfWork, mut queue: mpsc::Receiver<Command>, head: &wa
                 None
             };
         }
-        if !batch.is_empty() {
-            run_batch(&mut uow, batch, head);
+        if let Some(batch) = run_batch(&mut uow, batch) {
+            // The syncer outlives this loop, so the send cannot fail.
+            let _ = committed.send(batch);
+        }
+    }
+    // The connection closes only after the last flush (closing may remove the WAL).
+    drop(committed);
+    let _ = syncer.join();
+}
+
+/// A batch committed to the WAL, waiting to be flushed to disk before it is reported.
+struct Committed {
+    finishes: Vec<Finish>,
+    last_position: Option<i64>,
+}
+
+/// Flushes the WAL once for every batch committed meanwhile, then reports them committed
+/// and moves the log head. A failed flush fails its batches and every later one: after an
+/// fsync error the kernel may have dropped the data, and a later flush proves nothing.
+fn run_syncer(
+    wal: &std::fs::File,
+    batches: &std::sync::mpsc::Receiver<Committed>,
+    head: &watch::Sender<i64>,
+) {
+    let mut failure: Option<String> = None;
+    while let Ok(first) = batches.recv() {
+        let group: Vec<Committed> = std::iter::once(first).chain(batches.try_iter()).collect();
+        if failure.is_none() {
+            if let Err(error) = wal.sync_data() {
+                tracing::error!(%error, "cannot flush the write-ahead log; writes now fail");
+                failure = Some(error.to_string());
+            }
+        }
+        if failure.is_none() {
+            if let Some(position) = group.iter().filter_map(|batch| batch.last_position).max() {
+                head.send_replace(position);
+            }
+        }
+        for finish in group.into_iter().flat_map(|batch| batch.finishes) {
+            finish(match &failure {
+                None => Ok(()),
+                Some(error) => Err(StoreError::Commit(format!(
+                    "cannot flush the write-ahead log: {error}"
+                ))),
+            });
         }
     }
 }
 
 /// Runs a batch of units of work in one transaction, each inside its own savepoint so one
-/// failing unit rolls back alone, then commits once and tells every unit the outcome.
-fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i64>) {
+/// failing unit rolls back alone, then commits once. Returns the committed units, still to
+/// be flushed and told; units that failed have been told already.
+fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> Option<Committed> {
     if let Err(error) = exec(&uow.conn, "BEGIN IMMEDIATE") {
         tracing::error!(%error, "cannot begin a write transaction");
-        return;
+        return None;
     }
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut last_position = None;
@@ -460,23 +542,21 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>, head: &watch::Sender<i64>) {
     // A failing savepoint step or commit (SQLite may also have rolled the whole transaction
     // back on its own, on a full disk or an IO error) fails the batch: nothing may be
     // reported committed that is not.
-    let outcome = run_all();
-    if let Err(error) = &outcome {
-        tracing::error!(%error, "group commit failed; the batch is rolled back");
-        if !uow.conn.is_autocommit() {
-            let _ = exec(&uow.conn, "ROLLBACK");
+    match run_all() {
+        Ok(()) => Some(Committed {
+            finishes,
+            last_position,
+        }),
+        Err(error) => {
+            tracing::error!(%error, "group commit failed; the batch is rolled back");
+            if !uow.conn.is_autocommit() {
+                let _ = exec(&uow.conn, "ROLLBACK");
+            }
+            for finish in finishes {
+                finish(Err(StoreError::Commit(error.to_string())));
+            }
+            None
         }
-    }
-    if let (Ok(()), Some(position)) = (&outcome, last_position) {
-        head.send_replace(position);
-    }
-    for finish in finishes {
-        finish(
-            outcome
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| StoreError::Commit(e.to_string())),
-        );
     }
 }
 
