@@ -33,7 +33,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for CaseInsensitiveJson
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Problem> {
         let body = body_bytes(request, state).await?;
-        let mut value: Value = parse(&body)?;
+        reject_empty(&body)?;
+        // Syntax errors have no field to name: no need to track paths for the first pass.
+        let mut value: Value = serde_json::from_slice(&body).map_err(|error| {
+            Problem::bad_request(format!("the request body is not valid JSON: {error}"))
+        })?;
         lowercase_keys(&mut value);
         let value = serde_path_to_error::deserialize(value).map_err(field_problem)?;
         Ok(CaseInsensitiveJson(value))
@@ -55,12 +59,17 @@ async fn body_bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes
         })
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+fn reject_empty(body: &[u8]) -> Result<(), Problem> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Problem::bad_request(
             "the request body is empty; expected JSON",
         ));
     }
+    Ok(())
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+    reject_empty(body)?;
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(field_problem)
 }
@@ -77,13 +86,15 @@ fn field_problem(error: serde_path_to_error::Error<serde_json::Error>) -> Proble
 
 fn lowercase_keys(value: &mut Value) {
     match value {
-        Value::Object(map) => {
+        // Most clients already send lower-case keys: rebuild only the maps that need it.
+        Value::Object(map) if map.keys().any(|key| key.chars().any(char::is_uppercase)) => {
             let entries = std::mem::take(map);
             for (key, mut inner) in entries {
                 lowercase_keys(&mut inner);
                 map.insert(key.to_lowercase(), inner);
             }
         }
+        Value::Object(map) => map.values_mut().for_each(lowercase_keys),
         Value::Array(items) => items.iter_mut().for_each(lowercase_keys),
         _ => {}
     }

@@ -19,6 +19,7 @@
 use crate::context::{self, CausalContext};
 use crate::envelope::{header, now_millis, Envelope, Message};
 use crate::log;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -230,6 +231,10 @@ fn open_connection(path: &Path, access: OpenFlags) -> Result<Connection, rusqlit
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Keeps SQLite from recompiling a cached statement whenever a bound value differs from
+    // the one it was planned with (a lane's partition number, say): plans here never
+    // depend on the values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.pragma_update(None, "foreign_keys", true)?;
     Ok(conn)
 }

@@ -56,7 +56,7 @@ fn from_row(row: &Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
     Ok(DeadLetter {
         id: row.get("id")?,
         group: row.get("group_name")?,
-        envelope: envelope_from_row(row)?,
+        envelope: envelope_from_row(row, ENVELOPE_FIRST)?,
         error: row.get("error")?,
         attempts: row.get("attempts")?,
         failed_at: row.get("failed_at")?,
@@ -64,6 +64,8 @@ fn from_row(row: &Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
 }
 
 const COLUMNS: &str = "id, group_name, error, attempts, failed_at";
+/// Where `ENVELOPE_COLUMNS` start, after `COLUMNS`.
+const ENVELOPE_FIRST: usize = 5;
 
 /// Dead letters, oldest first, of one group or of all; at most `limit` (capped at `MAX_LIST`).
 pub async fn list(

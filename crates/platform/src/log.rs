@@ -122,10 +122,12 @@ pub(crate) fn head(conn: &Connection) -> Result<i64, rusqlite::Error> {
     )
 }
 
-/// Where a consumer group's partition reads from.
+/// Where a consumer group's partition reads from, and which messages it wants.
 pub(crate) struct Cursor {
     pub group: Arc<str>,
     pub topics: Arc<[String]>,
+    /// The names the group handles; it never sees the others.
+    pub names: Arc<[&'static str]>,
     pub partitions: i64,
     pub partition: i64,
     pub after: i64,
@@ -138,14 +140,16 @@ pub(crate) fn read(
     limit: i64,
 ) -> Result<Vec<(i64, Envelope)>, rusqlite::Error> {
     let topic_params = vec!["?"; cursor.topics.len()].join(", ");
+    let name_params = vec!["?"; cursor.names.len()].join(", ");
     let sql = format!(
         "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log \
-         WHERE position > ? AND topic IN ({topic_params}) AND key_hash % ? = ? \
-           AND (only_group IS NULL OR only_group = ?) \
+         WHERE position > ? AND topic IN ({topic_params}) AND name IN ({name_params}) \
+           AND key_hash % ? = ? AND (only_group IS NULL OR only_group = ?) \
          ORDER BY position LIMIT ?"
     );
     let mut params: Vec<&dyn ToSql> = vec![&cursor.after];
     params.extend(cursor.topics.iter().map(|topic| topic as &dyn ToSql));
+    params.extend(cursor.names.iter().map(|name| name as &dyn ToSql));
     params.extend([
         &cursor.partitions as &dyn ToSql,
         &cursor.partition,
@@ -154,24 +158,25 @@ pub(crate) fn read(
     ]);
     let mut select = conn.prepare_cached(&sql)?;
     let rows = select.query_map(params.as_slice(), |row| {
-        Ok((row.get("position")?, envelope_from_row(row)?))
+        Ok((row.get(0)?, envelope_from_row(row, 1)?))
     })?;
     rows.collect()
 }
 
-pub(crate) fn envelope_from_row(row: &Row<'_>) -> Result<Envelope, rusqlite::Error> {
-    let id: String = row.get("message_id")?;
-    let kind: String = row.get("kind")?;
-    let headers: String = row.get("headers")?;
+/// The envelope in `ENVELOPE_COLUMNS`, the first of them at column `first`.
+pub(crate) fn envelope_from_row(row: &Row<'_>, first: usize) -> Result<Envelope, rusqlite::Error> {
+    let id: String = row.get(first)?;
+    let kind: String = row.get(first + 1)?;
+    let headers: String = row.get(first + 6)?;
     Ok(Envelope {
         id: id.parse().map_err(|e| corrupt("message_id", e))?,
         kind: Kind::parse(&kind).ok_or_else(|| corrupt("kind", format!("unknown kind {kind}")))?,
-        name: row.get("name")?,
-        topic: row.get("topic")?,
-        key: row.get("key")?,
-        payload: row.get("payload")?,
+        name: row.get(first + 2)?,
+        topic: row.get(first + 3)?,
+        key: row.get(first + 4)?,
+        payload: row.get(first + 5)?,
         headers: serde_json::from_str::<BTreeMap<String, String>>(&headers)
             .map_err(|e| corrupt("headers", e))?,
-        occurred_at: row.get("occurred_at")?,
+        occurred_at: row.get(first + 7)?,
     })
 }

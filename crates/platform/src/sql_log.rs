@@ -62,6 +62,7 @@ impl Bus for SqlLog {
             let shared = Arc::new(Shared {
                 member: Uuid::now_v7().to_string(),
                 topics: subscription.topics.into(),
+                names: subscription.routes.keys().copied().collect(),
                 partitions: i64::from(partitions),
                 lease: subscription.options.lease,
                 batch: i64::from(subscription.options.batch.max(1)),
@@ -86,6 +87,7 @@ struct Shared {
     group: Arc<str>,
     member: String,
     topics: Arc<[String]>,
+    names: Arc<[&'static str]>,
     partitions: i64,
     lease: Duration,
     batch: i64,
@@ -325,6 +327,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         let cursor = Cursor {
             group: shared.group.clone(),
             topics: shared.topics.clone(),
+            names: shared.names.clone(),
             partitions: shared.partitions,
             partition,
             after: scanned.max(position),
