@@ -7,6 +7,11 @@ use conveyor::{app, telemetry, Application, SERVICES};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+/// Request handling allocates many small, short-lived values across threads; mimalloc
+/// serves them with a fraction of the system allocator's CPU time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Conveyor: event-driven services in one binary.
 ///
 /// `conveyor serve` runs every service in one process on an embedded SQLite file that is
