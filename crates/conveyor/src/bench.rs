@@ -5,9 +5,12 @@
 //! directory; the load comes from this process over loopback.
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,25 +74,27 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         event_bytes.len()
     ));
     let bare = bare_axum(event_bytes).await?;
-    let bare_url = format!("http://{bare}/event");
-    let bare_rate = rate(duration, args.concurrency, getter(&client, bare_url)).await;
+    let load = Load {
+        duration,
+        concurrency: args.concurrency,
+    };
+    let bare_rate = load.rate(bare, get("/event")).await?;
 
     progress("GET /events/{id}");
-    let get_rate = rate(duration, args.concurrency, getter(&client, event_url)).await;
+    let event_path = format!("/events/{id}");
+    let get_rate = load.rate(server.address, get(&event_path)).await?;
 
     progress("baseline: bare single-row SQLite transactions (WAL, synchronous=FULL)");
     let sqlite_rate = bare_sqlite(&dir.path().join("bare.db"), duration).await?;
 
     progress("POST /events");
-    let post_url = server.url("/events");
-    let poster = client.clone();
-    let post_rate = rate(duration, args.concurrency, move |n| {
-        let request = poster
-            .post(&post_url)
-            .body(seed_event(&format!("load {n}")));
-        async move { ok(request.send().await) }
-    })
-    .await;
+    let template = seed_event(NAME_SLOT);
+    let post_rate = load
+        .rate(server.address, move |n| {
+            let body = template.replacen(NAME_SLOT, &format!("load {n}"), 1);
+            request(http::Method::POST, "/events", body.into())
+        })
+        .await?;
 
     progress("waiting for the consumers to work off the POST backlog");
     wait_for_zero_lag(&client, &server).await?;
@@ -200,24 +205,6 @@ fn row(label: &str, value: f64, baseline: f64, target: &str) {
     );
 }
 
-/// An operation for `rate`: GET `url`.
-fn getter(
-    client: &reqwest::Client,
-    url: String,
-) -> impl Fn(u64) -> BoxedOk + Clone + Send + 'static {
-    let client = client.clone();
-    move |_| {
-        let request = client.get(&url);
-        Box::pin(async move { ok(request.send().await) })
-    }
-}
-
-type BoxedOk = std::pin::Pin<Box<dyn Future<Output = bool> + Send>>;
-
-fn ok(response: reqwest::Result<reqwest::Response>) -> bool {
-    response.is_ok_and(|response| response.status().is_success())
-}
-
 pub fn seed_event(name: &str) -> String {
     serde_json::json!({
         "name": name, "startdate": 768346784368i64, "enddate": 768346784368i64, "duration": 120,
@@ -228,38 +215,76 @@ pub fn seed_event(name: &str) -> String {
     .to_string()
 }
 
-/// Successful operations per second: `concurrency` loops, each calling `operation` with a
-/// running number until `duration` is up.
-async fn rate<F, Fut>(duration: Duration, concurrency: usize, operation: F) -> f64
-where
-    F: Fn(u64) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = bool> + Send,
-{
-    let done = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + duration;
-    let workers: Vec<_> = (0..concurrency)
-        .map(|worker| {
-            let (operation, done) = (operation.clone(), done.clone());
-            tokio::spawn(async move {
+/// Where the load generator puts each POST's event name in the seed event.
+const NAME_SLOT: &str = "<event name>";
+
+/// The load generator: `concurrency` keep-alive HTTP/1.1 connections, each sending one
+/// request after another for `duration`. Each is a bare hyper connection, so the generator
+/// takes as little as it can of the CPU it shares with the server.
+struct Load {
+    duration: Duration,
+    concurrency: usize,
+}
+
+type LoadRequest = http::Request<Full<Bytes>>;
+
+impl Load {
+    /// Successful (2xx) requests per second; `make` builds request number `n`.
+    async fn rate<F>(&self, address: SocketAddr, make: F) -> anyhow::Result<f64>
+    where
+        F: Fn(u64) -> LoadRequest + Clone + Send + 'static,
+    {
+        let done = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let deadline = started + self.duration;
+        let mut workers = tokio::task::JoinSet::new();
+        for worker in 0..self.concurrency {
+            let (make, done) = (make.clone(), done.clone());
+            let stream = tokio::net::TcpStream::connect(address).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            workers.spawn(async move {
                 let mut n = worker as u64 * 1_000_000_000;
                 while Instant::now() < deadline {
-                    if operation(n).await {
+                    let response = sender.send_request(make(n)).await?;
+                    let success = response.status().is_success();
+                    response.into_body().collect().await?;
+                    if success {
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     n += 1;
                 }
-            })
-        })
-        .collect();
-    for worker in workers {
-        let _ = worker.await;
+                anyhow::Ok(())
+            });
+        }
+        while let Some(worker) = workers.join_next().await {
+            worker??;
+        }
+        Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn request(method: http::Method, path: &str, body: Bytes) -> LoadRequest {
+    let mut request = http::Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = http::Uri::try_from(path).unwrap_or_default();
+    request.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("localhost"),
+    );
+    request
+}
+
+/// A `Load::rate` request maker: GET `path`.
+fn get(path: &str) -> impl Fn(u64) -> LoadRequest + Clone + Send + 'static {
+    let path = path.to_owned();
+    move |_| request(http::Method::GET, &path, Bytes::new())
 }
 
 /// A bare axum server answering `/event` with `body` from memory; returns its address.
-async fn bare_axum(body: bytes::Bytes) -> anyhow::Result<std::net::SocketAddr> {
+async fn bare_axum(body: Bytes) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let router = axum::Router::new().route(
@@ -300,6 +325,7 @@ async fn bare_sqlite(path: &Path, duration: Duration) -> anyhow::Result<f64> {
 
 struct Server {
     child: Child,
+    address: SocketAddr,
     base: String,
     ready_after: Duration,
 }
@@ -332,6 +358,7 @@ impl Server {
         }
         Ok(Server {
             child,
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
             base,
             ready_after: started.elapsed(),
         })
