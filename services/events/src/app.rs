@@ -6,8 +6,6 @@ use crate::domain::{
 use crate::store;
 use events_api::{EventCreated, Hall as HallMessage, LocationCreated};
 use platform::{Database, StoreError};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
 
 /// Most items one page of a list returns.
 pub const MAX_PAGE: i64 = 1000;
@@ -59,41 +57,14 @@ impl Page {
     }
 }
 
-/// Events kept in memory for `event(id)`. Events never change once created, so a cached
-/// copy is never stale, in this process or any other.
-const CACHED_EVENTS: usize = 10_000;
-
 #[derive(Clone)]
 pub struct Events {
     db: Database,
-    cache: Arc<Mutex<HashMap<EventId, Arc<Event>>>>,
 }
 
 impl Events {
     pub fn new(db: Database) -> Self {
-        Events {
-            db,
-            cache: Arc::default(),
-        }
-    }
-
-    fn cached(&self, id: EventId) -> Option<Arc<Event>> {
-        self.cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .cloned()
-    }
-
-    fn remember(&self, event: Arc<Event>) {
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= CACHED_EVENTS {
-            // Any entry will do: all are equally cheap to read again.
-            if let Some(evicted) = cache.keys().next().copied() {
-                cache.remove(&evicted);
-            }
-        }
-        cache.insert(event.id, event);
+        Events { db }
     }
 
     /// Creates the event (and its location, unless it reuses a known one) and publishes
@@ -146,20 +117,11 @@ impl Events {
             .await
     }
 
-    pub async fn event(&self, id: &str) -> Result<Arc<Event>, EventsError> {
-        let not_found = || EventsError::EventNotFound(id.to_owned());
-        let id = EventId::parse(id).ok_or_else(not_found)?;
-        if let Some(event) = self.cached(id) {
-            return Ok(event);
-        }
-        let event = Arc::new(
-            self.db
-                .read(move |conn| Ok::<_, EventsError>(store::event(conn, id)?))
-                .await?
-                .ok_or_else(not_found)?,
-        );
-        self.remember(event.clone());
-        Ok(event)
+    pub async fn event(&self, id: EventId) -> Result<Event, EventsError> {
+        self.db
+            .read(move |conn| Ok::<_, EventsError>(store::event(conn, id)?))
+            .await?
+            .ok_or_else(|| EventsError::EventNotFound(id.to_string()))
     }
 
     pub async fn event_by_name(&self, name: &str) -> Result<Event, EventsError> {

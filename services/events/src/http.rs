@@ -2,18 +2,72 @@
 //! keys (`ID`, `Name`, `StartDate`, ...), requests match keys case-insensitively.
 
 use crate::app::{Events, EventsError, Page};
-use crate::domain::{Event, EventDraft, HallDraft, Location, LocationDraft};
-use axum::extract::{Path, State};
+use crate::domain::{Event, EventDraft, EventId, HallDraft, Location, LocationDraft};
+use axum::extract::{FromRef, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use edge::{CaseInsensitiveJson, Problem, Query};
 use http::{header, StatusCode};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// Rendered events kept in memory for the GETs by id. Events never change once created, so
+/// a rendered copy is never stale, in this process or any other.
+const RENDERED_EVENTS: usize = 10_000;
+
+/// The API's state: the use cases, and the JSON of events already rendered.
+#[derive(Clone)]
+pub struct Api {
+    events: Events,
+    rendered: Arc<Mutex<HashMap<EventId, Bytes>>>,
+}
+
+impl Api {
+    /// The event as its JSON response body.
+    async fn event_json(&self, id: &str) -> Result<Bytes, Problem> {
+        let id = EventId::parse(id).ok_or_else(|| EventsError::EventNotFound(id.to_owned()))?;
+        let cached = self
+            .rendered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        if let Some(json) = cached {
+            return Ok(json);
+        }
+        let event = self.events.event(id).await?;
+        let json = Bytes::from(
+            serde_json::to_vec(&EventResponse::from(&event))
+                .map_err(|error| Problem::internal(error.to_string()))?,
+        );
+        let mut rendered = self.rendered.lock().unwrap_or_else(PoisonError::into_inner);
+        if rendered.len() >= RENDERED_EVENTS {
+            // Any entry will do: all are equally cheap to render again.
+            if let Some(evicted) = rendered.keys().next().copied() {
+                rendered.remove(&evicted);
+            }
+        }
+        rendered.insert(id, json.clone());
+        Ok(json)
+    }
+}
+
+impl FromRef<Api> for Events {
+    fn from_ref(api: &Api) -> Events {
+        api.events.clone()
+    }
+}
+
 pub fn routes(events: Events) -> OpenApiRouter {
+    let api = Api {
+        events,
+        rendered: Arc::default(),
+    };
     OpenApiRouter::new()
         .routes(routes!(list_events, create_event))
         .routes(routes!(get_event))
@@ -21,7 +75,7 @@ pub fn routes(events: Events) -> OpenApiRouter {
         .routes(routes!(get_event_by_name))
         .routes(routes!(list_locations, create_location))
         .routes(routes!(get_location))
-        .with_state(events)
+        .with_state(api)
 }
 
 impl From<EventsError> for Problem {
@@ -221,21 +275,22 @@ async fn create_event(
 /// One event.
 #[utoipa::path(get, path = "/events/{id}", tag = "events",
     responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
-async fn get_event(
-    State(events): State<Events>,
-    Path(id): Path<String>,
-) -> Result<Json<EventResponse>, Problem> {
-    Ok(Json(events.event(&id).await?.as_ref().into()))
+async fn get_event(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, Problem> {
+    Ok(json_response(api.event_json(&id).await?))
 }
 
 /// One event (the original's search form).
 #[utoipa::path(get, path = "/events/id/{id}", tag = "events",
     responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
 async fn get_event_by_id(
-    State(events): State<Events>,
+    State(api): State<Api>,
     Path(id): Path<String>,
-) -> Result<Json<EventResponse>, Problem> {
-    Ok(Json(events.event(&id).await?.as_ref().into()))
+) -> Result<Response, Problem> {
+    Ok(json_response(api.event_json(&id).await?))
+}
+
+fn json_response(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// The newest event with this exact name.
