@@ -28,7 +28,7 @@ pub struct BenchArgs {
     /// Seconds each throughput measurement runs.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Concurrent HTTP clients.
+    /// Concurrent keep-alive HTTP/1.1 connections, each sending one request at a time.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// Events timed from creation to bookable.
