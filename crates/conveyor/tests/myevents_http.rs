@@ -319,6 +319,18 @@ async fn browsers_on_other_origins_may_call() {
         .unwrap();
     assert!(response.status().is_success());
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    let browser = app
+        .client
+        .get(app.url("/events"))
+        .header("origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(browser.headers()["access-control-allow-origin"], "*");
+    // CORS headers are for browsers, which always send Origin: other clients get none.
+    let curl = app.client.get(app.url("/events")).send().await.unwrap();
+    assert!(curl.headers().get("access-control-allow-origin").is_none());
+    assert!(curl.headers().get("vary").is_none());
     app.stop().await;
 }
 

@@ -1,20 +1,19 @@
 //! The HTTP host: composes the registered services' routes with the platform's own
 //! (health, metrics, OpenAPI) and the layers every request goes through.
 
+use crate::cors;
 use crate::problem::{InternalCause, Problem};
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use http::{HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use platform::context::{self, CausalContext};
 use platform::{Database, Migration, Subscription};
 use std::sync::OnceLock;
-use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::openapi::OpenApi;
@@ -123,7 +122,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
         })
         .layer(middleware::from_fn(request_context))
         .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
-        .layer(cors(&options.cors_origins))
+        .layer(cors::layer(&options.cors_origins))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(
             TraceLayer::new_for_http()
@@ -150,19 +149,6 @@ fn base_openapi() -> OpenApi {
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     openapi.info.description = Some("The HTTP APIs of the services this process runs.".to_owned());
     openapi
-}
-
-fn cors(origins: &[HeaderValue]) -> CorsLayer {
-    let allow_origin = if origins.is_empty() {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().cloned())
-    };
-    CorsLayer::new()
-        .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-        .allow_headers(tower_http::cors::Any)
-        .max_age(Duration::from_secs(3600))
 }
 
 /// Everything a request sets off is correlated by its request id; the cause of a failed

@@ -5,6 +5,7 @@
 //! Only the edge (and the services' `http` adapters built on it) speaks HTTP. It knows no
 //! particular service.
 
+mod cors;
 pub mod host;
 pub mod json;
 pub mod problem;
