@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{problem, seed_event, spawn_app, spawn_app_with};
+use common::{problem, seed_event, spawn_app, spawn_app_on, spawn_app_with};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -442,4 +442,59 @@ async fn the_api_and_the_workers_can_run_as_separate_roles_on_one_database() {
     assert_eq!(api.post(&path, &json!({ "seats": 5 })).await.status(), 201);
     workers.stop().await;
     api.stop().await;
+}
+
+#[tokio::test]
+async fn events_stored_before_the_tables_were_keyed_by_id_are_still_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = platform::Database::open(&dir.path().join("conveyor.db"))
+        .await
+        .unwrap();
+    db.migrate(&events::MODULE.migrations[..1]).await.unwrap();
+    let (location, older, newer) = (
+        platform::uuid::Uuid::now_v7().to_string(),
+        platform::uuid::Uuid::now_v7().to_string(),
+        platform::uuid::Uuid::now_v7().to_string(),
+    );
+    let rows = (location.clone(), older.clone(), newer.clone());
+    db.write(move |uow| {
+        let (location, older, newer) = rows;
+        uow.conn().execute(
+            "INSERT INTO events_locations (id, name, address, country, open_time, close_time, halls) \
+             VALUES (?, 'Old hall', 'Somewhere', 'fr', 9, 17, '[]')",
+            [&location],
+        )?;
+        for (id, name) in [(older, "first"), (newer, "second")] {
+            uow.conn().execute(
+                "INSERT INTO events_events (id, name, start_date, end_date, duration, location_id) \
+                 VALUES (?, ?, 1, 2, 60, ?)",
+                (&id, name, &location),
+            )?;
+        }
+        Ok::<_, platform::StoreError>(())
+    })
+    .await
+    .unwrap();
+    db.close().await;
+
+    let app = spawn_app_on(dir.path(), &[]).await;
+    let by_id: Value = app
+        .get(&format!("/events/{older}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_id["Name"], "first");
+    assert_eq!(by_id["Location"]["ID"], location.as_str());
+    let by_name: Value = app.get("/events/name/second").await.json().await.unwrap();
+    assert_eq!(by_name["ID"], newer.as_str());
+    let listed: Value = app.get("/events").await.json().await.unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["second", "first"], "newest first");
+    app.stop().await;
 }

@@ -6,10 +6,11 @@ use platform::{Migration, UnitOfWork};
 use rusqlite::{Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    service: "events",
-    version: 1,
-    sql: "CREATE TABLE events_locations (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        service: "events",
+        version: 1,
+        sql: "CREATE TABLE events_locations (
             seq        INTEGER PRIMARY KEY AUTOINCREMENT,
             id         TEXT NOT NULL UNIQUE,
             name       TEXT NOT NULL,
@@ -29,7 +30,42 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             location_id TEXT NOT NULL REFERENCES events_locations (id)
           );
           CREATE INDEX events_events_name ON events_events (name, seq);",
-}];
+    },
+    Migration {
+        // Keyed by the time-ordered UUIDv7 alone: a row is one b-tree entry instead of a rowid
+        // row, a unique index entry and an AUTOINCREMENT counter update. Newest first is now
+        // `ORDER BY id DESC` (ids from one process are ordered by creation).
+        service: "events",
+        version: 2,
+        sql: "CREATE TABLE events_locations_v2 (
+            id         TEXT PRIMARY KEY,
+            name       TEXT NOT NULL,
+            address    TEXT NOT NULL,
+            country    TEXT NOT NULL,
+            open_time  INTEGER NOT NULL,
+            close_time INTEGER NOT NULL,
+            halls      TEXT NOT NULL
+          ) WITHOUT ROWID;
+          INSERT INTO events_locations_v2
+            SELECT id, name, address, country, open_time, close_time, halls FROM events_locations;
+          CREATE TABLE events_events_v2 (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            start_date  INTEGER NOT NULL,
+            end_date    INTEGER NOT NULL,
+            duration    INTEGER NOT NULL,
+            location_id TEXT NOT NULL REFERENCES events_locations_v2 (id)
+          ) WITHOUT ROWID;
+          INSERT INTO events_events_v2
+            SELECT id, name, start_date, end_date, duration, location_id FROM events_events;
+          DROP TABLE events_events;
+          DROP TABLE events_locations;
+          -- Renaming the parent also renames it in the child's REFERENCES clause.
+          ALTER TABLE events_locations_v2 RENAME TO events_locations;
+          ALTER TABLE events_events_v2 RENAME TO events_events;
+          CREATE INDEX events_events_name ON events_events (name, id);",
+    },
+];
 
 /// How halls are stored: a JSON array in the location row (they are a value, never queried).
 #[derive(Serialize, Deserialize)]
@@ -101,7 +137,7 @@ pub fn locations(
     offset: i64,
 ) -> Result<Vec<Location>, rusqlite::Error> {
     conn.prepare_cached(&format!(
-        "SELECT {LOCATION_COLUMNS} FROM events_locations l ORDER BY l.seq DESC LIMIT ? OFFSET ?"
+        "SELECT {LOCATION_COLUMNS} FROM events_locations l ORDER BY l.id DESC LIMIT ? OFFSET ?"
     ))?
     .query_map([limit, offset], location_from_row)?
     .collect()
@@ -122,14 +158,14 @@ pub fn event(conn: &Connection, id: EventId) -> Result<Option<Event>, rusqlite::
 
 /// The newest event with this exact name.
 pub fn event_by_name(conn: &Connection, name: &str) -> Result<Option<Event>, rusqlite::Error> {
-    conn.prepare_cached(&event_query("WHERE e.name = ? ORDER BY e.seq DESC LIMIT 1"))?
+    conn.prepare_cached(&event_query("WHERE e.name = ? ORDER BY e.id DESC LIMIT 1"))?
         .query_row([name], event_from_row)
         .optional()
 }
 
 /// Newest first.
 pub fn events(conn: &Connection, limit: i64, offset: i64) -> Result<Vec<Event>, rusqlite::Error> {
-    conn.prepare_cached(&event_query("ORDER BY e.seq DESC LIMIT ? OFFSET ?"))?
+    conn.prepare_cached(&event_query("ORDER BY e.id DESC LIMIT ? OFFSET ?"))?
         .query_map([limit, offset], event_from_row)?
         .collect()
 }
