@@ -10,8 +10,9 @@ use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,10 @@ use std::time::{Duration, Instant};
 pub enum BenchCommand {
     /// GET and POST /events rates, event-to-bookable propagation, idle memory.
     Myevents(BenchArgs),
+    /// The GET baseline's server: a bare axum handler answering `/event` with the bytes of
+    /// FILE. Prints its address, then serves until killed.
+    #[command(hide = true)]
+    BareAxum { file: PathBuf },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -39,6 +44,7 @@ pub struct BenchArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Myevents(args) => myevents(args).await,
+        BenchCommand::BareAxum { file } => serve_bare_axum(Bytes::from(std::fs::read(file)?)).await,
     }
 }
 
@@ -73,12 +79,15 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         "baseline: bare axum handler returning the same {} bytes",
         event_bytes.len()
     ));
-    let bare = bare_axum(event_bytes).await?;
+    let bare_body = dir.path().join("event.json");
+    std::fs::write(&bare_body, &event_bytes)?;
+    let bare = BareAxum::start(&bare_body)?;
     let load = Load {
         duration,
         concurrency: args.concurrency,
     };
-    let bare_rate = load.rate(bare, get("/event")).await?;
+    let bare_rate = load.rate(bare.address, get("/event")).await?;
+    drop(bare);
 
     progress("GET /events/{id}");
     let event_path = format!("/events/{id}");
@@ -283,10 +292,46 @@ fn get(path: &str) -> impl Fn(u64) -> LoadRequest + Clone + Send + 'static {
     move |_| request(http::Method::GET, &path, Bytes::new())
 }
 
-/// A bare axum server answering `/event` with `body` from memory; returns its address.
-async fn bare_axum(body: Bytes) -> anyhow::Result<SocketAddr> {
+/// The GET baseline: a bare axum handler in a process of its own, like the server under
+/// test, returning the same bytes from memory.
+struct BareAxum {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl BareAxum {
+    fn start(body: &Path) -> anyhow::Result<BareAxum> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["bench", "bare-axum"])
+            .arg(body)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the bare axum server")?;
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            std::io::BufReader::new(stdout).read_line(&mut line)?;
+        }
+        match line.trim().parse() {
+            Ok(address) => Ok(BareAxum { child, address }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the bare axum server did not print its address: {line:?}")
+            }
+        }
+    }
+}
+
+impl Drop for BareAxum {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve_bare_axum(body: Bytes) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
+    println!("{}", listener.local_addr()?);
     let router = axum::Router::new().route(
         "/event",
         axum::routing::get(move || {
@@ -294,8 +339,8 @@ async fn bare_axum(body: Bytes) -> anyhow::Result<SocketAddr> {
             async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
         }),
     );
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    Ok(address)
+    axum::serve(listener, router).await?;
+    Ok(())
 }
 
 /// Single-row transactions per second, one after another, with the durability settings the

@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use platform::context::{self, CausalContext};
 use platform::{Database, Migration, Subscription};
 use std::sync::OnceLock;
+use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -120,27 +121,32 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
         })
-        .layer(middleware::from_fn(request_context))
-        .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
-        .layer(cors::layer(&options.cors_origins))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        // One layer made of all of them: each `Router::layer` call would box every route
+        // again, and a request would clone one box per layer.
         .layer(
-            TraceLayer::new_for_http()
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
-                .make_span_with(|request: &Request| {
-                let id = request
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|value| value.to_str().ok())
-                    .unwrap_or_default();
-                tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
-            }),
+            ServiceBuilder::new()
+                .layer(CatchPanicLayer::custom(|_panic| {
+                    tracing::error!("a request handler panicked");
+                    Problem::internal("a request handler panicked").into_response()
+                }))
+                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                        .make_span_with(|request: &Request| {
+                            let id = request
+                                .headers()
+                                .get(REQUEST_ID)
+                                .and_then(|value| value.to_str().ok())
+                                .unwrap_or_default();
+                            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
+                        }),
+                )
+                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(cors::layer(&options.cors_origins))
+                .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
+                .layer(middleware::from_fn(request_context)),
         )
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            tracing::error!("a request handler panicked");
-            Problem::internal("a request handler panicked").into_response()
-        }))
 }
 
 fn base_openapi() -> OpenApi {
