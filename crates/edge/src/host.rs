@@ -2,20 +2,19 @@
 //! (health, metrics, OpenAPI) and the layers every request goes through.
 
 use crate::cors;
-use crate::problem::{InternalCause, Problem};
+use crate::problem::Problem;
+use crate::request_context::RequestContextLayer;
 use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use platform::context::{self, CausalContext};
 use platform::{Database, Migration, Subscription};
 use std::sync::OnceLock;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{MakeRequestUuid, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::openapi::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -129,7 +128,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
                     tracing::error!("a request handler panicked");
                     Problem::internal("a request handler panicked").into_response()
                 }))
-                .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+                .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
                         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
@@ -142,10 +141,10 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
                             tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
                         }),
                 )
-                .layer(PropagateRequestIdLayer::new(request_id))
+                .layer(RequestContextLayer)
                 .layer(cors::layer(&options.cors_origins))
                 .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
-                .layer(middleware::from_fn(request_context)),
+                ,
         )
 }
 
@@ -155,25 +154,6 @@ fn base_openapi() -> OpenApi {
     openapi.info.version = env!("CARGO_PKG_VERSION").to_owned();
     openapi.info.description = Some("The HTTP APIs of the services this process runs.".to_owned());
     openapi
-}
-
-/// Everything a request sets off is correlated by its request id; the cause of a failed
-/// request is logged here, inside the request's span.
-async fn request_context(request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get(REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
-    let causal = CausalContext {
-        correlation_id: id.clone(),
-        causation_id: id,
-    };
-    let response = context::scope(causal, next.run(request)).await;
-    if let Some(InternalCause(cause)) = response.extensions().get() {
-        tracing::error!(status = response.status().as_u16(), %cause, "request failed");
-    }
-    response
 }
 
 async fn ready(State(state): State<HostState>) -> Response {

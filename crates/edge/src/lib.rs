@@ -9,6 +9,7 @@ mod cors;
 pub mod host;
 pub mod json;
 pub mod problem;
+mod request_context;
 
 pub use host::{router, HttpOptions, ServiceModule};
 pub use json::{AnyJson, CaseInsensitiveJson, Query};
