@@ -24,6 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -200,7 +201,7 @@ struct Inner {
 struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
 }
 
 impl Readers {
@@ -277,14 +278,16 @@ impl Database {
             source,
         };
         let (uow, head) = open_writer(path).map_err(open_error)?;
-        let wal = std::fs::File::open(wal_path(path)).map_err(|source| StoreError::OpenWal {
-            path: wal_path(path).display().to_string(),
+        // SQLite's own idea of the file (symbolic links resolved), not ours.
+        let wal = wal_path(uow.conn.path().unwrap_or_default());
+        let wal = std::fs::File::open(&wal).map_err(|source| StoreError::OpenWal {
+            path: wal.display().to_string(),
             source,
         })?;
         let readers = Arc::new(Readers {
             path: path.to_owned(),
             idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new(READ_CONNECTIONS),
+            permits: Arc::new(Semaphore::new(READ_CONNECTIONS)),
         });
         readers.put_back(readers.take().map_err(open_error)?);
 
@@ -360,15 +363,19 @@ impl Database {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     {
-        let _permit = self
+        // The permit goes with the blocking task: a caller that gives up does not free the
+        // connection while a query still runs on it.
+        let permit = self
             .inner
             .readers
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| E::from(StoreError::Abandoned))?;
         let readers = self.inner.readers.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = readers.take().map_err(StoreError::from)?;
             let result = query(&conn);
             readers.put_back(conn);
@@ -424,10 +431,8 @@ impl Database {
 }
 
 /// SQLite's write-ahead log beside the database file.
-fn wal_path(path: &Path) -> PathBuf {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    PathBuf::from(wal)
+fn wal_path(database: &str) -> PathBuf {
+    PathBuf::from(format!("{database}-wal"))
 }
 
 fn run_writer(
@@ -436,10 +441,14 @@ fn run_writer(
     wal: std::fs::File,
     head: watch::Sender<i64>,
 ) {
+    let flush_failed = Arc::new(AtomicBool::new(false));
     let (committed, to_sync) = std::sync::mpsc::channel();
-    let syncer = std::thread::Builder::new()
-        .name("conveyor-syncer".into())
-        .spawn(move || run_syncer(&wal, &to_sync, &head));
+    let syncer = {
+        let flush_failed = flush_failed.clone();
+        std::thread::Builder::new()
+            .name("conveyor-syncer".into())
+            .spawn(move || run_syncer(&wal, &to_sync, &head, &flush_failed))
+    };
     let syncer = match syncer {
         Ok(syncer) => syncer,
         Err(error) => {
@@ -447,9 +456,17 @@ fn run_writer(
             return;
         }
     };
-    while let Some(command) = queue.blocking_recv() {
-        let mut batch = Vec::new();
-        let mut next = Some(command);
+    // Units that had not run yet when SQLite aborted their batch's transaction.
+    let mut carried: Vec<Job> = Vec::new();
+    loop {
+        let mut next = None;
+        if carried.is_empty() {
+            match queue.blocking_recv() {
+                Some(command) => next = Some(command),
+                None => break,
+            }
+        }
+        let mut batch = std::mem::take(&mut carried);
         while let Some(command) = next {
             match command {
                 Command::Run(job) => batch.push(job),
@@ -462,10 +479,18 @@ fn run_writer(
                 None
             };
         }
-        if let Some(batch) = run_batch(&mut uow, batch) {
+        if flush_failed.load(Ordering::Acquire) {
+            // Nothing more may commit: it could become durable while its caller hears it
+            // failed. Dropped units tell their callers they were abandoned.
+            queue.close();
+            continue;
+        }
+        let end = run_batch(&mut uow, batch);
+        if let Some(batch) = end.committed {
             // The syncer outlives this loop, so the send cannot fail.
             let _ = committed.send(batch);
         }
+        carried = end.not_run;
     }
     // The connection closes only after the last flush (closing may remove the WAL).
     drop(committed);
@@ -485,6 +510,7 @@ fn run_syncer(
     wal: &std::fs::File,
     batches: &std::sync::mpsc::Receiver<Committed>,
     head: &watch::Sender<i64>,
+    flush_failed: &AtomicBool,
 ) {
     let mut failure: Option<String> = None;
     while let Ok(first) = batches.recv() {
@@ -493,6 +519,7 @@ fn run_syncer(
             if let Err(error) = wal.sync_data() {
                 tracing::error!(%error, "cannot flush the write-ahead log; writes now fail");
                 failure = Some(error.to_string());
+                flush_failed.store(true, Ordering::Release);
             }
         }
         if failure.is_none() {
@@ -511,65 +538,104 @@ fn run_syncer(
     }
 }
 
+/// How a batch ended: the units committed (still to be flushed and told), and the units
+/// that never ran because the transaction failed under them. Every other unit has been told.
+#[derive(Default)]
+struct BatchEnd {
+    committed: Option<Committed>,
+    not_run: Vec<Job>,
+}
+
 /// Runs a batch of units of work in one transaction, each inside its own savepoint so one
-/// failing unit rolls back alone, then commits once. Returns the committed units, still to
-/// be flushed and told; units that failed have been told already.
-fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> Option<Committed> {
+/// failing unit rolls back alone, then commits once.
+///
+/// If a savepoint step or the commit fails, or SQLite rolls the whole transaction back on
+/// its own (it does when a write statement is interrupted, or on a full disk or an IO
+/// error), every unit that ran is told it failed: nothing may be reported committed that is
+/// not. The units not yet run go to the next batch.
+fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
     if let Err(error) = exec(&uow.conn, "BEGIN IMMEDIATE") {
         tracing::error!(%error, "cannot begin a write transaction");
-        return None;
+        return BatchEnd::default();
     }
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut last_position = None;
-    let run_all = || -> Result<(), rusqlite::Error> {
-        for job in batch {
-            exec(&uow.conn, "SAVEPOINT unit")?;
-            let Some((finish, outbox)) = run_unit(uow, job) else {
-                exec(&uow.conn, "ROLLBACK TO unit")?;
-                exec(&uow.conn, "RELEASE unit")?;
-                continue;
-            };
-            match log::append(&uow.conn, &outbox) {
-                Ok(position) => {
-                    last_position = position.or(last_position);
-                    exec(&uow.conn, "RELEASE unit")?;
-                    finishes.push(finish);
-                }
-                Err(error) => {
-                    exec(&uow.conn, "ROLLBACK TO unit")?;
-                    exec(&uow.conn, "RELEASE unit")?;
-                    finish(Err(StoreError::Database(error)));
-                }
-            }
+    let mut jobs = batch.into_iter();
+    let outcome = loop {
+        let Some(job) = jobs.next() else {
+            break exec(&uow.conn, "COMMIT").map_err(|error| error.to_string());
+        };
+        if let Err(error) = exec(&uow.conn, "SAVEPOINT unit") {
+            break Err(error.to_string());
         }
-        exec(&uow.conn, "COMMIT")
+        let ran = run_unit(uow, job);
+        if uow.conn.is_autocommit() {
+            finishes.extend(ran.map(|(finish, _)| finish));
+            break Err("SQLite rolled the transaction back (an interrupted write?)".to_owned());
+        }
+        if let Err(error) = close_unit(uow, ran, &mut finishes, &mut last_position) {
+            break Err(error.to_string());
+        }
     };
-    // A failing savepoint step or commit (SQLite may also have rolled the whole transaction
-    // back on its own, on a full disk or an IO error) fails the batch: nothing may be
-    // reported committed that is not.
-    match run_all() {
-        Ok(()) => Some(Committed {
-            finishes,
-            last_position,
-        }),
+    match outcome {
+        Ok(()) => BatchEnd {
+            committed: Some(Committed {
+                finishes,
+                last_position,
+            }),
+            not_run: Vec::new(),
+        },
         Err(error) => {
             tracing::error!(%error, "group commit failed; the batch is rolled back");
             if !uow.conn.is_autocommit() {
                 let _ = exec(&uow.conn, "ROLLBACK");
             }
             for finish in finishes {
-                finish(Err(StoreError::Commit(error.to_string())));
+                finish(Err(StoreError::Commit(error.clone())));
             }
-            None
+            BatchEnd {
+                committed: None,
+                not_run: jobs.collect(),
+            }
         }
     }
+}
+
+/// Ends a unit's savepoint: releases it with the unit's messages appended to the log, or
+/// rolls it back when the unit failed or its messages could not be appended.
+fn close_unit(
+    uow: &mut UnitOfWork,
+    ran: Option<(Finish, Vec<Outgoing>)>,
+    finishes: &mut Vec<Finish>,
+    last_position: &mut Option<i64>,
+) -> Result<(), rusqlite::Error> {
+    let Some((finish, outbox)) = ran else {
+        exec(&uow.conn, "ROLLBACK TO unit")?;
+        return exec(&uow.conn, "RELEASE unit");
+    };
+    match log::append(&uow.conn, &outbox) {
+        Ok(position) => {
+            *last_position = position.or(*last_position);
+            exec(&uow.conn, "RELEASE unit")?;
+            finishes.push(finish);
+        }
+        Err(error) => {
+            exec(&uow.conn, "ROLLBACK TO unit")?;
+            exec(&uow.conn, "RELEASE unit")?;
+            finish(Err(StoreError::Database(error)));
+        }
+    }
+    Ok(())
 }
 
 /// Runs one unit of work; returns its messages, or `None` when it failed (and has been told
 /// so): its changes must be rolled back.
 fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Vec<Outgoing>)> {
     uow.outbox.clear();
-    let finish = match std::panic::catch_unwind(AssertUnwindSafe(|| job(uow))) {
+    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| job(uow)));
+    // A unit that panicked inside `within` left its deadline set.
+    uow.set_deadline(None);
+    let finish = match ran {
         Ok(finish) => finish?,
         Err(_) => {
             tracing::error!("a unit of work panicked; rolled back");

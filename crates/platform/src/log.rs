@@ -126,30 +126,30 @@ pub(crate) fn head(conn: &Connection) -> Result<i64, rusqlite::Error> {
 pub(crate) struct Cursor {
     pub group: Arc<str>,
     pub topics: Arc<[String]>,
-    /// The names the group handles; it never sees the others.
+    /// The names the group handles. Others are read (the group's offset moves past them)
+    /// but never decoded.
     pub names: Arc<[&'static str]>,
     pub partitions: i64,
     pub partition: i64,
     pub after: i64,
 }
 
-/// Up to `limit` messages of the cursor's partition after its position, oldest first.
+/// Up to `limit` messages of the cursor's partition after its position, oldest first; those
+/// whose names the cursor does not want come without their envelope.
 pub(crate) fn read(
     conn: &Connection,
     cursor: &Cursor,
     limit: i64,
-) -> Result<Vec<(i64, Envelope)>, rusqlite::Error> {
+) -> Result<Vec<(i64, Option<Envelope>)>, rusqlite::Error> {
     let topic_params = vec!["?"; cursor.topics.len()].join(", ");
-    let name_params = vec!["?"; cursor.names.len()].join(", ");
     let sql = format!(
         "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log \
-         WHERE position > ? AND topic IN ({topic_params}) AND name IN ({name_params}) \
-           AND key_hash % ? = ? AND (only_group IS NULL OR only_group = ?) \
+         WHERE position > ? AND topic IN ({topic_params}) AND key_hash % ? = ? \
+           AND (only_group IS NULL OR only_group = ?) \
          ORDER BY position LIMIT ?"
     );
     let mut params: Vec<&dyn ToSql> = vec![&cursor.after];
     params.extend(cursor.topics.iter().map(|topic| topic as &dyn ToSql));
-    params.extend(cursor.names.iter().map(|name| name as &dyn ToSql));
     params.extend([
         &cursor.partitions as &dyn ToSql,
         &cursor.partition,
@@ -158,7 +158,12 @@ pub(crate) fn read(
     ]);
     let mut select = conn.prepare_cached(&sql)?;
     let rows = select.query_map(params.as_slice(), |row| {
-        Ok((row.get(0)?, envelope_from_row(row, 1)?))
+        let name = row.get_ref(3)?.as_str()?;
+        let wanted = cursor.names.contains(&name);
+        Ok((
+            row.get(0)?,
+            wanted.then(|| envelope_from_row(row, 1)).transpose()?,
+        ))
     })?;
     rows.collect()
 }

@@ -358,11 +358,12 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             continue;
         }
         lag.set((head_seen - position).max(0) as f64);
+        // The acknowledgement moves past the messages the group does not handle, too.
+        let last = batch.last().map_or(position, |(at, _)| *at);
         let (positions, envelopes): (Vec<i64>, Vec<Arc<Envelope>>) = batch
             .into_iter()
-            .map(|(at, envelope)| (at, Arc::new(envelope)))
+            .filter_map(|(at, envelope)| Some((at, Arc::new(envelope?))))
             .unzip();
-        let last = positions.last().copied().unwrap_or(position);
         // The common case: the whole batch and its acknowledgement in one unit of work.
         let outcome = shared
             .dispatcher

@@ -220,3 +220,89 @@ async fn a_handler_over_its_time_limit_is_interrupted_and_dead_lettered() {
     .await
     .expect("a later unit of work commits");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_told() {
+    use platform::{
+        dead_letter, Bus, ConsumerOptions, HandlerError, Incoming, RetryPolicy, SqlLog,
+        Subscription, UnitOfWork,
+    };
+    use std::time::{Duration, Instant};
+    let (db, _dir) = open().await;
+    let options = ConsumerOptions {
+        lease: Duration::from_secs(2),
+        handler_timeout: Duration::from_millis(200),
+        retry: RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+        },
+        ..ConsumerOptions::default()
+    };
+    // A write that would run for minutes. SQLite rolls the whole transaction back when a
+    // write statement is interrupted, taking the other units of the batch with it.
+    let endless = Subscription::new("endless-writer")
+        .with_options(options)
+        .on(|_incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            uow.conn()
+                .execute(
+                    "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+                     SELECT 'endless', 'c', 'm', 'k', i FROM n",
+                    [],
+                )
+                .map_err(HandlerError::transient)?;
+            Ok(())
+        });
+    let _consumer = SqlLog::new(db.clone())
+        .subscribe(endless)
+        .await
+        .expect("subscribe");
+    db.write(|uow| {
+        uow.emit(&Ping {
+            key: "k".into(),
+            seq: 0,
+        })
+    })
+    .await
+    .expect("publish");
+
+    // Even writes, one after another, while the handler is cut off twice.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut committed = Vec::new();
+    let mut seq = 0;
+    while dead_letter::list(&db, Some("endless-writer"), 10)
+        .await
+        .expect("list")
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the handler was never cut off");
+        let writes: Vec<_> = (0..20)
+            .map(|n| tokio::spawn(write(db.clone(), seq + 2 * n)))
+            .collect();
+        for (n, handle) in writes.into_iter().enumerate() {
+            match handle.await.expect("join") {
+                Ok(()) => committed.push(i64::from(seq) + 2 * n as i64),
+                Err(Failure::Store(StoreError::Commit(_))) => {}
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        seq += 40;
+    }
+    let mut rows: Vec<i64> = column(
+        &db,
+        "SELECT seq FROM conformance_handled WHERE group_name = 'g'",
+    )
+    .await;
+    rows.sort_unstable();
+    assert_eq!(rows, committed, "a unit was told one thing and did another");
+    let endless_rows: Vec<i64> = column(
+        &db,
+        "SELECT COUNT(*) FROM conformance_handled WHERE group_name = 'endless'",
+    )
+    .await;
+    assert_eq!(endless_rows, [0], "the interrupted write left rows behind");
+    write(db.clone(), 1_000_000)
+        .await
+        .expect("the writer goes on");
+}
