@@ -150,48 +150,20 @@ async fn a_lease_shorter_than_two_handler_timeouts_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_over_its_time_limit_is_interrupted_and_dead_lettered() {
-    use platform::{
-        dead_letter, Bus, ConsumerOptions, HandlerError, Incoming, RetryPolicy, SqlLog,
-        Subscription, UnitOfWork,
-    };
+    use platform::dead_letter;
     use std::time::{Duration, Instant};
     let (db, _dir) = open().await;
-    let options = ConsumerOptions {
-        lease: Duration::from_secs(2),
-        handler_timeout: Duration::from_millis(200),
-        retry: RetryPolicy {
-            max_attempts: 2,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(10),
-        },
-        ..ConsumerOptions::default()
-    };
     // A query that would run for minutes: only the time limit ends it.
-    let endless = Subscription::new("endless").with_options(options).on(
-        |_incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-            uow.conn()
-                .query_row(
-                    "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
-                     SELECT COUNT(*) FROM n",
-                    [],
-                    |row| row.get::<_, i64>(0),
-                )
-                .map_err(HandlerError::transient)?;
-            Ok(())
-        },
-    );
-    let _consumer = SqlLog::new(db.clone())
-        .subscribe(endless)
-        .await
-        .expect("subscribe");
-    db.write(|uow| {
-        uow.emit(&Ping {
-            key: "k".into(),
-            seq: 0,
-        })
+    let _consumer = run_past_time_limit(&db, "endless", |conn| {
+        conn.query_row(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+             SELECT COUNT(*) FROM n",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .map(|_| ())
     })
-    .await
-    .expect("publish");
+    .await;
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let letters = loop {
@@ -223,49 +195,21 @@ async fn a_handler_over_its_time_limit_is_interrupted_and_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_told() {
-    use platform::{
-        dead_letter, Bus, ConsumerOptions, HandlerError, Incoming, RetryPolicy, SqlLog,
-        Subscription, UnitOfWork,
-    };
+    use platform::dead_letter;
     use std::time::{Duration, Instant};
     let (db, _dir) = open().await;
-    let options = ConsumerOptions {
-        lease: Duration::from_secs(2),
-        handler_timeout: Duration::from_millis(200),
-        retry: RetryPolicy {
-            max_attempts: 2,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(10),
-        },
-        ..ConsumerOptions::default()
-    };
     // A write that would run for minutes. SQLite rolls the whole transaction back when a
     // write statement is interrupted, taking the other units of the batch with it.
-    let endless = Subscription::new("endless-writer")
-        .with_options(options)
-        .on(|_incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
-            uow.conn()
-                .execute(
-                    "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
-                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
-                     SELECT 'endless', 'c', 'm', 'k', i FROM n",
-                    [],
-                )
-                .map_err(HandlerError::transient)?;
-            Ok(())
-        });
-    let _consumer = SqlLog::new(db.clone())
-        .subscribe(endless)
-        .await
-        .expect("subscribe");
-    db.write(|uow| {
-        uow.emit(&Ping {
-            key: "k".into(),
-            seq: 0,
-        })
+    let _consumer = run_past_time_limit(&db, "endless-writer", |conn| {
+        conn.execute(
+            "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+             SELECT 'endless', 'c', 'm', 'k', i FROM n",
+            [],
+        )
+        .map(|_| ())
     })
-    .await
-    .expect("publish");
+    .await;
 
     // Even writes, one after another, while the handler is cut off twice.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -305,4 +249,45 @@ async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_to
     write(db.clone(), 1_000_000)
         .await
         .expect("the writer goes on");
+}
+
+/// Starts consumer group `group`, whose handler runs `sql` with a 200 ms time limit and two
+/// attempts, and publishes one message to it.
+async fn run_past_time_limit(
+    db: &Database,
+    group: &'static str,
+    sql: fn(&rusqlite::Connection) -> rusqlite::Result<()>,
+) -> platform::Consumer {
+    use platform::{
+        Bus, ConsumerOptions, HandlerError, Incoming, RetryPolicy, SqlLog, Subscription, UnitOfWork,
+    };
+    use std::time::Duration;
+    let options = ConsumerOptions {
+        lease: Duration::from_secs(2),
+        handler_timeout: Duration::from_millis(200),
+        retry: RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+        },
+        ..ConsumerOptions::default()
+    };
+    let endless = Subscription::new(group).with_options(options).on(
+        move |_incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            sql(uow.conn()).map_err(HandlerError::transient)
+        },
+    );
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(endless)
+        .await
+        .expect("subscribe");
+    db.write(|uow| {
+        uow.emit(&Ping {
+            key: "k".into(),
+            seq: 0,
+        })
+    })
+    .await
+    .expect("publish");
+    consumer
 }
