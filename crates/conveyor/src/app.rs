@@ -52,9 +52,15 @@ impl Application {
     /// Serves until `shutdown` is cancelled, then stops taking requests and messages, lets
     /// those in flight finish (up to `DRAIN_TIMEOUT`) and commits what is queued.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let background = CancellationToken::new();
         let consumers = if self.settings.role == Role::Api {
             Vec::new()
         } else {
+            tokio::spawn(platform::retention::run(
+                self.db.clone(),
+                self.settings.retention,
+                background.clone(),
+            ));
             start_consumers(&self.settings, &self.db).await?
         };
         let apis = if self.settings.role == Role::Workers {
@@ -75,6 +81,7 @@ impl Application {
                 .map(|origin| origin.parse())
                 .collect::<Result<_, _>>()
                 .context("a CORS origin is not a valid header value")?,
+            request_timeout: self.settings.request_timeout,
         };
         let router = edge::router(apis, self.db.clone(), &options);
         let servers = TaskTracker::new();
@@ -91,7 +98,16 @@ impl Application {
         }
         servers.close();
         tracing::info!(addresses = ?self.addresses, services = ?self.settings.services.iter().map(|s| s.name).collect::<Vec<_>>(), role = ?self.settings.role, "serving");
-        shutdown.cancelled().await;
+        tracing::info!(config = %self.settings.render(), "effective configuration");
+        let failure = tokio::select! {
+            () = shutdown.cancelled() => None,
+            reason = self.db.failed() => Some(reason),
+        };
+        if let Some(reason) = &failure {
+            tracing::error!(%reason, "the database cannot take writes; stopping so a restart recovers from what is on disk");
+            shutdown.cancel();
+        }
+        background.cancel();
         tracing::info!("shutting down: draining requests and handlers");
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
             servers.wait().await;
@@ -104,6 +120,9 @@ impl Application {
             tracing::warn!("drain timed out; unfinished work will be redelivered");
         }
         self.db.close().await;
+        if let Some(reason) = failure {
+            anyhow::bail!("stopped because the database failed: {reason}");
+        }
         tracing::info!("stopped");
         Ok(())
     }

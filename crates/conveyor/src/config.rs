@@ -3,15 +3,18 @@
 
 use clap::{Args, ValueEnum};
 use edge::ServiceModule;
+use platform::retention::Retention;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA: &str = "./data";
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 pub const DATABASE_FILE: &str = "conveyor.db";
 pub const SQL_LOG: &str = "sql-log";
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A configuration the process cannot start with; printed as one line, exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +94,16 @@ pub struct SettingsArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
+    /// A request still running after this long is answered 503, e.g. 30s or 500ms. [default: 30s]
+    #[arg(long, env = "CONVEYOR_REQUEST_TIMEOUT", value_name = "DURATION")]
+    pub request_timeout: Option<String>,
+    /// How long messages every consumer group has acknowledged stay in the log, e.g. 7d. [default: 7d]
+    #[arg(long, env = "CONVEYOR_LOG_RETENTION", value_name = "DURATION")]
+    pub log_retention: Option<String>,
+    /// How long a handled message's dedupe mark is kept; must be longer than the log's
+    /// retention, so no redelivery outlives its mark. [default: 30d]
+    #[arg(long, env = "CONVEYOR_INBOX_RETENTION", value_name = "DURATION")]
+    pub inbox_retention: Option<String>,
 }
 
 /// `conveyor.toml`: the same keys as the flags, in snake case.
@@ -106,6 +119,9 @@ struct FileSettings {
     log_format: Option<LogFormat>,
     body_limit: Option<usize>,
     cors_origins: Option<Vec<String>>,
+    request_timeout: Option<String>,
+    log_retention: Option<String>,
+    inbox_retention: Option<String>,
 }
 
 /// The effective configuration.
@@ -120,6 +136,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub body_limit: usize,
     pub cors_origins: Vec<String>,
+    pub request_timeout: Duration,
+    pub retention: Retention,
 }
 
 impl SettingsArgs {
@@ -145,6 +163,32 @@ impl SettingsArgs {
             )));
         }
         let names = non_empty(self.services).or(file.services);
+        let defaults = Retention::default();
+        let retention = Retention {
+            log: duration(
+                "log-retention",
+                self.log_retention.or(file.log_retention),
+                defaults.log,
+            )?,
+            inbox: duration(
+                "inbox-retention",
+                self.inbox_retention.or(file.inbox_retention),
+                defaults.inbox,
+            )?,
+        };
+        if retention.inbox <= retention.log {
+            return Err(config_error(format!(
+                "--inbox-retention {}: must be longer than --log-retention {}, or a redelivered \
+                 message could outlive its dedupe mark",
+                humantime::format_duration(retention.inbox),
+                humantime::format_duration(retention.log)
+            )));
+        }
+        let request_timeout = duration(
+            "request-timeout",
+            self.request_timeout.or(file.request_timeout),
+            DEFAULT_REQUEST_TIMEOUT,
+        )?;
         Ok(Settings {
             http: http
                 .iter()
@@ -162,7 +206,25 @@ impl SettingsArgs {
             cors_origins: non_empty(self.cors_origins)
                 .or(file.cors_origins)
                 .unwrap_or_default(),
+            request_timeout,
+            retention,
         })
+    }
+}
+
+/// A duration like `30s`, `500ms` or `7d`; zero is refused.
+fn duration(flag: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match humantime::parse_duration(value.trim()) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        Ok(_) => Err(config_error(format!(
+            "--{flag} {value}: must be more than zero"
+        ))),
+        Err(error) => Err(config_error(format!(
+            "--{flag} {value}: {error} (write it like 30s, 500ms or 7d)"
+        ))),
     }
 }
 
@@ -302,6 +364,18 @@ impl Settings {
             format!("log_format = {log_format:?}"),
             format!("body_limit = {}", self.body_limit),
             format!("cors_origins = {}", list(self.cors_origins.clone())),
+            format!(
+                "request_timeout = \"{}\"",
+                humantime::format_duration(self.request_timeout)
+            ),
+            format!(
+                "log_retention = \"{}\"",
+                humantime::format_duration(self.retention.log)
+            ),
+            format!(
+                "inbox_retention = \"{}\"",
+                humantime::format_duration(self.retention.inbox)
+            ),
         ]
         .join("\n")
     }
@@ -399,6 +473,30 @@ mod tests {
             ..Default::default()
         });
         assert!(missing.unwrap_err().0.contains("cannot read"));
+    }
+
+    #[test]
+    fn durations_are_read_and_checked() {
+        let settings = resolve(SettingsArgs {
+            request_timeout: Some("500ms".into()),
+            log_retention: Some("1h".into()),
+            inbox_retention: Some("2h".into()),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(settings.request_timeout, Duration::from_millis(500));
+        assert_eq!(settings.retention.log, Duration::from_secs(3600));
+        assert!(settings.render().contains("inbox_retention = \"2h\""));
+        let inverted = resolve(SettingsArgs {
+            log_retention: Some("40d".into()),
+            ..Default::default()
+        });
+        assert!(inverted.unwrap_err().0.contains("must be longer"));
+        let garbage = resolve(SettingsArgs {
+            request_timeout: Some("soon".into()),
+            ..Default::default()
+        });
+        assert!(garbage.unwrap_err().0.contains("--request-timeout soon"));
     }
 
     #[test]

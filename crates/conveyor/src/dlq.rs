@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use platform::dead_letter::{self, DeadLetter};
-use platform::Database;
+use platform::{Database, Envelope};
 use std::io::Write;
 
 #[derive(Debug, Subcommand)]
@@ -41,10 +41,14 @@ pub async fn run(db: &Database, command: DlqCommand, out: &mut impl Write) -> an
             )?;
             for letter in &letters {
                 let error: String = letter.error.chars().take(80).collect();
+                let name = letter
+                    .envelope
+                    .as_ref()
+                    .map_or("(undecodable)", |envelope| envelope.name.as_str());
                 writeln!(
                     out,
                     "{:>6}  {:<24}  {:<28}  {:>8}  {error}",
-                    letter.id, letter.group, letter.envelope.name, letter.attempts
+                    letter.id, letter.group, name, letter.attempts
                 )?;
             }
             writeln!(out, "{} dead letter(s)", letters.len())?;
@@ -72,7 +76,21 @@ pub async fn run(db: &Database, command: DlqCommand, out: &mut impl Write) -> an
 }
 
 fn describe(letter: &DeadLetter) -> serde_json::Value {
-    let envelope = &letter.envelope;
+    let message = match &letter.envelope {
+        Ok(envelope) => describe_message(envelope),
+        Err(error) => serde_json::json!({ "undecodable": error }),
+    };
+    serde_json::json!({
+        "id": letter.id,
+        "group": letter.group,
+        "error": letter.error,
+        "attempts": letter.attempts,
+        "failed_at": letter.failed_at,
+        "message": message,
+    })
+}
+
+fn describe_message(envelope: &Envelope) -> serde_json::Value {
     let payload =
         serde_json::from_slice::<serde_json::Value>(&envelope.payload).unwrap_or_else(|_| {
             String::from_utf8_lossy(&envelope.payload)
@@ -80,20 +98,13 @@ fn describe(letter: &DeadLetter) -> serde_json::Value {
                 .into()
         });
     serde_json::json!({
-        "id": letter.id,
-        "group": letter.group,
-        "error": letter.error,
-        "attempts": letter.attempts,
-        "failed_at": letter.failed_at,
-        "message": {
-            "id": envelope.id.to_string(),
-            "kind": envelope.kind.as_str(),
-            "name": envelope.name,
-            "topic": envelope.topic,
-            "key": envelope.key,
-            "occurred_at": envelope.occurred_at,
-            "headers": envelope.headers,
-            "payload": payload,
-        }
+        "id": envelope.id.to_string(),
+        "kind": envelope.kind.as_str(),
+        "name": envelope.name,
+        "topic": envelope.topic,
+        "key": envelope.key,
+        "occurred_at": envelope.occurred_at,
+        "headers": envelope.headers,
+        "payload": payload,
     })
 }

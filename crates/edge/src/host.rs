@@ -12,6 +12,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use platform::{Database, Migration, Subscription};
 use std::sync::OnceLock;
+use std::time::Duration;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, SetRequestIdLayer};
@@ -47,6 +48,8 @@ pub struct HttpOptions {
     pub body_limit: usize,
     /// Origins browsers may call from; empty means any.
     pub cors_origins: Vec<HeaderValue>,
+    /// A request still running after this long is answered 503.
+    pub request_timeout: Duration,
 }
 
 impl Default for HttpOptions {
@@ -54,6 +57,7 @@ impl Default for HttpOptions {
         HttpOptions {
             body_limit: 1024 * 1024,
             cors_origins: Vec::new(),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -131,7 +135,9 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
                 .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
-                        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO))
+                        // One line per request only when asked for (RUST_LOG=debug): at the
+                        // default level it cost a sixth of GET throughput, and the disk.
+                        .on_response(DefaultOnResponse::new().level(tracing::Level::DEBUG))
                         .make_span_with(|request: &Request| {
                             let id = request
                                 .headers()
@@ -141,7 +147,9 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
                             tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
                         }),
                 )
-                .layer(RequestContextLayer)
+                .layer(RequestContextLayer {
+                    timeout: options.request_timeout,
+                })
                 .layer(cors::layer(&options.cors_origins))
                 .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
                 ,
@@ -156,14 +164,15 @@ fn base_openapi() -> OpenApi {
     openapi
 }
 
+/// Ready while the database commits: the probe goes through the writer to the file.
 async fn ready(State(state): State<HostState>) -> Response {
-    match state.db.ping().await {
+    match state.db.probe().await {
         Ok(()) => "ready".into_response(),
         Err(error) => {
-            tracing::warn!(%error, "not ready: database unreachable");
+            tracing::warn!(%error, "not ready: the database cannot commit");
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the database is unreachable",
+                format!("the database cannot commit: {error}"),
             )
             .into_response()
         }

@@ -18,7 +18,17 @@ pub enum BusError {
     PartitionMismatch {
         group: String,
         existing: i64,
-        requested: u16,
+        requested: i64,
+    },
+    #[error(
+        "consumer group {group} runs elsewhere with {live}, and this process would run it with \
+         {requested}: a member that lacks a handler would acknowledge those messages unhandled. \
+         Stop the group's other members first, or give the new handlers a group of their own"
+    )]
+    SubscriptionMismatch {
+        group: String,
+        live: String,
+        requested: String,
     },
     #[error("subscription {0} handles no messages")]
     Empty(String),

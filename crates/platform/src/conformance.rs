@@ -188,8 +188,7 @@ fn record(
                 &incoming.message.key,
                 incoming.message.seq,
             ),
-        )
-        .map_err(HandlerError::transient)?;
+        )?;
     Ok(())
 }
 
@@ -361,7 +360,11 @@ pub async fn always_failing_handler_is_dead_lettered_and_the_group_continues(
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].attempts, 3);
     assert!(letters[0].error.contains("poison"), "{}", letters[0].error);
-    let ping: Ping = serde_json::from_slice(&letters[0].envelope.payload).expect("payload");
+    let envelope = letters[0]
+        .envelope
+        .as_ref()
+        .expect("a decodable dead letter");
+    let ping: Ping = serde_json::from_slice(&envelope.payload).expect("payload");
     assert_eq!(ping.seq, 0);
 }
 

@@ -24,7 +24,6 @@ use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -40,6 +39,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const STATEMENT_CACHE: usize = 128;
 /// SQLite virtual-machine steps between two looks at a unit's deadline.
 const DEADLINE_CHECK_STEPS: i32 = 10_000;
+/// The pause before beginning a transaction again after `BEGIN` failed.
+const BEGIN_RETRY: Duration = Duration::from_millis(100);
+/// How often the watcher looks for commits of other processes on the same file. Checking
+/// costs a few microseconds (SQLite compares a counter in the shared WAL index), so a short
+/// interval buys prompt wake-ups for well under 1 % of a core.
+const WATCH_INTERVAL: Duration = Duration::from_millis(5);
+/// How long the readiness probe waits for the writer to commit it.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -50,12 +57,16 @@ pub enum StoreError {
         name: &'static str,
         source: serde_json::Error,
     },
-    #[error(
-        "the unit of work was abandoned before it committed (writer stopped or work panicked)"
-    )]
+    #[error("the unit of work was abandoned before it committed: the writer has stopped")]
     Abandoned,
+    #[error("the unit of work panicked; it was rolled back")]
+    Panicked,
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error("the database writer did not answer within {0:?}")]
+    Unresponsive(Duration),
+    #[error("cannot decode stored data: {0}")]
+    Undecodable(String),
     #[error("cannot open database {path}: {source}")]
     Open {
         path: String,
@@ -66,6 +77,35 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Is this a failure of the store itself (a full disk, a busy or failing file, a batch
+    /// that did not commit), rather than of the work that ran? Such failures say nothing
+    /// about the work: trying it again once the store recovers will do.
+    pub fn is_infrastructure(&self) -> bool {
+        use rusqlite::ErrorCode;
+        match self {
+            StoreError::Database(error) => matches!(
+                error.sqlite_error_code(),
+                Some(
+                    ErrorCode::DiskFull
+                        | ErrorCode::DatabaseBusy
+                        | ErrorCode::DatabaseLocked
+                        | ErrorCode::SystemIoFailure
+                        | ErrorCode::CannotOpen
+                        | ErrorCode::OutOfMemory
+                        | ErrorCode::ReadOnly
+                )
+            ),
+            StoreError::Abandoned
+            | StoreError::Commit(_)
+            | StoreError::Unresponsive(_)
+            | StoreError::Open { .. }
+            | StoreError::OpenWal { .. } => true,
+            StoreError::Encode { .. } | StoreError::Panicked | StoreError::Undecodable(_) => false,
+        }
+    }
 }
 
 /// The error for a stored value that does not decode: the data is corrupt, not the query.
@@ -85,10 +125,20 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// Told whether the batch holding a successful unit of work committed.
+/// Told whether the batch holding a unit of work committed, once that is known.
 type Finish = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// A queued unit of work: runs it, and returns how to report the commit when it succeeded.
-type Job = Box<dyn FnOnce(&mut UnitOfWork) -> Option<Finish> + Send>;
+/// A queued unit of work: runs it, and says what to do with its changes.
+type Job = Box<dyn FnOnce(&mut UnitOfWork) -> Ran + Send>;
+
+/// How a unit of work ended, as the writer must treat it.
+enum Ran {
+    /// Keep its changes; its caller hears `Ok` once the batch is on disk.
+    Commit(Finish),
+    /// Roll its changes back. A caller still waiting hears its own error only once the
+    /// batch committed: had the batch rolled back, the state that error was decided on
+    /// (a seat taken by an earlier unit, say) may never have existed.
+    RollBack(Option<Finish>),
+}
 
 enum Command {
     Run(Job),
@@ -193,8 +243,12 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     readers: Arc<Readers>,
     head: watch::Receiver<i64>,
+    /// Set once the database can no longer be trusted with a write (a failed flush).
+    fatal: watch::Receiver<Option<String>>,
     /// Becomes true when the writer thread has committed its last batch and stopped.
     stopped: watch::Receiver<bool>,
+    /// Dropping it stops the watcher thread.
+    stop_watcher: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// Read-only connections, each used by one blocking thread at a time.
@@ -280,7 +334,7 @@ impl Database {
         let (uow, head) = open_writer(path).map_err(open_error)?;
         // SQLite's own idea of the file (symbolic links resolved), not ours.
         let wal = wal_path(uow.conn.path().unwrap_or_default());
-        let wal = std::fs::File::open(&wal).map_err(|source| StoreError::OpenWal {
+        let wal = open_wal(&wal).map_err(|source| StoreError::OpenWal {
             path: wal.display().to_string(),
             source,
         })?;
@@ -290,25 +344,46 @@ impl Database {
             permits: Arc::new(Semaphore::new(READ_CONNECTIONS)),
         });
         readers.put_back(readers.take().map_err(open_error)?);
+        let watcher =
+            open_connection(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(open_error)?;
 
         let (commands, queue) = mpsc::channel(WRITE_QUEUE);
-        let (head_tx, head_rx) = watch::channel(head);
+        let head = Arc::new(watch::Sender::new(head));
+        let (fatal_tx, fatal_rx) = watch::channel(None);
         let (stopped_tx, stopped_rx) = watch::channel(false);
-        std::thread::Builder::new()
-            .name("conveyor-writer".into())
-            .spawn(move || {
-                run_writer(uow, queue, wal, head_tx);
-                stopped_tx.send_replace(true);
-            })
-            .map_err(|error| StoreError::Commit(format!("cannot start the writer: {error}")))?;
+        let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();
+        let writer_head = head.clone();
+        let head_rx = head.subscribe();
+        spawn_thread("conveyor-writer", move || {
+            run_writer(uow, queue, wal, writer_head, fatal_tx);
+            stopped_tx.send_replace(true);
+        })?;
+        spawn_thread("conveyor-watcher", move || {
+            watch_other_processes(&watcher, &head, &watcher_stopped);
+        })?;
         Ok(Database {
             inner: Arc::new(Inner {
                 commands,
                 readers,
                 head: head_rx,
+                fatal: fatal_rx,
                 stopped: stopped_rx,
+                stop_watcher: Mutex::new(Some(stop_watcher)),
             }),
         })
+    }
+
+    /// Resolves with the reason once the database can no longer take writes safely: after a
+    /// failed flush of the write-ahead log, the only safe recovery is a restart, which
+    /// replays the log from what is on disk (PostgreSQL does the same).
+    pub async fn failed(&self) -> String {
+        let mut fatal = self.inner.fatal.clone();
+        let reason = match fatal.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The writer is gone; so is any chance of writing.
+            Err(_) => "the database writer has stopped".to_owned(),
+        };
+        reason
     }
 
     /// The position of the newest message in the log; changes after every commit that
@@ -319,8 +394,10 @@ impl Database {
 
     /// Runs `work` as one unit of work and returns once it has committed (or failed).
     ///
-    /// An `Err` from `work` rolls back everything it did, messages included. The messages it
-    /// emitted are durable when this returns `Ok`. Dropping the returned future before `work`
+    /// An `Err` from `work` rolls back everything it did, messages included, and is returned
+    /// only once the batch it ran in committed: if the batch rolled back instead, the caller
+    /// hears the commit error, never an answer decided on state that did not survive. The
+    /// messages it emitted are durable when this returns `Ok`. Dropping the returned future before `work`
     /// starts cancels it. Work runs on the single writer thread: keep it to database work.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
@@ -333,17 +410,21 @@ impl Database {
         let span = tracing::Span::current();
         let job: Job = Box::new(move |uow| {
             if reply.is_closed() {
-                return None;
+                return Ran::RollBack(None);
             }
             let _entered = span.enter();
             uow.context = context;
-            match work(uow) {
-                Ok(value) => Some(Box::new(move |committed: Result<(), StoreError>| {
-                    let _ = reply.send(committed.map(|()| value).map_err(E::from));
+            match std::panic::catch_unwind(AssertUnwindSafe(|| work(uow))) {
+                Ok(Ok(value)) => Ran::Commit(Box::new(move |batch: Result<(), StoreError>| {
+                    let _ = reply.send(batch.map(|()| value).map_err(E::from));
                 })),
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                    None
+                Ok(Err(error)) => Ran::RollBack(Some(Box::new(move |batch| {
+                    let _ = reply.send(Err(batch.map_or_else(E::from, |()| error)));
+                }))),
+                Err(_) => {
+                    tracing::error!("a unit of work panicked; rolled back");
+                    let _ = reply.send(Err(E::from(StoreError::Panicked)));
+                    Ran::RollBack(None)
                 }
             }
         });
@@ -409,14 +490,45 @@ impl Database {
         Ok(())
     }
 
-    /// Is the database answering reads?
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+    /// Can the database commit? Writes a row through the writer and reads it back, within
+    /// `PROBE_TIMEOUT`: a full disk, a failed flush, a stopped or stuck writer all fail it.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        if let Some(reason) = self.inner.fatal.borrow().clone() {
+            return Err(StoreError::Commit(reason));
+        }
+        let checked_at = now_millis();
+        let write = self.write(move |uow| {
+            uow.conn()
+                .prepare_cached(
+                    "INSERT INTO conveyor_health (id, checked_at) VALUES (1, ?) \
+                     ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                )?
+                .execute([checked_at])?;
+            Ok::<_, StoreError>(())
+        });
+        tokio::time::timeout(PROBE_TIMEOUT, write)
             .await
+            .map_err(|_| StoreError::Unresponsive(PROBE_TIMEOUT))??;
+        let read = self.read(|conn| {
+            Ok::<i64, StoreError>(conn.query_row(
+                "SELECT checked_at FROM conveyor_health WHERE id = 1",
+                [],
+                |row| row.get(0),
+            )?)
+        });
+        tokio::time::timeout(PROBE_TIMEOUT, read)
+            .await
+            .map_err(|_| StoreError::Unresponsive(PROBE_TIMEOUT))??;
+        Ok(())
     }
 
     /// Commits what is queued, stops the writer and closes the connections.
     pub async fn close(&self) {
+        self.inner
+            .stop_watcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let _ = self.inner.commands.send(Command::Stop).await;
         let mut stopped = self.inner.stopped.clone();
         let _ = stopped.wait_for(|stopped| *stopped).await;
@@ -435,28 +547,85 @@ fn wal_path(database: &str) -> PathBuf {
     PathBuf::from(format!("{database}-wal"))
 }
 
+/// Opens the write-ahead log for flushing, and flushes its directory once: until the
+/// directory entry is on disk, a crash could lose the whole WAL, not just its last frames.
+fn open_wal(path: &Path) -> std::io::Result<std::fs::File> {
+    let wal = std::fs::File::open(path)?;
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(wal)
+}
+
+fn spawn_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(run)
+        .map(drop)
+        .map_err(|error| StoreError::Commit(format!("cannot start {name}: {error}")))
+}
+
+/// Moves the log head when another process (another `conveyor` on the same file, or a CLI
+/// command such as `dlq replay`) appends to the log, so this process's consumers wake within
+/// a few milliseconds instead of at their safety poll. Commits of this process move the head
+/// too, sometimes before the syncer does: a consumer may then read a message before it is on
+/// disk, which is safe for the reason `Database` gives for readers.
+fn watch_other_processes(
+    conn: &Connection,
+    head: &watch::Sender<i64>,
+    stop: &std::sync::mpsc::Receiver<()>,
+) {
+    let data_version = |conn: &Connection| {
+        conn.prepare_cached("PRAGMA data_version")?
+            .query_row([], |row| row.get::<_, i64>(0))
+    };
+    let mut seen = data_version(conn).ok();
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_INTERVAL) {
+        let version = data_version(conn).ok();
+        if version == seen {
+            continue;
+        }
+        seen = version;
+        match log::head(conn) {
+            Ok(position) => {
+                head.send_if_modified(|head| {
+                    let moved = position > *head;
+                    *head = (*head).max(position);
+                    moved
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the log head"),
+        }
+    }
+}
+
 fn run_writer(
     mut uow: UnitOfWork,
     mut queue: mpsc::Receiver<Command>,
     wal: std::fs::File,
-    head: watch::Sender<i64>,
+    head: Arc<watch::Sender<i64>>,
+    fatal: watch::Sender<Option<String>>,
 ) {
-    let flush_failed = Arc::new(AtomicBool::new(false));
+    let metrics = WriterMetrics::register();
     let (committed, to_sync) = std::sync::mpsc::channel();
     let syncer = {
-        let flush_failed = flush_failed.clone();
+        let fatal = fatal.clone();
+        let flushes = metrics.flush_seconds.clone();
         std::thread::Builder::new()
             .name("conveyor-syncer".into())
-            .spawn(move || run_syncer(&wal, &to_sync, &head, &flush_failed))
+            .spawn(move || run_syncer(&wal, &to_sync, &head, &fatal, &flushes))
     };
     let syncer = match syncer {
         Ok(syncer) => syncer,
         Err(error) => {
             tracing::error!(%error, "cannot start the syncer; no writes are possible");
+            fatal.send_replace(Some(format!("cannot start the syncer: {error}")));
             return;
         }
     };
-    // Units that had not run yet when SQLite aborted their batch's transaction.
+    // Units that had not run yet when their batch could not go on.
     let mut carried: Vec<Job> = Vec::new();
     loop {
         let mut next = None;
@@ -479,13 +648,16 @@ fn run_writer(
                 None
             };
         }
-        if flush_failed.load(Ordering::Acquire) {
+        if fatal.borrow().is_some() {
             // Nothing more may commit: it could become durable while its caller hears it
             // failed. Dropped units tell their callers they were abandoned.
             queue.close();
             continue;
         }
+        metrics.batch_units.record(batch.len() as f64);
+        let started = Instant::now();
         let end = run_batch(&mut uow, batch);
+        metrics.commit_seconds.record(started.elapsed());
         if let Some(batch) = end.committed {
             // The syncer outlives this loop, so the send cannot fail.
             let _ = committed.send(batch);
@@ -495,6 +667,32 @@ fn run_writer(
     // The connection closes only after the last flush (closing may remove the WAL).
     drop(committed);
     let _ = syncer.join();
+}
+
+/// Metric names of the writer.
+pub mod metric {
+    /// Units of work per transaction (histogram).
+    pub const BATCH_UNITS: &str = "conveyor_writer_batch_units";
+    /// Time to run and commit one batch, before its flush (histogram).
+    pub const COMMIT_SECONDS: &str = "conveyor_writer_commit_seconds";
+    /// Time of one flush of the write-ahead log (histogram).
+    pub const FLUSH_SECONDS: &str = "conveyor_writer_flush_seconds";
+}
+
+struct WriterMetrics {
+    batch_units: metrics::Histogram,
+    commit_seconds: metrics::Histogram,
+    flush_seconds: metrics::Histogram,
+}
+
+impl WriterMetrics {
+    fn register() -> Self {
+        WriterMetrics {
+            batch_units: metrics::histogram!(metric::BATCH_UNITS),
+            commit_seconds: metrics::histogram!(metric::COMMIT_SECONDS),
+            flush_seconds: metrics::histogram!(metric::FLUSH_SECONDS),
+        }
+    }
 }
 
 /// A batch committed to the WAL, waiting to be flushed to disk before it is reported.
@@ -510,29 +708,35 @@ fn run_syncer(
     wal: &std::fs::File,
     batches: &std::sync::mpsc::Receiver<Committed>,
     head: &watch::Sender<i64>,
-    flush_failed: &AtomicBool,
+    fatal: &watch::Sender<Option<String>>,
+    flushes: &metrics::Histogram,
 ) {
     let mut failure: Option<String> = None;
     while let Ok(first) = batches.recv() {
         let group: Vec<Committed> = std::iter::once(first).chain(batches.try_iter()).collect();
         if failure.is_none() {
+            let started = Instant::now();
             if let Err(error) = wal.sync_data() {
                 tracing::error!(%error, "cannot flush the write-ahead log; writes now fail");
-                failure = Some(error.to_string());
-                flush_failed.store(true, Ordering::Release);
+                let reason = format!("cannot flush the write-ahead log: {error}");
+                failure = Some(reason.clone());
+                fatal.send_replace(Some(reason));
             }
+            flushes.record(started.elapsed());
         }
         if failure.is_none() {
             if let Some(position) = group.iter().filter_map(|batch| batch.last_position).max() {
-                head.send_replace(position);
+                head.send_if_modified(|head| {
+                    let moved = position > *head;
+                    *head = (*head).max(position);
+                    moved
+                });
             }
         }
         for finish in group.into_iter().flat_map(|batch| batch.finishes) {
             finish(match &failure {
                 None => Ok(()),
-                Some(error) => Err(StoreError::Commit(format!(
-                    "cannot flush the write-ahead log: {error}"
-                ))),
+                Some(reason) => Err(StoreError::Commit(reason.clone())),
             });
         }
     }
@@ -555,8 +759,14 @@ struct BatchEnd {
 /// not. The units not yet run go to the next batch.
 fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
     if let Err(error) = exec(&uow.conn, "BEGIN IMMEDIATE") {
-        tracing::error!(%error, "cannot begin a write transaction");
-        return BatchEnd::default();
+        // Another process held the write lock past the busy timeout, or the file failed:
+        // nothing ran, so the whole batch waits for the next try.
+        tracing::error!(%error, "cannot begin a write transaction; will try again");
+        std::thread::sleep(BEGIN_RETRY);
+        return BatchEnd {
+            committed: None,
+            not_run: batch,
+        };
     }
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut last_position = None;
@@ -570,7 +780,12 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
         }
         let ran = run_unit(uow, job);
         if uow.conn.is_autocommit() {
-            finishes.extend(ran.map(|(finish, _)| finish));
+            match ran.0 {
+                // It failed, and its failure rolled everything back: its own error stands.
+                Ran::RollBack(Some(finish)) => finish(Ok(())),
+                Ran::RollBack(None) => {}
+                Ran::Commit(finish) => finishes.push(finish),
+            }
             break Err("SQLite rolled the transaction back (an interrupted write?)".to_owned());
         }
         if let Err(error) = close_unit(uow, ran, &mut finishes, &mut last_position) {
@@ -605,13 +820,17 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
 /// rolls it back when the unit failed or its messages could not be appended.
 fn close_unit(
     uow: &mut UnitOfWork,
-    ran: Option<(Finish, Vec<Outgoing>)>,
+    (ran, outbox): (Ran, Vec<Outgoing>),
     finishes: &mut Vec<Finish>,
     last_position: &mut Option<i64>,
 ) -> Result<(), rusqlite::Error> {
-    let Some((finish, outbox)) = ran else {
-        exec(&uow.conn, "ROLLBACK TO unit")?;
-        return exec(&uow.conn, "RELEASE unit");
+    let finish = match ran {
+        Ran::Commit(finish) => finish,
+        Ran::RollBack(finish) => {
+            exec(&uow.conn, "ROLLBACK TO unit")?;
+            finishes.extend(finish);
+            return exec(&uow.conn, "RELEASE unit");
+        }
     };
     match log::append(&uow.conn, &outbox) {
         Ok(position) => {
@@ -628,21 +847,13 @@ fn close_unit(
     Ok(())
 }
 
-/// Runs one unit of work; returns its messages, or `None` when it failed (and has been told
-/// so): its changes must be rolled back.
-fn run_unit(uow: &mut UnitOfWork, job: Job) -> Option<(Finish, Vec<Outgoing>)> {
+/// Runs one unit of work; returns how it ended and the messages it emitted.
+fn run_unit(uow: &mut UnitOfWork, job: Job) -> (Ran, Vec<Outgoing>) {
     uow.outbox.clear();
-    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| job(uow)));
+    let ran = job(uow);
     // A unit that panicked inside `within` left its deadline set.
     uow.set_deadline(None);
-    let finish = match ran {
-        Ok(finish) => finish?,
-        Err(_) => {
-            tracing::error!("a unit of work panicked; rolled back");
-            return None;
-        }
-    };
-    Some((finish, std::mem::take(&mut uow.outbox)))
+    (ran, std::mem::take(&mut uow.outbox))
 }
 
 fn exec(conn: &Connection, sql: &str) -> Result<(), rusqlite::Error> {

@@ -13,7 +13,9 @@ pub const MAX_LIST: i64 = 1000;
 pub struct DeadLetter {
     pub id: i64,
     pub group: String,
-    pub envelope: Envelope,
+    /// The message given up on, or why its stored form does not decode (a row of the log
+    /// that was corrupt, or written by a newer version, is dead-lettered as it was).
+    pub envelope: Result<Envelope, String>,
     pub error: String,
     pub attempts: i64,
     /// Milliseconds since the Unix epoch.
@@ -52,11 +54,34 @@ pub(crate) fn record(
     Ok(())
 }
 
+/// Dead-letters the log row at `position` as it is stored, for a row that does not decode.
+pub(crate) fn record_corrupt(
+    uow: &UnitOfWork,
+    group: &str,
+    position: i64,
+    error: &str,
+) -> Result<(), StoreError> {
+    uow.conn().execute(
+        "INSERT INTO conveyor_dead_letters \
+         (group_name, message_id, kind, name, topic, key, payload, headers, occurred_at, error, attempts, failed_at) \
+         SELECT ?, message_id, kind, name, topic, key, payload, headers, occurred_at, ?, 1, ? \
+         FROM conveyor_log WHERE position = ? \
+         ON CONFLICT (group_name, message_id) DO NOTHING",
+        params![
+            group,
+            format!("the stored message does not decode: {error}"),
+            now_millis(),
+            position
+        ],
+    )?;
+    Ok(())
+}
+
 fn from_row(row: &Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
     Ok(DeadLetter {
         id: row.get("id")?,
         group: row.get("group_name")?,
-        envelope: envelope_from_row(row, ENVELOPE_FIRST)?,
+        envelope: envelope_from_row(row, ENVELOPE_FIRST).map_err(|error| error.to_string()),
         error: row.get("error")?,
         attempts: row.get("attempts")?,
         failed_at: row.get("failed_at")?,
@@ -103,7 +128,8 @@ pub async fn get(db: &Database, id: i64) -> Result<Option<DeadLetter>, StoreErro
 }
 
 /// Delivers dead letter `id` again, to its group only, and removes it from the dead letters,
-/// in one unit of work. Returns false when there is no such dead letter.
+/// in one unit of work. Returns false when there is no such dead letter; one whose message
+/// does not decode cannot be replayed (`StoreError::Undecodable`), only purged.
 pub async fn replay(db: &Database, id: i64) -> Result<bool, StoreError> {
     db.write(move |uow| {
         let letter = uow
@@ -120,11 +146,14 @@ pub async fn replay(db: &Database, id: i64) -> Result<bool, StoreError> {
         let Some(letter) = letter else {
             return Ok(false);
         };
+        let envelope = letter
+            .envelope
+            .map_err(|error| StoreError::Undecodable(format!("dead letter {id}: {error}")))?;
         uow.conn().execute(
             "DELETE FROM conveyor_inbox WHERE group_name = ? AND message_id = ?",
-            (&letter.group, letter.envelope.id.to_string()),
+            (&letter.group, envelope.id.to_string()),
         )?;
-        uow.republish(letter.envelope, letter.group);
+        uow.republish(envelope, letter.group);
         Ok(true)
     })
     .await

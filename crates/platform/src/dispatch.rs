@@ -8,7 +8,7 @@ use crate::dead_letter;
 use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Route};
 use crate::inbox;
-use crate::retry::RetryPolicy;
+use crate::retry::{self, RetryPolicy};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,10 +88,15 @@ impl Dispatcher {
         let written = self
             .db
             .write(move |uow| {
+                // The whole batch shares one handler's time: it holds the single writer.
+                let limit = TimeLimit {
+                    per_handler: timeout,
+                    batch_ends: Some(Instant::now() + timeout),
+                };
                 for (index, route, envelope) in routed {
                     let span = message_span(&group, &envelope);
                     let _entered = span.enter();
-                    handle_in(&group, route.as_ref(), envelope, uow, timeout)
+                    handle_in(&group, route.as_ref(), envelope, uow, limit)
                         .map_err(|error| BatchError::Handler { index, error })?;
                 }
                 // A consumer that lost the partition must not commit the effects either.
@@ -115,13 +120,15 @@ impl Dispatcher {
             }
             Err(BatchError::NotOwned) => BatchOutcome::NotOwned,
             Err(BatchError::Handler { index, error }) => {
-                metrics::counter!(metric::FAILED, "group" => self.group.to_string(), "message" => batch[index].name.clone())
-                    .increment(1);
-                BatchOutcome::Failed(Some((index, error)))
+                if error.counts() {
+                    metrics::counter!(metric::FAILED, "group" => self.group.to_string(), "message" => batch[index].name.clone())
+                        .increment(1);
+                }
+                BatchOutcome::HandlerFailed(index, error)
             }
             Err(BatchError::Store(error)) => {
                 tracing::warn!(%error, group = %self.group, "a batch failed to commit");
-                BatchOutcome::Failed(None)
+                BatchOutcome::StoreFailed(error)
             }
         }
     }
@@ -138,6 +145,7 @@ impl Dispatcher {
             ("message", envelope.name.clone()),
         ];
         let mut attempt = 1;
+        let mut outages = 0;
         loop {
             let error = match failed.take() {
                 Some(error) => error,
@@ -151,12 +159,25 @@ impl Dispatcher {
                             return Outcome::Done;
                         }
                         Err(error) => {
-                            metrics::counter!(metric::FAILED, &labels).increment(1);
+                            if error.counts() {
+                                metrics::counter!(metric::FAILED, &labels).increment(1);
+                            }
                             error
                         }
                     }
                 }
             };
+            if !error.counts() {
+                outages += 1;
+                let delay = retry::OUTAGE.delay(outages);
+                tracing::warn!(%error, ?delay, "the store failed under the handler; will retry without counting an attempt");
+                tokio::select! {
+                    () = stop.cancelled() => return Outcome::Stopped,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+            outages = 0;
             if error.is_permanent() || attempt >= self.retry.max_attempts {
                 tracing::error!(%error, attempt, "giving up: dead-lettering the message");
                 return self.dead_letter(&envelope, &error, attempt, stop).await;
@@ -178,9 +199,13 @@ impl Dispatcher {
         route: Arc<dyn Route>,
         envelope: Arc<Envelope>,
     ) -> Result<(), HandlerError> {
-        let (group, timeout) = (self.group.clone(), self.timeout);
+        let group = self.group.clone();
+        let limit = TimeLimit {
+            per_handler: self.timeout,
+            batch_ends: None,
+        };
         self.db
-            .write(move |uow| handle_in(&group, route.as_ref(), envelope, uow, timeout))
+            .write(move |uow| handle_in(&group, route.as_ref(), envelope, uow, limit))
             .await
     }
 
@@ -241,14 +266,23 @@ impl From<StoreError> for BatchError {
     }
 }
 
-/// The outcome of `deliver_batch`.
+/// The outcome of `deliver_batch`. In every case but the first, nothing committed.
 pub(crate) enum BatchOutcome {
     /// Every message handled (or skipped) and the batch acknowledged, all in one commit.
     Acknowledged,
     /// The acknowledgement was refused: this consumer no longer owns the messages.
     NotOwned,
-    /// Nothing committed. Names the message whose handler failed, and how, when it was one.
-    Failed(Option<(usize, HandlerError)>),
+    /// The handler of the message at this index failed.
+    HandlerFailed(usize, HandlerError),
+    /// The unit of work failed otherwise: the store failed, or a handler panicked.
+    StoreFailed(StoreError),
+}
+
+/// How long a handler may run: its own limit, cut short where its batch's time runs out.
+#[derive(Clone, Copy)]
+struct TimeLimit {
+    per_handler: Duration,
+    batch_ends: Option<Instant>,
 }
 
 fn message_span(group: &str, envelope: &Envelope) -> tracing::Span {
@@ -270,9 +304,9 @@ fn handle_in(
     route: &dyn Route,
     envelope: Arc<Envelope>,
     uow: &mut UnitOfWork,
-    timeout: Duration,
+    limit: TimeLimit,
 ) -> Result<(), HandlerError> {
-    if !inbox::claim(uow, group, envelope.id).map_err(HandlerError::transient)? {
+    if !inbox::claim(uow, group, envelope.id)? {
         tracing::debug!("already handled; skipping");
         return Ok(());
     }
@@ -284,8 +318,18 @@ fn handle_in(
         ),
         causation_id: Some(envelope.id.to_string()),
     });
-    match uow.within(timeout, |uow| route.handle(envelope, uow)) {
+    let timeout = limit.per_handler;
+    let batch_left = limit
+        .batch_ends
+        .map(|end| end.saturating_duration_since(Instant::now()))
+        .filter(|left| *left < timeout);
+    match uow.within(batch_left.unwrap_or(timeout), |uow| {
+        route.handle(envelope, uow)
+    }) {
         (handled, false) => handled,
+        (_, true) if batch_left.is_some() => Err(HandlerError::Infrastructure(format!(
+            "its batch used up the time of one handler ({timeout:?}) first"
+        ))),
         (_, true) => Err(HandlerError::transient(format!(
             "handler timed out after {timeout:?}"
         ))),

@@ -17,6 +17,11 @@ pub enum HandlerError {
     /// Retrying cannot help (a message that cannot be decoded or breaks a rule): dead-letter it now.
     #[error("{0}")]
     Permanent(String),
+    /// Not the handler's failure: the store failed under it (a full disk, a busy file, a
+    /// batch that did not commit) or the batch it ran in used up its time. Tried again with
+    /// backoff until it can run, and never counted against the handler's attempts.
+    #[error("{0}")]
+    Infrastructure(String),
 }
 
 impl HandlerError {
@@ -31,11 +36,27 @@ impl HandlerError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, HandlerError::Permanent(_))
     }
+
+    /// Does this failure use up one of the handler's attempts?
+    pub fn counts(&self) -> bool {
+        !matches!(self, HandlerError::Infrastructure(_))
+    }
 }
 
+/// A store error is the handler's own (transient) failure unless the store itself failed.
 impl From<StoreError> for HandlerError {
     fn from(error: StoreError) -> Self {
-        HandlerError::transient(error)
+        if error.is_infrastructure() {
+            HandlerError::Infrastructure(error.to_string())
+        } else {
+            HandlerError::transient(error)
+        }
+    }
+}
+
+impl From<rusqlite::Error> for HandlerError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError::from(error).into()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod handler;
 mod id;
 mod inbox;
 mod log;
+pub mod retention;
 pub mod retry;
 pub mod sql_log;
 

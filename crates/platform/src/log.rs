@@ -18,6 +18,11 @@ CREATE TABLE IF NOT EXISTS conveyor_migrations (
     applied_at INTEGER NOT NULL,
     PRIMARY KEY (service, version)
 );
+-- One row the readiness probe writes, so that it proves a commit reaches the file.
+CREATE TABLE IF NOT EXISTS conveyor_health (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS conveyor_log (
     position    INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id  TEXT NOT NULL,
@@ -32,6 +37,19 @@ CREATE TABLE IF NOT EXISTS conveyor_log (
     only_group  TEXT
 );
 CREATE INDEX IF NOT EXISTS conveyor_log_topic ON conveyor_log (topic, position);
+-- What each consumer group handles (JSON: topics and names) and its partition count, which
+-- every member must agree on.
+CREATE TABLE IF NOT EXISTS conveyor_groups (
+    group_name TEXT PRIMARY KEY,
+    partitions INTEGER NOT NULL,
+    agreement  TEXT NOT NULL
+);
+-- The topics of each group, for retention to find what every reader has acknowledged.
+CREATE TABLE IF NOT EXISTS conveyor_group_topics (
+    group_name TEXT NOT NULL,
+    topic      TEXT NOT NULL,
+    PRIMARY KEY (topic, group_name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conveyor_partitions (
     group_name  TEXT NOT NULL,
     partition   INTEGER NOT NULL,
@@ -134,13 +152,39 @@ pub(crate) struct Cursor {
     pub after: i64,
 }
 
-/// Up to `limit` messages of the cursor's partition after its position, oldest first; those
-/// whose names the cursor does not want come without their envelope.
+/// A row of the log, as one consumer group sees it.
+pub(crate) enum Entry {
+    /// A message of a name the group does not handle: only its position matters.
+    Skipped,
+    Message(Envelope),
+    /// A row that does not decode (corrupt, or written by a newer version): why not.
+    Corrupt(String),
+}
+
+impl Entry {
+    fn from_row(row: &Row<'_>, names: &[&str]) -> Entry {
+        let name = match row.get_ref(3).map(|name| name.as_str()) {
+            Ok(Ok(name)) => name,
+            Ok(Err(error)) => return Entry::Corrupt(format!("column name: {error}")),
+            Err(error) => return Entry::Corrupt(error.to_string()),
+        };
+        if !names.contains(&name) {
+            return Entry::Skipped;
+        }
+        match envelope_from_row(row, 1) {
+            Ok(envelope) => Entry::Message(envelope),
+            Err(error) => Entry::Corrupt(error.to_string()),
+        }
+    }
+}
+
+/// Up to `limit` rows of the cursor's partition after its position, oldest first, by
+/// position. Only the rows whose names the cursor wants are decoded.
 pub(crate) fn read(
     conn: &Connection,
     cursor: &Cursor,
     limit: i64,
-) -> Result<Vec<(i64, Option<Envelope>)>, rusqlite::Error> {
+) -> Result<Vec<(i64, Entry)>, rusqlite::Error> {
     let topic_params = vec!["?"; cursor.topics.len()].join(", ");
     let sql = format!(
         "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log \
@@ -158,12 +202,7 @@ pub(crate) fn read(
     ]);
     let mut select = conn.prepare_cached(&sql)?;
     let rows = select.query_map(params.as_slice(), |row| {
-        let name = row.get_ref(3)?.as_str()?;
-        let wanted = cursor.names.contains(&name);
-        Ok((
-            row.get(0)?,
-            wanted.then(|| envelope_from_row(row, 1)).transpose()?,
-        ))
+        Ok((row.get(0)?, Entry::from_row(row, &cursor.names)))
     })?;
     rows.collect()
 }

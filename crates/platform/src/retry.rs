@@ -21,6 +21,14 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The backoff while the store itself fails (a full disk, a busy file): short enough to
+/// resume soon after it recovers, long enough not to spin.
+pub(crate) const OUTAGE: RetryPolicy = RetryPolicy {
+    max_attempts: u32::MAX,
+    base_delay: Duration::from_millis(100),
+    max_delay: Duration::from_secs(5),
+};
+
 impl RetryPolicy {
     /// The pause after failed attempt number `attempt` (1-based): `base * 2^(attempt-1)`, capped,
     /// less up to a quarter of random jitter, so retries of many consumers spread out while each

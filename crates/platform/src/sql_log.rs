@@ -13,7 +13,8 @@ use crate::dispatch::{metric, BatchOutcome, Dispatcher, Outcome};
 use crate::envelope::now_millis;
 use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Subscription};
-use crate::log::{self, Cursor};
+use crate::log::{self, Cursor, Entry};
+use crate::{dead_letter, retry};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use rusqlite::OptionalExtension;
@@ -56,14 +57,12 @@ impl Bus for SqlLog {
                     handler_timeout: options.handler_timeout,
                 });
             }
-            let partitions = subscription.options.partitions.max(1);
-            ensure_partitions(&self.db, &subscription.group, partitions).await?;
             let group: Arc<str> = subscription.group.into();
             let shared = Arc::new(Shared {
                 member: Uuid::now_v7().to_string(),
                 topics: subscription.topics.into(),
                 names: subscription.routes.keys().copied().collect(),
-                partitions: i64::from(partitions),
+                partitions: i64::from(subscription.options.partitions.max(1)),
                 lease: subscription.options.lease,
                 batch: i64::from(subscription.options.batch.max(1)),
                 dispatcher: Dispatcher {
@@ -75,6 +74,7 @@ impl Bus for SqlLog {
                 },
                 group,
             });
+            join(&shared).await?;
             let stop = CancellationToken::new();
             let task = tokio::spawn(coordinate(shared, stop.clone()));
             Ok(Consumer::new(stop, task))
@@ -104,33 +104,142 @@ impl Shared {
     }
 }
 
-async fn ensure_partitions(db: &Database, group: &str, partitions: u16) -> Result<(), BusError> {
-    let owned = group.to_owned();
-    let existing: i64 = db
-        .write(move |uow| {
-            let conn = uow.conn();
-            for partition in 0..i64::from(partitions) {
-                conn.execute(
-                    "INSERT OR IGNORE INTO conveyor_partitions (group_name, partition) VALUES (?, ?)",
-                    (&owned, partition),
-                )?;
-            }
-            let count = conn.query_row(
-                "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = ?",
-                [&owned],
-                |row| row.get(0),
-            )?;
-            Ok::<_, StoreError>(count)
-        })
-        .await?;
-    if existing != i64::from(partitions) {
-        return Err(BusError::PartitionMismatch {
-            group: group.to_owned(),
-            existing,
-            requested: partitions,
-        });
+/// What a group's members must agree on: which messages it handles, and how it splits
+/// them. A member that handled fewer names would acknowledge the others unhandled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Agreement {
+    topics: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Agreement {
+    fn of(shared: &Shared) -> Self {
+        let mut topics = shared.topics.to_vec();
+        let mut names: Vec<String> = shared.names.iter().map(|name| (*name).to_owned()).collect();
+        topics.sort_unstable();
+        names.sort_unstable();
+        Agreement { topics, names }
     }
-    Ok(())
+}
+
+impl std::fmt::Display for Agreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "topics [{}], names [{}]",
+            self.topics.join(", "),
+            self.names.join(", ")
+        )
+    }
+}
+
+/// Joins the group: records what it handles and its partitions on first use, and checks
+/// this member agrees with them otherwise. A member whose handlers differ from the live
+/// members' is refused; once none is live (a stopped or crashed old version has left or
+/// timed out, which this waits up to one lease for), the group takes the new handlers.
+/// The partition count never changes: offsets are kept per partition.
+async fn join(shared: &Arc<Shared>) -> Result<(), BusError> {
+    let deadline = tokio::time::Instant::now() + shared.lease;
+    loop {
+        match try_join(shared).await? {
+            Ok(()) => return Ok(()),
+            Err(refused @ BusError::SubscriptionMismatch { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %refused, "waiting for the group's other members to leave or time out");
+                tokio::time::sleep((shared.lease / 10).max(MIN_TICK)).await;
+            }
+            Err(refused) => return Err(refused),
+        }
+    }
+}
+
+/// One try at `join`: the outer error is the store's, the inner the group's refusal.
+async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreError> {
+    let shared = shared.clone();
+    let db = shared.db().clone();
+    db.write(move |uow| {
+        let conn = uow.conn();
+        let group = &*shared.group;
+        let now = now_millis();
+        let mine = Agreement::of(&shared);
+        let recorded: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT partitions, agreement FROM conveyor_groups WHERE group_name = ?",
+                [group],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        // Groups from before the agreement was recorded have only their partitions.
+        let partitions: i64 = match &recorded {
+            Some((partitions, _)) => *partitions,
+            None => conn.query_row(
+                "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = ?",
+                [group],
+                |row| row.get(0),
+            )?,
+        };
+        if partitions != 0 && partitions != shared.partitions {
+            return Ok(Err(BusError::PartitionMismatch {
+                group: group.to_owned(),
+                existing: partitions,
+                requested: shared.partitions,
+            }));
+        }
+        conn.execute(
+            "DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?",
+            (group, now),
+        )?;
+        let live: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?",
+            [group],
+            |row| row.get(0),
+        )?;
+        let theirs = recorded.and_then(|(_, text)| serde_json::from_str::<Agreement>(&text).ok());
+        if let Some(theirs) = theirs.filter(|theirs| *theirs != mine && live > 0) {
+            return Ok(Err(BusError::SubscriptionMismatch {
+                group: group.to_owned(),
+                live: theirs.to_string(),
+                requested: mine.to_string(),
+            }));
+        }
+        let agreement = serde_json::to_string(&mine).map_err(|error| {
+            StoreError::Database(rusqlite::Error::ToSqlConversionFailure(Box::new(error)))
+        })?;
+        conn.execute(
+            "INSERT INTO conveyor_groups (group_name, partitions, agreement) VALUES (?, ?, ?) \
+             ON CONFLICT (group_name) DO UPDATE SET agreement = excluded.agreement",
+            (group, shared.partitions, &agreement),
+        )?;
+        conn.execute(
+            "DELETE FROM conveyor_group_topics WHERE group_name = ?",
+            [group],
+        )?;
+        for topic in &mine.topics {
+            conn.execute(
+                "INSERT INTO conveyor_group_topics (group_name, topic) VALUES (?, ?)",
+                (group, topic),
+            )?;
+        }
+        for partition in 0..shared.partitions {
+            conn.execute(
+                "INSERT OR IGNORE INTO conveyor_partitions (group_name, partition) VALUES (?, ?)",
+                (group, partition),
+            )?;
+        }
+        // A member from the start, so that a differing member joining now sees this one.
+        conn.execute(
+            "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
+             ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
+            (
+                group,
+                &shared.member,
+                now.saturating_add(shared.lease_millis()),
+            ),
+        )?;
+        Ok(Ok(()))
+    })
+    .await
 }
 
 /// Keeps this consumer's fair share of partitions leased and runs one lane per partition.
@@ -321,6 +430,8 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     // How far the log is known to hold nothing more for this partition: reads start here,
     // so they skip other partitions' messages already looked past.
     let mut scanned = position;
+    // Consecutive steps the store failed, for the backoff.
+    let mut outages = 0;
     // A busy partition never reads empty: the stop is checked before every read.
     while !stop.is_cancelled() {
         let head_seen = *head.borrow_and_update();
@@ -358,32 +469,25 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             continue;
         }
         lag.set((head_seen - position).max(0) as f64);
-        // The acknowledgement moves past the messages the group does not handle, too.
-        let last = batch.last().map_or(position, |(at, _)| *at);
-        let (positions, envelopes): (Vec<i64>, Vec<Arc<Envelope>>) = batch
-            .into_iter()
-            .filter_map(|(at, envelope)| Some((at, Arc::new(envelope?))))
-            .unzip();
-        // The common case: the whole batch and its acknowledgement in one unit of work.
-        let outcome = shared
-            .dispatcher
-            .deliver_batch(&envelopes, acknowledge(shared.clone(), partition, last))
-            .await;
-        let step = match outcome {
-            BatchOutcome::Acknowledged => Ok(last),
-            BatchOutcome::NotOwned => Err(LaneEnd::NotOwned),
-            BatchOutcome::Failed(Some((index, error))) => {
-                recover(
-                    &shared, partition, &positions, &envelopes, index, error, &stop,
-                )
-                .await
+        let step = match split_at_corrupt(batch) {
+            Split::Corrupt { at, error } => {
+                dead_letter_corrupt(&shared, partition, at, error).await
             }
-            BatchOutcome::Failed(None) => {
-                one_by_one(&shared, partition, &positions, &envelopes, None, &stop).await
-            }
+            Split::Messages(batch) => deliver(&shared, partition, position, batch, &stop).await,
         };
         match step {
-            Ok(acknowledged) => position = position.max(acknowledged),
+            Ok(acknowledged) => {
+                outages = 0;
+                position = position.max(acknowledged);
+            }
+            Err(LaneEnd::Outage(error)) => {
+                outages += 1;
+                let delay = retry::OUTAGE.delay(outages);
+                tracing::warn!(%error, group = %shared.group, partition, ?delay, "the store failed; will try the batch again");
+                if pause(&stop, delay).await {
+                    return;
+                }
+            }
             Err(LaneEnd::NotOwned) => {
                 tracing::info!(group = %shared.group, partition, "partition lease lost");
                 return;
@@ -393,13 +497,118 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     }
 }
 
+/// Why a lane's step did not acknowledge what it read.
 enum LaneEnd {
     NotOwned,
     Stopped,
+    /// The store failed; nothing committed, and the same rows are to be tried again.
+    Outage(StoreError),
+}
+
+/// A batch as read, cut before its first row that does not decode.
+enum Split {
+    Messages(Vec<(i64, Entry)>),
+    /// The batch starts with an undecodable row.
+    Corrupt {
+        at: i64,
+        error: String,
+    },
+}
+
+fn split_at_corrupt(mut batch: Vec<(i64, Entry)>) -> Split {
+    match batch
+        .iter()
+        .position(|(_, entry)| matches!(entry, Entry::Corrupt(_)))
+    {
+        Some(0) => {
+            let (at, entry) = batch.swap_remove(0);
+            let Entry::Corrupt(error) = entry else {
+                unreachable!("the row found corrupt")
+            };
+            Split::Corrupt { at, error }
+        }
+        Some(first) => {
+            batch.truncate(first);
+            Split::Messages(batch)
+        }
+        None => Split::Messages(batch),
+    }
+}
+
+/// Delivers a batch of decoded rows: all of it and its acknowledgement in one unit of work
+/// in the common case. Returns the position acknowledged.
+async fn deliver(
+    shared: &Arc<Shared>,
+    partition: i64,
+    position: i64,
+    batch: Vec<(i64, Entry)>,
+    stop: &CancellationToken,
+) -> Result<i64, LaneEnd> {
+    // The acknowledgement moves past the messages the group does not handle, too.
+    let last = batch.last().map_or(position, |(at, _)| *at);
+    let (positions, envelopes): (Vec<i64>, Vec<Arc<Envelope>>) = batch
+        .into_iter()
+        .filter_map(|(at, entry)| match entry {
+            Entry::Message(envelope) => Some((at, Arc::new(envelope))),
+            Entry::Skipped | Entry::Corrupt(_) => None,
+        })
+        .unzip();
+    let outcome = shared
+        .dispatcher
+        .deliver_batch(&envelopes, acknowledge(shared.clone(), partition, last))
+        .await;
+    match outcome {
+        BatchOutcome::Acknowledged => Ok(last),
+        BatchOutcome::NotOwned => Err(LaneEnd::NotOwned),
+        BatchOutcome::HandlerFailed(index, error) => {
+            // A failure that was not the handler's own is not its first attempt.
+            let attempt = error.counts().then_some(error);
+            recover(
+                shared, partition, &positions, &envelopes, index, attempt, stop,
+            )
+            .await
+        }
+        BatchOutcome::StoreFailed(error) if error.is_infrastructure() => {
+            Err(LaneEnd::Outage(error))
+        }
+        // A handler panicked: find it, and count it, one message at a time.
+        BatchOutcome::StoreFailed(_) => {
+            one_by_one(shared, partition, &positions, &envelopes, None, stop).await
+        }
+    }
+}
+
+/// Dead-letters a row that does not decode, with the decode error, and acknowledges it in
+/// the same unit of work, so the partition moves on. Returns the position acknowledged.
+async fn dead_letter_corrupt(
+    shared: &Arc<Shared>,
+    partition: i64,
+    at: i64,
+    error: String,
+) -> Result<i64, LaneEnd> {
+    tracing::error!(group = %shared.group, partition, position = at, %error, "a log row does not decode; dead-lettering it");
+    let group = shared.group.clone();
+    let acknowledge = acknowledge(shared.clone(), partition, at);
+    let written = shared
+        .db()
+        .write(move |uow| {
+            dead_letter::record_corrupt(uow, &group, at, &error)?;
+            acknowledge(uow)
+        })
+        .await;
+    match written {
+        Ok(true) => {
+            metrics::counter!(metric::DEAD_LETTERED, "group" => shared.group.to_string(), "message" => "(undecodable)")
+                .increment(1);
+            Ok(at)
+        }
+        Ok(false) => Err(LaneEnd::NotOwned),
+        Err(error) => Err(LaneEnd::Outage(error)),
+    }
 }
 
 /// After message `index` of a batch failed: commits the messages before it as a batch of
-/// their own, then delivers it with that failure counted as its first attempt. The rest of
+/// their own, then delivers it, with `failed` counted as its first attempt. The rest of
 /// the batch is read again. Returns the position acknowledged.
 async fn recover(
     shared: &Arc<Shared>,
@@ -407,7 +616,7 @@ async fn recover(
     positions: &[i64],
     envelopes: &[Arc<Envelope>],
     index: usize,
-    error: HandlerError,
+    failed: Option<HandlerError>,
     stop: &CancellationToken,
 ) -> Result<i64, LaneEnd> {
     if index > 0 {
@@ -422,7 +631,10 @@ async fn recover(
         match outcome {
             BatchOutcome::Acknowledged => {}
             BatchOutcome::NotOwned => return Err(LaneEnd::NotOwned),
-            BatchOutcome::Failed(_) => {
+            BatchOutcome::StoreFailed(error) if error.is_infrastructure() => {
+                return Err(LaneEnd::Outage(error))
+            }
+            BatchOutcome::HandlerFailed(..) | BatchOutcome::StoreFailed(_) => {
                 return one_by_one(shared, partition, positions, envelopes, None, stop).await
             }
         }
@@ -432,7 +644,7 @@ async fn recover(
         partition,
         &positions[index..=index],
         &envelopes[index..=index],
-        Some(error),
+        failed,
         stop,
     )
     .await

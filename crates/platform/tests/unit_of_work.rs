@@ -65,7 +65,7 @@ async fn failing_units_roll_back_alone_and_their_messages_are_never_published() 
         let result = handle.await.expect("join");
         match seq {
             7 => assert!(
-                matches!(result, Err(Failure::Store(StoreError::Abandoned))),
+                matches!(result, Err(Failure::Store(StoreError::Panicked))),
                 "{result:?}"
             ),
             _ if seq % 2 == 1 => assert!(matches!(result, Err(Failure::Refused)), "{result:?}"),

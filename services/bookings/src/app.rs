@@ -87,9 +87,11 @@ impl Bookings {
         let event_id = known_id(event_id)?;
         self.db
             .read(move |conn| {
-                let availability = store::availability(conn, event_id)?
+                // One snapshot, so `Booked` always equals the seats of the bookings listed.
+                let snapshot = conn.unchecked_transaction()?;
+                let availability = store::availability(&snapshot, event_id)?
                     .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
-                let bookings = store::bookings(conn, event_id)?;
+                let bookings = store::bookings(&snapshot, event_id)?;
                 Ok(Summary {
                     event_id,
                     availability,
@@ -124,5 +126,5 @@ fn learn_event(incoming: Incoming<EventCreated>, uow: &mut UnitOfWork) -> Result
             event.id
         )));
     }
-    store::learn_event(uow, id, event.capacity).map_err(HandlerError::transient)
+    Ok(store::learn_event(uow, id, event.capacity)?)
 }

@@ -1,0 +1,405 @@
+//! The platform under faults: a full disk, a batch that rolls back, a corrupt log row, a
+//! group joined with other handlers, another process committing to the same file, and the
+//! retention that keeps the tables bounded.
+
+#![allow(clippy::unwrap_used)]
+
+use platform::conformance::{Ping, MIGRATIONS};
+use platform::retention::{self, Retention};
+use platform::{
+    dead_letter, Bus, BusError, ConsumerOptions, Database, HandlerError, Incoming, RetryPolicy,
+    SqlLog, StoreError, Subscription, UnitOfWork,
+};
+use rusqlite::types::FromSql;
+use std::time::{Duration, Instant};
+
+async fn open_at(dir: &tempfile::TempDir) -> Database {
+    let db = Database::open(&dir.path().join("faults.db"))
+        .await
+        .expect("open");
+    db.migrate(MIGRATIONS).await.expect("migrate");
+    db
+}
+
+async fn open() -> (Database, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    (open_at(&dir).await, dir)
+}
+
+async fn scalar<T: FromSql + Send + 'static>(db: &Database, sql: &'static str) -> T {
+    db.read(move |conn| Ok::<_, StoreError>(conn.query_row(sql, [], |row| row.get(0))?))
+        .await
+        .expect(sql)
+}
+
+async fn execute(db: &Database, sql: &'static str) {
+    db.write(move |uow| Ok::<_, StoreError>(uow.conn().execute_batch(sql)?))
+        .await
+        .expect(sql);
+}
+
+async fn publish(db: &Database, count: u32) {
+    db.write(move |uow| {
+        for seq in 0..count {
+            uow.emit(&Ping {
+                key: format!("key-{}", seq % 5),
+                seq,
+            })?;
+        }
+        Ok::<_, StoreError>(())
+    })
+    .await
+    .expect("publish");
+}
+
+/// Few attempts, short delays: a store failure counted as an attempt dead-letters quickly.
+fn impatient() -> ConsumerOptions {
+    ConsumerOptions {
+        lease: Duration::from_millis(600),
+        handler_timeout: Duration::from_millis(300),
+        retry: RetryPolicy {
+            max_attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+        },
+        ..ConsumerOptions::default()
+    }
+}
+
+/// A group whose handler records each ping, returning store errors as they come (`?`).
+fn recording(group: &'static str) -> Subscription {
+    Subscription::new(group).with_options(impatient()).on(
+        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| -> Result<(), HandlerError> {
+            uow.conn().execute(
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+                 VALUES (?, 'c', ?, ?, ?)",
+                (
+                    group,
+                    incoming.envelope.id.to_string(),
+                    &incoming.message.key,
+                    incoming.message.seq,
+                ),
+            )?;
+            Ok(())
+        },
+    )
+}
+
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn handled(db: &Database) -> i64 {
+    scalar(db, "SELECT COUNT(*) FROM conformance_handled").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_delays_messages_and_dead_letters_none() {
+    let (db, _dir) = open().await;
+    publish(&db, 40).await;
+    // Each message takes new pages (a big row); the file is held at its size, and filled.
+    execute(
+        &db,
+        "CREATE TABLE received (message_id TEXT PRIMARY KEY, padding BLOB); \
+         CREATE TABLE filler (blob BLOB); \
+         PRAGMA max_page_count = 1;",
+    )
+    .await;
+    // Until SQLite says the disk is full (which may roll back the transaction it happens in).
+    loop {
+        let inserted = db
+            .write(|uow| {
+                let conn = uow.conn();
+                Ok::<_, StoreError>(conn.execute("INSERT INTO filler VALUES (zeroblob(512))", [])?)
+            })
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(error) => {
+                assert!(error.to_string().contains("full"), "{error}");
+                break;
+            }
+        }
+    }
+
+    let receiving = Subscription::new("disk-full").with_options(impatient()).on(
+        |incoming: Incoming<Ping>, uow: &mut UnitOfWork| -> Result<(), HandlerError> {
+            uow.conn().execute(
+                "INSERT INTO received VALUES (?, zeroblob(8192))",
+                [incoming.envelope.id.to_string()],
+            )?;
+            Ok(())
+        },
+    );
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(receiving)
+        .await
+        .expect("subscribe");
+    let received = async || scalar::<i64>(&db, "SELECT COUNT(*) FROM received").await;
+    // Many times the two attempts the handler has, were the failures counted.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(received().await, 0, "nothing fits on a full disk");
+
+    execute(&db, "DROP TABLE filler; PRAGMA max_page_count = 1000000;").await;
+    wait_until("every message handled", async || received().await == 40).await;
+    let letters = dead_letter::list(&db, None, 100).await.expect("list");
+    assert!(
+        letters.is_empty(),
+        "dead-lettered on a full disk: {letters:?}"
+    );
+    consumer.stop().await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Booking {
+    #[error("sold out")]
+    SoldOut,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_never_answered_from_a_batch_that_rolled_back() {
+    let (db, _dir) = open().await;
+    execute(&db, "CREATE TABLE seats (seat TEXT PRIMARY KEY)").await;
+    // Hold the writer, so the next three units queue up and share one transaction.
+    let holding = tokio::spawn({
+        let db = db.clone();
+        async move {
+            db.write(|_| {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok::<_, StoreError>(())
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let take_seat = |db: Database| async move {
+        db.write(|uow| {
+            let taken: bool = uow
+                .conn()
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM seats WHERE seat = 'A1')",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(StoreError::from)?;
+            if taken {
+                return Err(Booking::SoldOut);
+            }
+            uow.conn()
+                .execute("INSERT INTO seats VALUES ('A1')", [])
+                .map_err(StoreError::from)?;
+            Ok(())
+        })
+        .await
+    };
+    let first = tokio::spawn(take_seat(db.clone()));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let second = tokio::spawn(take_seat(db.clone()));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A unit that makes SQLite abandon the whole transaction.
+    let breaker = tokio::spawn({
+        let db = db.clone();
+        async move {
+            db.write(|uow| {
+                let _ = uow.conn().execute_batch("ROLLBACK");
+                Ok::<_, StoreError>(())
+            })
+            .await
+        }
+    });
+    holding.await.unwrap().expect("the holding unit commits");
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    let _ = breaker.await.unwrap();
+    let seats: i64 = scalar(&db, "SELECT COUNT(*) FROM seats").await;
+    assert_eq!(seats, 0, "the batch rolled back");
+    assert!(
+        matches!(first, Err(Booking::Store(StoreError::Commit(_)))),
+        "{first:?}"
+    );
+    assert!(
+        matches!(second, Err(Booking::Store(StoreError::Commit(_)))),
+        "told sold out for a seat that stayed free: {second:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_row_is_dead_lettered_and_its_partition_moves_on() {
+    let (db, _dir) = open().await;
+    // One partition, so the corrupt row stands in front of the good ones.
+    let options = ConsumerOptions {
+        partitions: 1,
+        ..impatient()
+    };
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(recording("corrupt").with_options(options))
+        .await
+        .expect("subscribe");
+    execute(
+        &db,
+        "INSERT INTO conveyor_log \
+         (message_id, kind, name, topic, key, key_hash, payload, headers, occurred_at) VALUES \
+         ('0190c0de-0000-7000-8000-000000000001', 'notification', 'conformance.Ping', \
+          'conformance.pings', 'k', 1, X'7B7D', '{}', 0), \
+         ('0190c0de-0000-7000-8000-000000000002', 'event', 'conformance.Ping', \
+          'conformance.pings', 'k', 1, X'7B7D', 'not json', 0)",
+    )
+    .await;
+    publish(&db, 3).await;
+    wait_until("the good messages handled", async || {
+        handled(&db).await == 3
+    })
+    .await;
+    let letters = dead_letter::list(&db, Some("corrupt"), 10)
+        .await
+        .expect("list");
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters[0].error.contains("unknown kind notification"),
+        "{}",
+        letters[0].error
+    );
+    assert!(letters[1].error.contains("headers"), "{}", letters[1].error);
+    assert!(letters.iter().all(|letter| letter.envelope.is_err()));
+    let replayed = dead_letter::replay(&db, letters[0].id).await;
+    assert!(
+        matches!(replayed, Err(StoreError::Undecodable(_))),
+        "{replayed:?}"
+    );
+    consumer.stop().await;
+}
+
+fn handling_pings(group: &'static str, partitions: u16) -> Subscription {
+    Subscription::new(group)
+        .with_options(ConsumerOptions {
+            partitions,
+            ..impatient()
+        })
+        .on(|_: Incoming<Ping>, _: &mut UnitOfWork| Ok(()))
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Pong {
+    key: String,
+}
+
+impl platform::Message for Pong {
+    const NAME: &'static str = "conformance.Pong";
+    const TOPIC: &'static str = "conformance.pings";
+
+    fn key(&self) -> String {
+        self.key.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_other_handlers_or_partitions_is_refused() {
+    let (db, _dir) = open().await;
+    let bus = SqlLog::new(db.clone());
+    let old = bus
+        .subscribe(handling_pings("versions", 4))
+        .await
+        .expect("the first member");
+    let newer = handling_pings("versions", 4).on(|_: Incoming<Pong>, _: &mut UnitOfWork| Ok(()));
+    let refused = bus.subscribe(newer).await.err().expect("refused");
+    assert!(
+        matches!(&refused, BusError::SubscriptionMismatch { .. }),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("conformance.Pong"),
+        "{refused}"
+    );
+    for partitions in [2, 8] {
+        let changed = bus.subscribe(handling_pings("versions", partitions)).await;
+        assert!(
+            matches!(changed, Err(BusError::PartitionMismatch { .. })),
+            "{partitions} partitions"
+        );
+    }
+    let same = bus
+        .subscribe(handling_pings("versions", 4))
+        .await
+        .expect("a member like the others joins");
+    same.stop().await;
+    old.stop().await;
+    // With no live member left, the group takes the new handlers.
+    let upgraded = handling_pings("versions", 4).on(|_: Incoming<Pong>, _: &mut UnitOfWork| Ok(()));
+    bus.subscribe(upgraded)
+        .await
+        .expect("the upgrade, once the old members left")
+        .stop()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_of_another_process_wakes_consumers_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let consuming = open_at(&dir).await;
+    // A second handle with its own writer on the same file, as another process has.
+    let producing = Database::open(&dir.path().join("faults.db"))
+        .await
+        .expect("open again");
+    let consumer = SqlLog::new(consuming.clone())
+        .subscribe(recording("woken"))
+        .await
+        .expect("subscribe");
+    // Let every lane go idle, waiting for a wake-up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for round in 1..=10 {
+        let published = Instant::now();
+        publish(&producing, 1).await;
+        wait_until("handled", async || handled(&consuming).await == round).await;
+        slowest = slowest.max(published.elapsed());
+    }
+    // The safety poll is 5 s; a wake-up is milliseconds (the benchmark measures it).
+    assert!(slowest < Duration::from_secs(1), "slowest {slowest:?}");
+    consumer.stop().await;
+    producing.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
+    let (db, _dir) = open().await;
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(recording("retained"))
+        .await
+        .expect("subscribe");
+    publish(&db, 1200).await;
+    wait_until("all handled", async || handled(&db).await == 1200).await;
+    consumer.stop().await;
+    // A group that has fallen behind holds back the rows it has not acknowledged.
+    publish(&db, 1).await;
+    let rows: i64 = scalar(&db, "SELECT COUNT(*) FROM conveyor_log").await;
+    assert_eq!(rows, 1201);
+    let marks: i64 = scalar(&db, "SELECT COUNT(*) FROM conveyor_inbox").await;
+    assert_eq!(marks, 1200);
+
+    let young = retention::prune(&db, Retention::default())
+        .await
+        .expect("prune");
+    assert_eq!(
+        young,
+        retention::Pruned::default(),
+        "nothing is old enough yet"
+    );
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let short = Retention {
+        log: Duration::from_millis(1),
+        inbox: Duration::from_millis(2),
+    };
+    let pruned = retention::prune(&db, short).await.expect("prune");
+    assert_eq!(pruned.log_rows, 1200);
+    assert_eq!(pruned.inbox_marks, 1200);
+    let rows: i64 = scalar(&db, "SELECT COUNT(*) FROM conveyor_log").await;
+    assert_eq!(rows, 1, "the unacknowledged row stays");
+    let head = *db.head().borrow();
+    assert_eq!(head, 1201, "positions never go back");
+}
