@@ -441,6 +441,18 @@ async fn the_api_and_the_workers_can_run_as_separate_roles_on_one_database() {
     assert_eq!(workers.get("/health/ready").await.status(), 200);
     api.wait_until_bookable(&id).await;
     assert_eq!(api.post(&path, &json!({ "seats": 5 })).await.status(), 201);
+    // The workers learn of the API's commits at once, not at their 5 s safety poll.
+    let mut slowest = std::time::Duration::ZERO;
+    for n in 0..10 {
+        let id = api.create_event(&format!("split {n}"), 5).await;
+        let created = std::time::Instant::now();
+        api.wait_until_bookable(&id).await;
+        slowest = slowest.max(created.elapsed());
+    }
+    assert!(
+        slowest < std::time::Duration::from_secs(1),
+        "slowest {slowest:?}"
+    );
     workers.stop().await;
     api.stop().await;
 }

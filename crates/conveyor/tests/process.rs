@@ -26,12 +26,19 @@ struct Server {
 impl Server {
     fn start(data: &Path) -> Server {
         let port = free_port();
-        let child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        command
             .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)
             .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
+        Server::spawn(command, port)
+    }
+
+    /// Runs `command`, which starts `conveyor serve` on `port`, and waits until it is ready.
+    fn spawn(mut command: Command, port: u16) -> Server {
+        let child = command
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .spawn()
             .expect("start conveyor");
         let base = format!("http://127.0.0.1:{port}");
@@ -179,6 +186,160 @@ fn events_created_before_a_sigkill_survive_it_and_bookings_learns_them_all() {
             }
         }
     });
+}
+
+/// Creates events until the server refuses one; returns the ids of those it created.
+async fn create_until_refused(client: &::reqwest::Client, base: &str) -> Vec<String> {
+    let mut created = Vec::new();
+    for n in 0..100_000 {
+        let response = client
+            .post(format!("{base}/events"))
+            .body(seed(&format!("filling {n}")))
+            .send()
+            .await
+            .unwrap();
+        if response.status() != 201 {
+            assert!(response.status().is_server_error(), "{}", response.status());
+            return created;
+        }
+        let body: Value = response.json().await.unwrap();
+        created.push(body["ID"].as_str().unwrap().to_owned());
+    }
+    panic!("the disk never filled up");
+}
+
+#[test]
+fn a_full_disk_makes_the_server_unready_and_loses_no_message() {
+    // A 3 MB filesystem of the server's own, in a mount namespace (no root needed where
+    // user namespaces are allowed), mostly taken by a file we remove later.
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().display().to_string();
+    let port = free_port();
+    let script = format!(
+        "mount -t tmpfs -o size=3m tmpfs {mount} && \
+         dd if=/dev/zero of={mount}/filler bs=64k count=36 2>/dev/null && \
+         exec {BINARY} serve --http 127.0.0.1:{port} --data {mount}/data"
+    );
+    let mut command = Command::new("unshare");
+    command
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .stderr(Stdio::null());
+    let server = Server::spawn(command, port);
+    // The server's view of its filesystem, from outside its namespace.
+    let inside = format!("/proc/{}/root{mount}", server.child.id());
+    let client = ::reqwest::Client::new();
+    reqwest::runtime().block_on(async {
+        // A refusal may come from a batch that needed more room than is left, while a
+        // smaller write still fits: fill on until not even the probe fits.
+        let mut created = Vec::new();
+        let unready = loop {
+            created.extend(create_until_refused(&client, &server.base).await);
+            let ready = client
+                .get(format!("{}/health/ready", server.base))
+                .send()
+                .await
+                .unwrap();
+            if ready.status() == 503 {
+                break ready.json::<Value>().await.unwrap();
+            }
+            assert!(created.len() < 10_000, "never unready");
+        };
+        assert!(!created.is_empty(), "no event fitted at all");
+        let detail = unready["detail"].as_str().unwrap();
+        assert!(detail.contains("full"), "{unready}");
+
+        // Longer than every retry a handler has, were store failures counted as attempts.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        std::fs::remove_file(format!("{inside}/filler")).expect("free the space");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client
+            .get(format!("{}/health/ready", server.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            != 200
+        {
+            assert!(Instant::now() < deadline, "never ready again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        created.extend(create_until_refused_or(&client, &server.base, 20).await);
+        // A dead-lettered `EventCreated` would leave its event unknown to bookings for good.
+        for id in &created {
+            loop {
+                let summary = client
+                    .get(format!("{}/events/{id}/bookings", server.base))
+                    .send()
+                    .await
+                    .unwrap();
+                if summary.status() == 200 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "event {id} never became bookable"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+}
+
+/// Creates up to `count` events, all of which must be accepted.
+async fn create_until_refused_or(
+    client: &::reqwest::Client,
+    base: &str,
+    count: usize,
+) -> Vec<String> {
+    let mut created = Vec::new();
+    for n in 0..count {
+        let response = client
+            .post(format!("{base}/events"))
+            .body(seed(&format!("after {n}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "refused once space came back");
+        let body: Value = response.json().await.unwrap();
+        created.push(body["ID"].as_str().unwrap().to_owned());
+    }
+    created
+}
+
+#[test]
+fn the_default_log_level_writes_no_line_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let port = free_port();
+    let mut command = Command::new(BINARY);
+    command
+        .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir.path().join("data"))
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let server = Server::spawn(command, port);
+    reqwest::runtime().block_on(async {
+        let client = ::reqwest::Client::new();
+        for n in 0..100 {
+            let created = client
+                .post(format!("{}/events", server.base))
+                .body(seed(&format!("quiet {n}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(created.status(), 201);
+            let listed = client.get(format!("{}/events", server.base)).send().await;
+            assert_eq!(listed.unwrap().status(), 200);
+        }
+    });
+    server.signal("TERM");
+    let mut server = server;
+    assert!(server.child.wait().unwrap().success());
+    let written = std::fs::read_to_string(&log).unwrap();
+    assert!(written.contains("serving"), "{written}");
+    assert!(written.contains("effective configuration"), "{written}");
+    let lines = written.lines().count();
+    assert!(lines < 20, "{lines} lines for 200 requests:\n{written}");
 }
 
 #[test]

@@ -92,9 +92,14 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// The longest the readiness probe waits for a commit.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[derive(Clone)]
 struct HostState {
     db: Database,
+    /// Short enough that readiness answers with its own cause before the request timeout.
+    probe_timeout: Duration,
     metrics: PrometheusHandle,
     openapi: std::sync::Arc<OpenApi>,
 }
@@ -108,6 +113,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     let (services, openapi) = combined.split_for_parts();
     let state = HostState {
         db,
+        probe_timeout: PROBE_TIMEOUT.min(options.request_timeout / 2),
         metrics: metrics(),
         openapi: std::sync::Arc::new(openapi),
     };
@@ -166,7 +172,7 @@ fn base_openapi() -> OpenApi {
 
 /// Ready while the database commits: the probe goes through the writer to the file.
 async fn ready(State(state): State<HostState>) -> Response {
-    match state.db.probe().await {
+    match state.db.probe(state.probe_timeout).await {
         Ok(()) => "ready".into_response(),
         Err(error) => {
             tracing::warn!(%error, "not ready: the database cannot commit");

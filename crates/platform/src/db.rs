@@ -45,8 +45,6 @@ const BEGIN_RETRY: Duration = Duration::from_millis(100);
 /// costs a few microseconds (SQLite compares a counter in the shared WAL index), so a short
 /// interval buys prompt wake-ups for well under 1 % of a core.
 const WATCH_INTERVAL: Duration = Duration::from_millis(5);
-/// How long the readiness probe waits for the writer to commit it.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -491,8 +489,8 @@ impl Database {
     }
 
     /// Can the database commit? Writes a row through the writer and reads it back, within
-    /// `PROBE_TIMEOUT`: a full disk, a failed flush, a stopped or stuck writer all fail it.
-    pub async fn probe(&self) -> Result<(), StoreError> {
+    /// `timeout`: a full disk, a failed flush, a stopped or stuck writer all fail it.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), StoreError> {
         if let Some(reason) = self.inner.fatal.borrow().clone() {
             return Err(StoreError::Commit(reason));
         }
@@ -500,15 +498,19 @@ impl Database {
         let write = self.write(move |uow| {
             uow.conn()
                 .prepare_cached(
-                    "INSERT INTO conveyor_health (id, checked_at) VALUES (1, ?) \
-                     ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                    // As many pages as a typical unit writes: a disk with room for
+                    // one page but not for a write is not ready.
+                    "INSERT INTO conveyor_health (id, checked_at, padding) \
+                     VALUES (1, ?, zeroblob(8192)) \
+                     ON CONFLICT (id) DO UPDATE \
+                     SET checked_at = excluded.checked_at, padding = excluded.padding",
                 )?
                 .execute([checked_at])?;
             Ok::<_, StoreError>(())
         });
-        tokio::time::timeout(PROBE_TIMEOUT, write)
+        tokio::time::timeout(timeout, write)
             .await
-            .map_err(|_| StoreError::Unresponsive(PROBE_TIMEOUT))??;
+            .map_err(|_| StoreError::Unresponsive(timeout))??;
         let read = self.read(|conn| {
             Ok::<i64, StoreError>(conn.query_row(
                 "SELECT checked_at FROM conveyor_health WHERE id = 1",
@@ -516,9 +518,9 @@ impl Database {
                 |row| row.get(0),
             )?)
         });
-        tokio::time::timeout(PROBE_TIMEOUT, read)
+        tokio::time::timeout(timeout, read)
             .await
-            .map_err(|_| StoreError::Unresponsive(PROBE_TIMEOUT))??;
+            .map_err(|_| StoreError::Unresponsive(timeout))??;
         Ok(())
     }
 

@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS conveyor_migrations (
 -- One row the readiness probe writes, so that it proves a commit reaches the file.
 CREATE TABLE IF NOT EXISTS conveyor_health (
     id         INTEGER PRIMARY KEY CHECK (id = 1),
-    checked_at INTEGER NOT NULL
+    checked_at INTEGER NOT NULL,
+    padding    BLOB
 );
 CREATE TABLE IF NOT EXISTS conveyor_log (
     position    INTEGER PRIMARY KEY AUTOINCREMENT,
