@@ -26,6 +26,8 @@ pub struct Application {
 impl Application {
     /// Opens and migrates the database and binds the HTTP listeners; serves nothing yet.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        // Metrics registered before the recorder exists would go nowhere.
+        edge::metrics();
         let db = open_database(&settings).await?;
         let mut listeners = Vec::new();
         let mut addresses = Vec::new();

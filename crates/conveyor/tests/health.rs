@@ -94,3 +94,36 @@ async fn a_stuck_writer_makes_the_process_unready_and_requests_time_out() {
         .unwrap();
     assert_eq!(ready.status(), 200, "ready again once the writer is free");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_every_series_from_the_start() {
+    let app = common::spawn_app().await;
+    let body = app.get("/metrics").await.text().await.unwrap();
+    for series in [
+        // A route nobody has called yet, per status class.
+        r#"http_requests_total{route="/events/{id}",status="2xx"} 0"#,
+        r#"http_request_duration_seconds_bucket{route="/events/{id}",status="5xx",le="0.001"} 0"#,
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "conveyor_log_head 0",
+        "conveyor_writer_batch_units_bucket",
+        "conveyor_writer_commit_seconds_bucket",
+        "conveyor_writer_flush_seconds_bucket",
+        r#"conveyor_consumer_lag{group="bookings.learn-events",partition="3"} 0"#,
+        r#"conveyor_handler_dead_lettered_total{group="bookings.learn-events",message="events.EventCreated"} 0"#,
+    ] {
+        assert!(body.contains(series), "no {series} in:\n{body}");
+    }
+    let id = app.create_event("counted", 10).await;
+    app.get(&format!("/events/{id}")).await;
+    let body = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        body.contains(r#"http_requests_total{route="/events/{id}",status="2xx"} 1"#),
+        "{body}"
+    );
+    // The new location's message and the event's.
+    assert!(body.contains("conveyor_log_head 2"), "{body}");
+    app.stop().await;
+}

@@ -80,6 +80,12 @@ pub fn metrics() -> PrometheusHandle {
                         metrics_exporter_prometheus::Matcher::Suffix("_seats".to_owned()),
                         &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 50.0, 100.0],
                     )
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_units".to_owned()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    )
                 });
             match builder.and_then(PrometheusBuilder::install_recorder) {
                 Ok(handle) => handle,
@@ -95,12 +101,16 @@ pub fn metrics() -> PrometheusHandle {
 /// The longest the readiness probe waits for a commit.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The log's newest position (gauge): with the consumers' lag, how far behind they are.
+pub const LOG_HEAD: &str = "conveyor_log_head";
+
 #[derive(Clone)]
 struct HostState {
     db: Database,
     /// Short enough that readiness answers with its own cause before the request timeout.
     probe_timeout: Duration,
     metrics: PrometheusHandle,
+    process: std::sync::Arc<metrics_process::Collector>,
     openapi: std::sync::Arc<OpenApi>,
 }
 
@@ -111,10 +121,16 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
         combined = combined.merge(api);
     }
     let (services, openapi) = combined.split_for_parts();
+    register_route_metrics(&openapi);
+    let process = metrics_process::Collector::default();
+    process.describe();
+    process.collect();
+    metrics::gauge!(LOG_HEAD).set(*db.head().borrow() as f64);
     let state = HostState {
         db,
         probe_timeout: PROBE_TIMEOUT.min(options.request_timeout / 2),
         metrics: metrics(),
+        process: std::sync::Arc::new(process),
         openapi: std::sync::Arc::new(openapi),
     };
     let platform_routes = Router::new()
@@ -185,7 +201,22 @@ async fn ready(State(state): State<HostState>) -> Response {
     }
 }
 
+/// Every documented route's request series from the start, at zero, so that a dashboard
+/// or an alert on a rate sees the route before its first request.
+fn register_route_metrics(openapi: &OpenApi) {
+    use crate::request_context::metric;
+    for route in openapi.paths.paths.keys() {
+        for status in metric::STATUS_CLASSES {
+            let labels = [("route", route.clone()), ("status", status.to_owned())];
+            metrics::counter!(metric::REQUESTS, &labels).increment(0);
+            let _registered = metrics::histogram!(metric::DURATION, &labels);
+        }
+    }
+}
+
 async fn render_metrics(State(state): State<HostState>) -> impl IntoResponse {
+    state.process.collect();
+    metrics::gauge!(LOG_HEAD).set(*state.db.head().borrow() as f64);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

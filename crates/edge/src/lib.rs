@@ -11,6 +11,6 @@ pub mod json;
 pub mod problem;
 mod request_context;
 
-pub use host::{router, HttpOptions, ServiceModule};
+pub use host::{metrics, router, HttpOptions, ServiceModule};
 pub use json::{AnyJson, CaseInsensitiveJson, Query};
 pub use problem::{FieldError, Problem};

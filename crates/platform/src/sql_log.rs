@@ -75,6 +75,7 @@ impl Bus for SqlLog {
                 group,
             });
             join(&shared).await?;
+            register_metrics(&shared);
             let stop = CancellationToken::new();
             let task = tokio::spawn(coordinate(shared, stop.clone()));
             Ok(Consumer::new(stop, task))
@@ -240,6 +241,28 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
         Ok(Ok(()))
     })
     .await
+}
+
+/// Every series of the group from the start, at zero: its handlers' counters and each
+/// partition's lag.
+fn register_metrics(shared: &Shared) {
+    let group = shared.group.to_string();
+    for name in shared.names.iter() {
+        let labels = [("group", group.clone()), ("message", (*name).to_owned())];
+        for counter in [
+            metric::HANDLED,
+            metric::FAILED,
+            metric::RETRIED,
+            metric::DEAD_LETTERED,
+        ] {
+            metrics::counter!(counter, &labels).increment(0);
+        }
+        let _registered = metrics::histogram!(metric::DURATION, &labels);
+    }
+    for partition in 0..shared.partitions {
+        metrics::gauge!(metric::CONSUMER_LAG, "group" => group.clone(), "partition" => partition.to_string())
+            .set(0.0);
+    }
 }
 
 /// Keeps this consumer's fair share of partitions leased and runs one lane per partition.
