@@ -306,6 +306,72 @@ async fn create_until_refused_or(
     created
 }
 
+/// A shared library that makes `fdatasync` fail with EIO once the file named by
+/// `FAIL_FSYNC_AFTER` exists: a disk that stops flushing, for `LD_PRELOAD`.
+const FAILING_FSYNC: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+int fdatasync(int fd) {
+    const char *trigger = getenv("FAIL_FSYNC_AFTER");
+    if (trigger && access(trigger, F_OK) == 0) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int)) dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+"#;
+
+#[test]
+fn a_failed_flush_makes_the_process_exit_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("failing_fsync.c");
+    let library = dir.path().join("failing_fsync.so");
+    std::fs::write(&source, FAILING_FSYNC).unwrap();
+    // `cc` is there wherever cargo links Rust programs.
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("cc");
+    assert!(built.success());
+    let trigger = dir.path().join("fail-now");
+    let port = free_port();
+    let mut command = Command::new(BINARY);
+    command
+        .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir.path().join("data"))
+        .env("LD_PRELOAD", &library)
+        .env("FAIL_FSYNC_AFTER", &trigger)
+        .env("RUST_LOG", "off")
+        .stderr(Stdio::null());
+    let mut server = Server::spawn(command, port);
+    std::fs::write(&trigger, "").unwrap();
+    let status = reqwest::runtime().block_on(async {
+        ::reqwest::Client::new()
+            .post(format!("{}/events", server.base))
+            .body(seed("never flushed"))
+            .send()
+            .await
+            .map(|response| response.status().as_u16())
+    });
+    assert!(!matches!(status, Ok(201)), "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if let Some(exited) = server.child.try_wait().unwrap() {
+            break exited;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after a failed flush"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!exited.success(), "{exited}");
+}
+
 #[test]
 fn the_default_log_level_writes_no_line_per_request() {
     let dir = tempfile::tempdir().unwrap();

@@ -403,3 +403,26 @@ async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
     let head = *db.head().borrow();
     assert_eq!(head, 1201, "positions never go back");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_wait_out_another_process_holding_the_write_lock() {
+    let (db, dir) = open().await;
+    execute(&db, "CREATE TABLE waited (n INTEGER)").await;
+    // Another process's long write transaction, past the writer's 5 s busy timeout.
+    let path = dir.path().join("faults.db");
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked.recv().unwrap();
+    let written = db
+        .write(|uow| Ok::<_, StoreError>(uow.conn().execute("INSERT INTO waited VALUES (1)", [])?))
+        .await;
+    holder.join().unwrap();
+    assert!(written.is_ok(), "{written:?}");
+    assert_eq!(scalar::<i64>(&db, "SELECT COUNT(*) FROM waited").await, 1);
+}
