@@ -55,8 +55,9 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
 
-    progress("starting `conveyor serve` on a fresh data directory");
-    let server = Server::start(&dir.path().join("data")).await?;
+    progress("starting `conveyor serve` (default settings) on a fresh data directory");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[], None).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = server.rss_bytes()?;
 
@@ -111,8 +112,114 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         "propagation: {} events from POST /events returning to bookable",
         args.samples
     ));
-    let mut delays = Vec::with_capacity(args.samples);
-    for n in 0..args.samples {
+    let (p50, p99) = propagation(&client, &server, args.samples).await?;
+    progress("idle CPU of `conveyor serve`");
+    let idle_cpu = idle_cpu_share(&[&server]).await?;
+    let ready_after = server.ready_after;
+    drop(server);
+
+    progress("the same process at RUST_LOG=warn: GET /events/{id}");
+    let quiet = Server::start(&data, &[], Some("warn")).await?;
+    let quiet_rate = load.rate(quiet.address, get(&event_path)).await?;
+    drop(quiet);
+
+    progress(&format!(
+        "--role api and --role workers on one data dir: {} events from POST to bookable",
+        args.samples
+    ));
+    let api = Server::start(&data, &["--role", "api"], None).await?;
+    let workers = Server::start(&data, &["--role", "workers"], None).await?;
+    let (split_p50, split_p99) = propagation(&client, &api, args.samples).await?;
+    progress("idle CPU of the api and workers processes");
+    let split_idle_cpu = idle_cpu_share(&[&api, &workers]).await?;
+    drop((api, workers));
+
+    println!(
+        "MyEvents on the embedded default ({} s per rate, {} clients)",
+        args.seconds, args.concurrency
+    );
+    println!(
+        "{:<44} {:>12} {:>14} {:>8}  target",
+        "measure", "value", "baseline", "ratio"
+    );
+    row(
+        "GET /events/{id} (req/s) vs bare axum",
+        get_rate,
+        bare_rate,
+        ">= 0.50",
+    );
+    row(
+        "GET default logging vs RUST_LOG=warn",
+        get_rate,
+        quiet_rate,
+        ">= 0.90",
+    );
+    row(
+        "POST /events (req/s) vs bare SQLite tx/s",
+        post_rate,
+        sqlite_rate,
+        ">= 1.00",
+    );
+    println!(
+        "{:<44} {:>9.2} ms",
+        "propagation p50, POST to bookable",
+        p50.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:<44} {:>9.2} ms {:>23}  < 50 ms",
+        "propagation p99, POST to bookable",
+        p99.as_secs_f64() * 1e3,
+        ""
+    );
+    millis_row("propagation p50, api process to workers", split_p50, "");
+    millis_row(
+        "propagation p99, api process to workers",
+        split_p99,
+        "< 50 ms",
+    );
+    println!(
+        "{:<44} {:>9.2} %  {:>23}  < 1 %",
+        "idle CPU, one process (% of a core)",
+        idle_cpu * 100.0,
+        ""
+    );
+    println!(
+        "{:<44} {:>9.2} %  {:>23}  < 1 %",
+        "idle CPU, api or workers (% of a core)",
+        split_idle_cpu * 100.0,
+        ""
+    );
+    println!(
+        "{:<44} {:>9.1} MB {:>23}  < 60 MB",
+        "idle RSS of `conveyor serve`",
+        idle_rss as f64 / 1e6,
+        ""
+    );
+    println!(
+        "{:<44} {:>9.0} ms",
+        "start to ready on an empty data dir",
+        ready_after.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn millis_row(label: &str, value: Duration, target: &str) {
+    println!(
+        "{label:<44} {:>9.2} ms {:>23}  {target}",
+        value.as_secs_f64() * 1e3,
+        ""
+    );
+}
+
+/// Creates `samples` events one after another through `server`, timing each from its 201
+/// to the first 200 of its bookings on the same server; returns p50 and p99.
+async fn propagation(
+    client: &reqwest::Client,
+    server: &Server,
+    samples: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut delays = Vec::with_capacity(samples);
+    for n in 0..samples {
         let created: Value = client
             .post(server.url("/events"))
             .body(seed_event(&format!("p{n}")))
@@ -132,51 +239,24 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
     }
     delays.sort();
     let percentile = |p: f64| delays[((delays.len() as f64 - 1.0) * p).round() as usize];
-    let (p50, p99) = (percentile(0.50), percentile(0.99));
+    Ok((percentile(0.50), percentile(0.99)))
+}
 
-    println!(
-        "MyEvents on the embedded default ({} s per rate, {} clients)",
-        args.seconds, args.concurrency
-    );
-    println!(
-        "{:<44} {:>12} {:>14} {:>8}  target",
-        "measure", "value", "baseline", "ratio"
-    );
-    row(
-        "GET /events/{id} (req/s) vs bare axum",
-        get_rate,
-        bare_rate,
-        ">= 0.50",
-    );
-    row(
-        "POST /events (req/s) vs bare SQLite tx/s",
-        post_rate,
-        sqlite_rate,
-        ">= 1.00",
-    );
-    println!(
-        "{:<44} {:>9.2} ms",
-        "propagation p50, POST to bookable",
-        p50.as_secs_f64() * 1e3
-    );
-    println!(
-        "{:<44} {:>9.2} ms {:>23}  < 50 ms",
-        "propagation p99, POST to bookable",
-        p99.as_secs_f64() * 1e3,
-        ""
-    );
-    println!(
-        "{:<44} {:>9.1} MB {:>23}  < 60 MB",
-        "idle RSS of `conveyor serve`",
-        idle_rss as f64 / 1e6,
-        ""
-    );
-    println!(
-        "{:<44} {:>9.0} ms",
-        "start to ready on an empty data dir",
-        server.ready_after.as_secs_f64() * 1e3
-    );
-    Ok(())
+/// The largest share of one core any of `servers` uses while idle, over a few seconds.
+async fn idle_cpu_share(servers: &[&Server]) -> anyhow::Result<f64> {
+    const WINDOW: Duration = Duration::from_secs(5);
+    // Let the last requests' work finish first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<f64> = servers
+        .iter()
+        .map(|server| server.cpu_seconds())
+        .collect::<anyhow::Result<_>>()?;
+    tokio::time::sleep(WINDOW).await;
+    let mut share: f64 = 0.0;
+    for (server, before) in servers.iter().zip(before) {
+        share = share.max((server.cpu_seconds()? - before) / WINDOW.as_secs_f64());
+    }
+    Ok(share)
 }
 
 /// Waits until every consumer partition reports it has caught up with the log.
@@ -376,18 +456,25 @@ struct Server {
 }
 
 impl Server {
-    async fn start(data: &Path) -> anyhow::Result<Server> {
+    /// `conveyor serve` on `data` with `extra` flags, logging at `rust_log` (or the
+    /// default level, to a sink: the figures are of the server, not of a terminal).
+    async fn start(data: &Path, extra: &[&str], rust_log: Option<&str>) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let started = Instant::now();
-        let child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
             .arg(data)
-            .env("RUST_LOG", "warn")
+            .args(extra)
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .spawn()
-            .context("starting conveyor serve")?;
+            .stderr(Stdio::null());
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command.spawn().context("starting conveyor serve")?;
         let base = format!("http://127.0.0.1:{port}");
         let ready = format!("{base}/health/ready");
         loop {
@@ -411,6 +498,28 @@ impl Server {
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// User and system CPU time the process has used.
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        // Linux reports them in clock ticks, which user space always sees at 100 per second.
+        const TICKS_PER_SECOND: f64 = 100.0;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("no command in /proc stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks = |index: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(index)
+                .context("short /proc stat")?
+                .parse::<f64>()?)
+        };
+        // utime and stime: fields 14 and 15 of stat(5), 12 and 13 after the name.
+        Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
     }
 
     fn rss_bytes(&self) -> anyhow::Result<u64> {

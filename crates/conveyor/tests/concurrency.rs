@@ -47,3 +47,31 @@ async fn three_hundred_one_seat_bookings_on_a_hundred_seat_event_sell_exactly_a_
     assert_eq!(summary["Bookings"].as_array().unwrap().len(), 100);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_summary_read_while_seats_sell_counts_exactly_the_bookings_it_lists() {
+    let app = spawn_app().await;
+    let id = app.create_event("busy", 400).await;
+    app.wait_until_bookable(&id).await;
+    let path = format!("/events/{id}/bookings");
+    let booking = (0..400).map(|i| {
+        let (client, url) = (app.client.clone(), app.url(&path));
+        tokio::spawn(async move {
+            let body = json!({ "seats": 1, "user": format!("booker {i}") });
+            client.post(url).body(body.to_string()).send().await
+        })
+    });
+    let booking: Vec<_> = booking.collect();
+    let mut reads = 0;
+    while booking.iter().any(|request| !request.is_finished()) {
+        let summary: Value = app.get(&path).await.json().await.unwrap();
+        let listed = summary["Bookings"].as_array().unwrap().len();
+        assert_eq!(summary["Booked"], listed, "one snapshot: {summary}");
+        reads += 1;
+    }
+    for request in booking {
+        assert_eq!(request.await.unwrap().unwrap().status(), 201);
+    }
+    assert!(reads > 0);
+    app.stop().await;
+}

@@ -167,25 +167,30 @@ fn events_created_before_a_sigkill_survive_it_and_bookings_learns_them_all() {
                 .unwrap();
             assert_eq!(event.status(), 200, "event {id} was lost");
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for id in &created {
-            loop {
-                let summary = client
-                    .get(format!("{}/events/{id}/bookings", restarted.base))
-                    .send()
-                    .await
-                    .unwrap();
-                if summary.status() == 200 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "bookings never learned event {id}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        wait_until_bookable(&client, &restarted.base, &created).await;
     });
+}
+
+/// Waits (up to 20 s) until bookings has learned every event of `ids`.
+async fn wait_until_bookable(client: &::reqwest::Client, base: &str, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in ids {
+        loop {
+            let summary = client
+                .get(format!("{base}/events/{id}/bookings"))
+                .send()
+                .await
+                .unwrap();
+            if summary.status() == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bookings never learned event {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Creates events until the server refuses one; returns the ids of those it created.
@@ -265,23 +270,7 @@ fn a_full_disk_makes_the_server_unready_and_loses_no_message() {
         }
         created.extend(create_until_refused_or(&client, &server.base, 20).await);
         // A dead-lettered `EventCreated` would leave its event unknown to bookings for good.
-        for id in &created {
-            loop {
-                let summary = client
-                    .get(format!("{}/events/{id}/bookings", server.base))
-                    .send()
-                    .await
-                    .unwrap();
-                if summary.status() == 200 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "event {id} never became bookable"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        wait_until_bookable(&client, &server.base, &created).await;
     });
 }
 

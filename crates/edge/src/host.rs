@@ -166,7 +166,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
                                 .get(REQUEST_ID)
                                 .and_then(|value| value.to_str().ok())
                                 .unwrap_or_default();
-                            tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
+                            tracing::debug_span!("request", method = %request.method(), uri = %request.uri(), request_id = id)
                         }),
                 )
                 .layer(RequestContextLayer {

@@ -98,7 +98,9 @@ where
             metrics::counter!(metric::REQUESTS, &labels).increment(1);
             metrics::histogram!(metric::DURATION, &labels).record(started.elapsed());
             if let Some(InternalCause(cause)) = response.extensions().get() {
-                tracing::error!(status = response.status().as_u16(), %cause, "request failed");
+                // The request's span is at DEBUG: the error names the request itself.
+                let request_id = id.as_ref().and_then(|id| id.to_str().ok());
+                tracing::error!(status = response.status().as_u16(), %cause, route = %labels[0].1, request_id, "request failed");
             }
             if let Some(id) = id {
                 response.headers_mut().entry(REQUEST_ID).or_insert(id);

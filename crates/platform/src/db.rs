@@ -14,7 +14,8 @@
 //! writer's path. The log head, which wakes consumers, also moves only after the flush.
 //!
 //! Reads go to a small pool of read-only connections on blocking threads and never wait for
-//! the writer.
+//! the writer. A watcher thread notices commits of other processes on the same file and moves
+//! the log head for them too, so their messages wake this process's consumers.
 
 use crate::context::{self, CausalContext};
 use crate::envelope::{header, now_millis, Envelope, Message};
@@ -44,7 +45,7 @@ const BEGIN_RETRY: Duration = Duration::from_millis(100);
 /// How often the watcher looks for commits of other processes on the same file. Checking
 /// costs a few microseconds (SQLite compares a counter in the shared WAL index), so a short
 /// interval buys prompt wake-ups for well under 1 % of a core.
-const WATCH_INTERVAL: Duration = Duration::from_millis(5);
+const WATCH_INTERVAL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -155,6 +155,29 @@ async fn join(shared: &Arc<Shared>) -> Result<(), BusError> {
     }
 }
 
+/// Drops the group's members whose time ran out and renews this one's for a lease. `join`
+/// does it in the unit that checks the agreement, so a differing member joining at the same
+/// time sees this one.
+fn renew_membership(
+    conn: &rusqlite::Connection,
+    shared: &Shared,
+    now: i64,
+) -> Result<(), rusqlite::Error> {
+    let group = &*shared.group;
+    conn.prepare_cached("DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?")?
+        .execute((group, now))?;
+    conn.prepare_cached(
+        "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
+         ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
+    )?
+    .execute((
+        group,
+        &shared.member,
+        now.saturating_add(shared.lease_millis()),
+    ))?;
+    Ok(())
+}
+
 /// One try at `join`: the outer error is the store's, the inner the group's refusal.
 async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreError> {
     let shared = shared.clone();
@@ -187,13 +210,10 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
                 requested: shared.partitions,
             }));
         }
-        conn.execute(
-            "DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?",
-            (group, now),
-        )?;
         let live: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?",
-            [group],
+            "SELECT COUNT(*) FROM conveyor_members \
+             WHERE group_name = ? AND member <> ? AND seen_until >= ?",
+            (group, &shared.member, now),
             |row| row.get(0),
         )?;
         let theirs = recorded.and_then(|(_, text)| serde_json::from_str::<Agreement>(&text).ok());
@@ -228,16 +248,7 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
                 (group, partition),
             )?;
         }
-        // A member from the start, so that a differing member joining now sees this one.
-        conn.execute(
-            "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
-             ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
-            (
-                group,
-                &shared.member,
-                now.saturating_add(shared.lease_millis()),
-            ),
-        )?;
+        renew_membership(conn, &shared, now)?;
         Ok(Ok(()))
     })
     .await
@@ -346,15 +357,7 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Share, StoreError> {
         let (group, member) = (&*shared.group, shared.member.as_str());
         let now = now_millis();
         let until = now.saturating_add(shared.lease_millis());
-        conn.execute(
-            "DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?",
-            (group, now),
-        )?;
-        conn.execute(
-            "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
-             ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
-            (group, member, until),
-        )?;
+        renew_membership(conn, &shared, now)?;
         let members: i64 = conn.query_row(
             "SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?",
             [group],

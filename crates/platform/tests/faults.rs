@@ -426,3 +426,47 @@ async fn units_wait_out_another_process_holding_the_write_lock() {
     assert!(written.is_ok(), "{written:?}");
     assert_eq!(scalar::<i64>(&db, "SELECT COUNT(*) FROM waited").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_slow_handlers_holds_the_writer_no_longer_than_one_handler_may() {
+    let (db, _dir) = open().await;
+    let options = ConsumerOptions {
+        partitions: 1,
+        batch: 32,
+        lease: Duration::from_secs(2),
+        handler_timeout: Duration::from_millis(300),
+        ..ConsumerOptions::default()
+    };
+    // Each handler takes a fifth of its limit; a batch of 32 would take six limits.
+    let slow = Subscription::new("slow").with_options(options).on(
+        |incoming: Incoming<Ping>, uow: &mut UnitOfWork| -> Result<(), HandlerError> {
+            std::thread::sleep(Duration::from_millis(60));
+            uow.conn().execute(
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+                 VALUES ('slow', 'c', ?, 'k', 0)",
+                [incoming.envelope.id.to_string()],
+            )?;
+            Ok(())
+        },
+    );
+    publish(&db, 32).await;
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(slow)
+        .await
+        .expect("subscribe");
+    let mut longest = Duration::ZERO;
+    while handled(&db).await < 32 {
+        let started = Instant::now();
+        db.write(|_| Ok::<_, StoreError>(()))
+            .await
+            .expect("a write");
+        longest = longest.max(started.elapsed());
+    }
+    assert!(
+        longest < Duration::from_secs(1),
+        "another write waited {longest:?}"
+    );
+    let letters = dead_letter::list(&db, None, 10).await.expect("list");
+    assert!(letters.is_empty(), "{letters:?}");
+    consumer.stop().await;
+}
