@@ -416,6 +416,46 @@ async fn health_metrics_openapi_and_request_ids() {
 }
 
 #[tokio::test]
+async fn paths_that_do_not_decode_are_400_problems() {
+    let app = spawn_app().await;
+    for path in [
+        "/events/%FF",
+        "/events/id/%FF",
+        "/events/name/%FF",
+        "/locations/%FF",
+        "/events/%FF/bookings",
+    ] {
+        problem(app.get(path).await, 400).await;
+    }
+    problem(
+        app.post("/events/%FF/bookings", &json!({ "seats": 1 }))
+            .await,
+        400,
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn integers_written_with_a_zero_fraction_are_integers() {
+    let app = spawn_app().await;
+    let mut event = seed_event("whole", 1);
+    event["location"]["halls"][0]["capacity"] = json!(3.0);
+    event["duration"] = json!(1.2e2);
+    let response = app.post("/events", &event).await;
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (&body["Duration"], &body["Location"]["Halls"][0]["capacity"]),
+        (&json!(120), &json!(3))
+    );
+    event["duration"] = json!(2.5);
+    let body = problem(app.post("/events", &event).await, 400).await;
+    assert_eq!(body["errors"][0]["field"], "duration");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn wrong_methods_are_405_problems() {
     let app = spawn_app().await;
     problem(

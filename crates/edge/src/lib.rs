@@ -12,5 +12,5 @@ pub mod problem;
 mod request_context;
 
 pub use host::{router, HttpOptions, ServiceModule};
-pub use json::{AnyJson, CaseInsensitiveJson, Query};
+pub use json::{AnyJson, CaseInsensitiveJson, Path, Query};
 pub use problem::{FieldError, Problem};

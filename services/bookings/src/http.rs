@@ -3,10 +3,10 @@
 use crate::app::{Bookings, BookingsError, Summary};
 use crate::domain::Booking;
 use crate::domain::BookingRequest as ValidBooking;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use edge::{CaseInsensitiveJson, Problem};
+use edge::{CaseInsensitiveJson, Path, Problem};
 use http::{header, StatusCode};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -3,11 +3,11 @@
 
 use crate::app::{Events, EventsError, Page};
 use crate::domain::{Event, EventDraft, EventId, HallDraft, Location, LocationDraft};
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use edge::{CaseInsensitiveJson, Problem, Query};
+use edge::{CaseInsensitiveJson, Path, Problem, Query};
 use http::{header, StatusCode};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
