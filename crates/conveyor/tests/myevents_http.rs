@@ -416,6 +416,49 @@ async fn health_metrics_openapi_and_request_ids() {
 }
 
 #[tokio::test]
+async fn the_openapi_document_declares_problem_json_for_every_error() {
+    let app = spawn_app().await;
+    let openapi: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let problem = json!({ "schema": { "$ref": "#/components/schemas/Problem" } });
+    for (path, item) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(responses.contains_key("500"), "{method} {path} has no 500");
+            for (status, response) in responses {
+                if status.as_str() >= "400" {
+                    assert_eq!(
+                        response["content"],
+                        json!({ "application/problem+json": problem }),
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
+    // A few of the rules the server enforces, stated in the document.
+    let schemas = &openapi["components"]["schemas"];
+    assert_eq!(
+        schemas["EventRequest"]["required"],
+        json!(["name", "startdate", "enddate", "duration", "location"])
+    );
+    assert_eq!(
+        schemas["LocationRequest"]["properties"]["halls"]["minItems"],
+        1
+    );
+    assert_eq!(
+        schemas["BookingRequest"]["properties"]["seats"]["minimum"],
+        1
+    );
+    let limit = &openapi["paths"]["/events"]["get"]["parameters"][0];
+    assert_eq!(limit["name"], "limit");
+    assert_eq!(
+        (&limit["schema"]["minimum"], &limit["schema"]["maximum"]),
+        (&json!(1), &json!(1000))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn paths_that_do_not_decode_are_400_problems() {
     let app = spawn_app().await;
     for path in [

@@ -101,7 +101,8 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     for api in apis {
         combined = combined.merge(api);
     }
-    let (services, openapi) = combined.split_for_parts();
+    let (services, mut openapi) = combined.split_for_parts();
+    crate::openapi::document_problems(&mut openapi);
     let state = HostState {
         db,
         metrics: metrics(),

@@ -8,8 +8,10 @@
 mod cors;
 pub mod host;
 pub mod json;
+mod openapi;
 pub mod problem;
 mod request_context;
+pub mod schema;
 
 pub use host::{router, HttpOptions, ServiceModule};
 pub use json::{AnyJson, CaseInsensitiveJson, Path, Query};
