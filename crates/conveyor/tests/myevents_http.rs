@@ -459,6 +459,54 @@ async fn the_openapi_document_declares_problem_json_for_every_error() {
 }
 
 #[tokio::test]
+async fn the_docs_page_loads_nothing_from_elsewhere() {
+    let app = spawn_app().await;
+    let page = app.get("/docs").await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.url().path(), "/docs/", "redirected to the page");
+    let html = page.text().await.unwrap();
+    let assets: Vec<&str> = ["src=\"", "href=\""]
+        .iter()
+        .flat_map(|attribute| html.split(attribute).skip(1))
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert!(assets.len() >= 4, "{html}");
+    for asset in assets {
+        assert!(
+            !asset.starts_with("http:") && !asset.starts_with("https:") && !asset.starts_with("//"),
+            "{asset} is fetched from elsewhere"
+        );
+        let response = app
+            .get(&format!("/docs/{}", asset.trim_start_matches("./")))
+            .await;
+        assert_eq!(response.status(), 200, "{asset}");
+        let body = response.text().await.unwrap();
+        if asset.ends_with(".css") {
+            assert!(
+                !body.contains("@import") && !body.contains("url(http") && !body.contains("url(//"),
+                "{asset}"
+            );
+        }
+    }
+    let initializer = app
+        .get("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        initializer.contains("\"url\": \"/openapi.json\""),
+        "{initializer}"
+    );
+    assert!(
+        initializer.contains("\"validatorUrl\": \"none\""),
+        "{initializer}"
+    );
+    problem(app.get("/docs/no-such-file.js").await, 404).await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn paths_that_do_not_decode_are_400_problems() {
     let app = spawn_app().await;
     for path in [
@@ -467,6 +515,7 @@ async fn paths_that_do_not_decode_are_400_problems() {
         "/events/name/%FF",
         "/locations/%FF",
         "/events/%FF/bookings",
+        "/docs/%FF",
     ] {
         problem(app.get(path).await, 400).await;
     }

@@ -117,6 +117,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     let request_id = HeaderName::from_static(REQUEST_ID);
     services
         .merge(platform_routes)
+        .merge(crate::docs::routes())
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
