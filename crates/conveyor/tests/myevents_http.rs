@@ -416,6 +416,138 @@ async fn health_metrics_openapi_and_request_ids() {
 }
 
 #[tokio::test]
+async fn the_openapi_document_declares_problem_json_for_every_error() {
+    let app = spawn_app().await;
+    let openapi: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let problem = json!({ "schema": { "$ref": "#/components/schemas/Problem" } });
+    for (path, item) in openapi["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(responses.contains_key("500"), "{method} {path} has no 500");
+            for (status, response) in responses {
+                if status.as_str() >= "400" {
+                    assert_eq!(
+                        response["content"],
+                        json!({ "application/problem+json": problem }),
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
+    // A few of the rules the server enforces, stated in the document.
+    let schemas = &openapi["components"]["schemas"];
+    assert_eq!(
+        schemas["EventRequest"]["required"],
+        json!(["name", "startdate", "enddate", "duration", "location"])
+    );
+    assert_eq!(
+        schemas["LocationRequest"]["properties"]["halls"]["minItems"],
+        1
+    );
+    assert_eq!(
+        schemas["BookingRequest"]["properties"]["seats"]["minimum"],
+        1
+    );
+    let limit = &openapi["paths"]["/events"]["get"]["parameters"][0];
+    assert_eq!(limit["name"], "limit");
+    assert_eq!(
+        (&limit["schema"]["minimum"], &limit["schema"]["maximum"]),
+        (&json!(1), &json!(1000))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_docs_page_loads_nothing_from_elsewhere() {
+    let app = spawn_app().await;
+    let page = app.get("/docs").await;
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.url().path(), "/docs/", "redirected to the page");
+    let html = page.text().await.unwrap();
+    let assets: Vec<&str> = ["src=\"", "href=\""]
+        .iter()
+        .flat_map(|attribute| html.split(attribute).skip(1))
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    assert!(assets.len() >= 4, "{html}");
+    for asset in assets {
+        assert!(
+            !asset.starts_with("http:") && !asset.starts_with("https:") && !asset.starts_with("//"),
+            "{asset} is fetched from elsewhere"
+        );
+        let response = app
+            .get(&format!("/docs/{}", asset.trim_start_matches("./")))
+            .await;
+        assert_eq!(response.status(), 200, "{asset}");
+        let body = response.text().await.unwrap();
+        if asset.ends_with(".css") {
+            assert!(
+                !body.contains("@import") && !body.contains("url(http") && !body.contains("url(//"),
+                "{asset}"
+            );
+        }
+    }
+    let initializer = app
+        .get("/docs/swagger-initializer.js")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        initializer.contains("\"url\": \"/openapi.json\""),
+        "{initializer}"
+    );
+    assert!(
+        initializer.contains("\"validatorUrl\": \"none\""),
+        "{initializer}"
+    );
+    problem(app.get("/docs/no-such-file.js").await, 404).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn paths_that_do_not_decode_are_400_problems() {
+    let app = spawn_app().await;
+    for path in [
+        "/events/%FF",
+        "/events/id/%FF",
+        "/events/name/%FF",
+        "/locations/%FF",
+        "/events/%FF/bookings",
+        "/docs/%FF",
+    ] {
+        problem(app.get(path).await, 400).await;
+    }
+    problem(
+        app.post("/events/%FF/bookings", &json!({ "seats": 1 }))
+            .await,
+        400,
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn integers_written_with_a_zero_fraction_are_integers() {
+    let app = spawn_app().await;
+    let mut event = seed_event("whole", 1);
+    event["location"]["halls"][0]["capacity"] = json!(3.0);
+    event["duration"] = json!(1.2e2);
+    let response = app.post("/events", &event).await;
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (&body["Duration"], &body["Location"]["Halls"][0]["capacity"]),
+        (&json!(120), &json!(3))
+    );
+    event["duration"] = json!(2.5);
+    let body = problem(app.post("/events", &event).await, 400).await;
+    assert_eq!(body["errors"][0]["field"], "duration");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn wrong_methods_are_405_problems() {
     let app = spawn_app().await;
     problem(

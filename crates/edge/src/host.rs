@@ -120,7 +120,8 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     for api in apis {
         combined = combined.merge(api);
     }
-    let (services, openapi) = combined.split_for_parts();
+    let (services, mut openapi) = combined.split_for_parts();
+    crate::openapi::document_problems(&mut openapi);
     register_route_metrics(&openapi);
     let process = metrics_process::Collector::default();
     process.describe();
@@ -142,6 +143,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     let request_id = HeaderName::from_static(REQUEST_ID);
     services
         .merge(platform_routes)
+        .merge(crate::docs::routes())
         .fallback(|| async { Problem::not_found("no such resource") })
         .method_not_allowed_fallback(|| async {
             Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")

@@ -1,4 +1,5 @@
-//! Request extractors whose rejections are problem details.
+//! Request extractors whose rejections are problem details: axum's own answer in plain text,
+//! which no client of a problem+json API expects.
 //!
 //! JSON bodies are read whatever the Content-Type says: the original clients of the
 //! reference systems send none, `text/plain` or form-urlencoded.
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::StatusCode;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Number, Value};
 
 /// A JSON body, whatever the Content-Type. 413 past the body limit; 400 naming the field
 /// that failed to parse.
@@ -24,8 +25,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for AnyJson<T> {
     }
 }
 
-/// Like `AnyJson`, but object keys match the target's field names whatever their case: the
-/// target's fields must be named in lower case.
+/// Like `AnyJson`, but object keys match the target's field names whatever their case (the
+/// target's fields must be named in lower case), and an integer written with a zero fraction
+/// (`2.0`) is read as one, as JSON Schema (and so the OpenAPI document) counts it.
 pub struct CaseInsensitiveJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for CaseInsensitiveJson<T> {
@@ -38,7 +40,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for CaseInsensitiveJson
         let mut value: Value = serde_json::from_slice(&body).map_err(|error| {
             Problem::bad_request(format!("the request body is not valid JSON: {error}"))
         })?;
-        lowercase_keys(&mut value);
+        normalize(&mut value);
         let value = serde_path_to_error::deserialize(value).map_err(field_problem)?;
         Ok(CaseInsensitiveJson(value))
     }
@@ -84,20 +86,34 @@ fn field_problem(error: serde_path_to_error::Error<serde_json::Error>) -> Proble
     }
 }
 
-fn lowercase_keys(value: &mut Value) {
+/// Keys in lower case, and whole floats as integers.
+fn normalize(value: &mut Value) {
     match value {
         // Most clients already send lower-case keys: rebuild only the maps that need it.
         Value::Object(map) if map.keys().any(|key| key.chars().any(char::is_uppercase)) => {
             let entries = std::mem::take(map);
             for (key, mut inner) in entries {
-                lowercase_keys(&mut inner);
+                normalize(&mut inner);
                 map.insert(key.to_lowercase(), inner);
             }
         }
-        Value::Object(map) => map.values_mut().for_each(lowercase_keys),
-        Value::Array(items) => items.iter_mut().for_each(lowercase_keys),
+        Value::Object(map) => map.values_mut().for_each(normalize),
+        Value::Array(items) => items.iter_mut().for_each(normalize),
+        Value::Number(number) => {
+            if let Some(whole) = whole_float(number) {
+                *number = whole.into();
+            }
+        }
         _ => {}
     }
+}
+
+/// `2.0` as `2`. Only up to 2^53: past it a float stands for more than one integer literal,
+/// so which one the client wrote is lost.
+fn whole_float(number: &Number) -> Option<i64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    let float = number.as_f64().filter(|_| number.is_f64())?;
+    (float.fract() == 0.0 && float.abs() <= EXACT).then_some(float as i64)
 }
 
 /// Query parameters; 400 problem naming the problem when they do not parse.
@@ -111,5 +127,27 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
             .await
             .map(|query| Query(query.0))
             .map_err(|rejection| Problem::bad_request(rejection.body_text()))
+    }
+}
+
+/// Path parameters; 400 problem when one does not decode (e.g. `%FF`, not UTF-8).
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|path| Path(path.0))
+            .map_err(|rejection| {
+                let status = rejection.status();
+                // A 5xx rejection means a route and its extractor disagree: a bug, not the client's.
+                if status.is_server_error() {
+                    Problem::internal(rejection.body_text())
+                } else {
+                    Problem::new(status, rejection.body_text())
+                }
+            })
     }
 }

@@ -23,6 +23,7 @@ pub struct Problem {
     pub title: &'static str,
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,

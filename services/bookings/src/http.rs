@@ -1,15 +1,18 @@
 //! The bookings service's REST API, in the original MyEvents wire format.
 
 use crate::app::{Bookings, BookingsError, Summary};
-use crate::domain::Booking;
 use crate::domain::BookingRequest as ValidBooking;
-use axum::extract::{Path, State};
+use crate::domain::{Booking, MAX_USER_CHARS};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use edge::{CaseInsensitiveJson, Problem};
+use edge::schema::{integer, or_null, text};
+use edge::{CaseInsensitiveJson, Path, Problem};
 use http::{header, StatusCode};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Schema};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -31,11 +34,28 @@ impl From<BookingsError> for Problem {
 }
 
 /// `{"seats": n, "user": "optional name"}`; keys match whatever their case.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct BookingRequest {
     seats: Option<i64>,
     user: Option<String>,
 }
+
+/// Written from `domain::BookingRequest::new`'s rules: the DTO's fields are all optional, so
+/// that a missing one is named by the domain.
+impl PartialSchema for BookingRequest {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .description(Some(
+                "Seats to book. Keys match whatever their case (`seats`, `Seats`, ...).",
+            ))
+            .property("seats", integer(1, i64::MAX))
+            .property("user", or_null(text(MAX_USER_CHARS)))
+            .required("seats")
+            .into()
+    }
+}
+
+impl ToSchema for BookingRequest {}
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "PascalCase")]
@@ -92,8 +112,13 @@ impl From<Summary> for SummaryResponse {
 
 /// Books seats; 409 when not enough are left.
 #[utoipa::path(post, path = "/events/{id}/bookings", tag = "bookings", request_body = BookingRequest,
-    responses((status = 201, body = BookingResponse), (status = 400, body = Problem),
-        (status = 404, body = Problem), (status = 409, body = Problem), (status = 413, body = Problem)))]
+    params(("id" = uuid::Uuid, Path, description = "The event's id.")),
+    responses((status = 201, description = "Booked.", body = BookingResponse,
+            headers(("location" = String, description = "The event's bookings, `/events/{id}/bookings`."))),
+        (status = 400, description = "The body is not JSON or breaks a rule, or the path is not UTF-8.", body = Problem),
+        (status = 404, description = "Bookings knows no such event (yet: it learns events from messages).", body = Problem),
+        (status = 409, description = "Not enough seats are left.", body = Problem),
+        (status = 413, description = "The body is larger than the limit.", body = Problem)))]
 async fn book(
     State(bookings): State<Bookings>,
     Path(event_id): Path<String>,
@@ -112,7 +137,10 @@ async fn book(
 
 /// An event's capacity, seats booked and left, and its bookings.
 #[utoipa::path(get, path = "/events/{id}/bookings", tag = "bookings",
-    responses((status = 200, body = SummaryResponse), (status = 404, body = Problem)))]
+    params(("id" = uuid::Uuid, Path, description = "The event's id.")),
+    responses((status = 200, description = "The event's seats and bookings.", body = SummaryResponse),
+        (status = 400, description = "The path is not UTF-8 once decoded.", body = Problem),
+        (status = 404, description = "Bookings knows no such event (yet: it learns events from messages).", body = Problem)))]
 async fn summary(
     State(bookings): State<Bookings>,
     Path(event_id): Path<String>,

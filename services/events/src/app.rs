@@ -9,6 +9,8 @@ use platform::{Database, StoreError};
 
 /// Most items one page of a list returns.
 pub const MAX_PAGE: i64 = 1000;
+/// Items a page returns when the request does not say.
+pub const DEFAULT_PAGE: i64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -39,7 +41,7 @@ pub struct Page {
 
 impl Page {
     pub fn new(limit: Option<i64>, offset: Option<i64>) -> Result<Page, Invalid> {
-        let limit = limit.unwrap_or(100);
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(Invalid {
                 field: "limit".into(),

@@ -1,8 +1,14 @@
 //! Events and locations: the rules a new one must satisfy. Pure: no IO, no async.
 
+use std::ops::RangeInclusive;
+
 pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_TEXT_CHARS: usize = 500;
 pub const MAX_HALLS: usize = 100;
+/// Seats one hall may have.
+pub const HALL_CAPACITY: RangeInclusive<i64> = 1..=1_000_000;
+/// The hours a location may open and close at.
+pub const HOURS: RangeInclusive<i64> = 0..=24;
 
 /// A request that breaks a rule, naming the field (a path into the request).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,8 +90,11 @@ impl LocationDraft {
         let field = |name: &str| format!("{prefix}{name}");
         let hour = |name: &str, value: Option<i64>| match value {
             None => Ok(0),
-            Some(hour @ 0..=24) => Ok(hour),
-            Some(_) => Err(invalid(field(name), "must be an hour from 0 to 24")),
+            Some(hour) if HOURS.contains(&hour) => Ok(hour),
+            Some(_) => Err(invalid(
+                field(name),
+                format!("must be an hour from {} to {}", HOURS.start(), HOURS.end()),
+            )),
         };
         let drafts = self.halls.unwrap_or_default();
         if drafts.is_empty() {
@@ -103,8 +112,14 @@ impl LocationDraft {
             .map(|(i, hall)| {
                 let at = |name: &str| field(&format!("halls[{i}].{name}"));
                 let capacity = match hall.capacity {
-                    Some(capacity @ 1..=1_000_000) => capacity,
-                    _ => return Err(invalid(at("capacity"), "must be from 1 to 1000000")),
+                    Some(capacity) if HALL_CAPACITY.contains(&capacity) => capacity,
+                    _ => {
+                        let (min, max) = (HALL_CAPACITY.start(), HALL_CAPACITY.end());
+                        return Err(invalid(
+                            at("capacity"),
+                            format!("must be from {min} to {max}"),
+                        ));
+                    }
                 };
                 Ok(Hall {
                     name: text(&at("name"), hall.name, MAX_NAME_CHARS, false)?,

@@ -1,17 +1,21 @@
 //! The events service's REST API, in the original MyEvents wire format: responses use its
 //! keys (`ID`, `Name`, `StartDate`, ...), requests match keys case-insensitively.
 
-use crate::app::{Events, EventsError, Page};
+mod schema;
+
+use crate::app::{Events, EventsError, Page, DEFAULT_PAGE, MAX_PAGE};
 use crate::domain::{Event, EventDraft, EventId, HallDraft, Location, LocationDraft};
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use edge::{CaseInsensitiveJson, Problem, Query};
+use edge::schema::integer;
+use edge::{CaseInsensitiveJson, Path, Problem, Query};
 use http::{header, StatusCode};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use utoipa::openapi::schema::Object;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -91,8 +95,8 @@ impl From<EventsError> for Problem {
     }
 }
 
-/// A hall, in a request or a response.
-#[derive(Debug, Deserialize, ToSchema)]
+/// A hall in a request. Request bodies are documented in `schema.rs`, from the domain's rules.
+#[derive(Debug, Deserialize)]
 pub struct HallRequest {
     name: Option<String>,
     location: Option<String>,
@@ -100,7 +104,7 @@ pub struct HallRequest {
 }
 
 /// A location in a request: give `id` to reuse a known location, or the rest to create one.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct LocationRequest {
     id: Option<String>,
     name: Option<String>,
@@ -112,7 +116,7 @@ pub struct LocationRequest {
 }
 
 /// An event in a request. Keys match whatever their case (`startdate`, `StartDate`, ...).
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct EventRequest {
     name: Option<String>,
     startdate: Option<i64>,
@@ -230,8 +234,22 @@ impl From<&Event> for EventResponse {
 /// `?limit` (1 to 1000, default 100) and `?offset` (default 0).
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct PageQuery {
+    /// How many to return.
+    #[param(schema_with = page_limit)]
     limit: Option<i64>,
+    /// How many of the newest to skip.
+    #[param(schema_with = page_offset)]
     offset: Option<i64>,
+}
+
+fn page_limit() -> Object {
+    integer(1, MAX_PAGE)
+        .default(Some(DEFAULT_PAGE.into()))
+        .build()
+}
+
+fn page_offset() -> Object {
+    integer(0, i64::MAX).default(Some(0.into())).build()
 }
 
 impl TryFrom<PageQuery> for Page {
@@ -249,7 +267,8 @@ fn created(path: String, body: impl Serialize) -> Response {
 
 /// Events, newest first.
 #[utoipa::path(get, path = "/events", tag = "events", params(PageQuery),
-    responses((status = 200, body = [EventResponse]), (status = 400, body = Problem)))]
+    responses((status = 200, description = "A page of events.", body = [EventResponse]),
+        (status = 400, description = "`limit` or `offset` is not an integer in range.", body = Problem)))]
 async fn list_events(
     State(events): State<Events>,
     Query(page): Query<PageQuery>,
@@ -260,7 +279,10 @@ async fn list_events(
 
 /// Creates an event, and its location unless `location.id` names a known one.
 #[utoipa::path(post, path = "/events", tag = "events", request_body = EventRequest,
-    responses((status = 201, body = EventResponse), (status = 400, body = Problem), (status = 413, body = Problem)))]
+    responses((status = 201, description = "Created.", body = EventResponse,
+            headers(("location" = String, description = "The event's URL, `/events/{id}`."))),
+        (status = 400, description = "The body is not JSON or breaks a rule; `errors` names the field.", body = Problem),
+        (status = 413, description = "The body is larger than the limit.", body = Problem)))]
 async fn create_event(
     State(events): State<Events>,
     CaseInsensitiveJson(request): CaseInsensitiveJson<EventRequest>,
@@ -274,14 +296,20 @@ async fn create_event(
 
 /// One event.
 #[utoipa::path(get, path = "/events/{id}", tag = "events",
-    responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
+    params(("id" = uuid::Uuid, Path, description = "The event's id.")),
+    responses((status = 200, description = "The event.", body = EventResponse),
+        (status = 400, description = "The path is not UTF-8 once decoded.", body = Problem),
+        (status = 404, description = "No such event.", body = Problem)))]
 async fn get_event(State(api): State<Api>, Path(id): Path<String>) -> Result<Response, Problem> {
     Ok(json_response(api.event_json(&id).await?))
 }
 
 /// One event (the original's search form).
 #[utoipa::path(get, path = "/events/id/{id}", tag = "events",
-    responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
+    params(("id" = uuid::Uuid, Path, description = "The event's id.")),
+    responses((status = 200, description = "The event.", body = EventResponse),
+        (status = 400, description = "The path is not UTF-8 once decoded.", body = Problem),
+        (status = 404, description = "No such event.", body = Problem)))]
 async fn get_event_by_id(
     State(api): State<Api>,
     Path(id): Path<String>,
@@ -295,7 +323,10 @@ fn json_response(body: Bytes) -> Response {
 
 /// The newest event with this exact name.
 #[utoipa::path(get, path = "/events/name/{name}", tag = "events",
-    responses((status = 200, body = EventResponse), (status = 404, body = Problem)))]
+    params(("name" = String, Path, min_length = 1, description = "The event's exact name.")),
+    responses((status = 200, description = "The newest event of that name.", body = EventResponse),
+        (status = 400, description = "The path is not UTF-8 once decoded.", body = Problem),
+        (status = 404, description = "No event has that name.", body = Problem)))]
 async fn get_event_by_name(
     State(events): State<Events>,
     Path(name): Path<String>,
@@ -305,7 +336,8 @@ async fn get_event_by_name(
 
 /// Locations, newest first.
 #[utoipa::path(get, path = "/locations", tag = "events", params(PageQuery),
-    responses((status = 200, body = [LocationResponse]), (status = 400, body = Problem)))]
+    responses((status = 200, description = "A page of locations.", body = [LocationResponse]),
+        (status = 400, description = "`limit` or `offset` is not an integer in range.", body = Problem)))]
 async fn list_locations(
     State(events): State<Events>,
     Query(page): Query<PageQuery>,
@@ -316,7 +348,10 @@ async fn list_locations(
 
 /// Creates a location.
 #[utoipa::path(post, path = "/locations", tag = "events", request_body = LocationRequest,
-    responses((status = 201, body = LocationResponse), (status = 400, body = Problem), (status = 413, body = Problem)))]
+    responses((status = 201, description = "Created.", body = LocationResponse,
+            headers(("location" = String, description = "The location's URL, `/locations/{id}`."))),
+        (status = 400, description = "The body is not JSON or breaks a rule; `errors` names the field.", body = Problem),
+        (status = 413, description = "The body is larger than the limit.", body = Problem)))]
 async fn create_location(
     State(events): State<Events>,
     CaseInsensitiveJson(request): CaseInsensitiveJson<LocationRequest>,
@@ -330,7 +365,10 @@ async fn create_location(
 
 /// One location.
 #[utoipa::path(get, path = "/locations/{id}", tag = "events",
-    responses((status = 200, body = LocationResponse), (status = 404, body = Problem)))]
+    params(("id" = uuid::Uuid, Path, description = "The location's id.")),
+    responses((status = 200, description = "The location.", body = LocationResponse),
+        (status = 400, description = "The path is not UTF-8 once decoded.", body = Problem),
+        (status = 404, description = "No such location.", body = Problem)))]
 async fn get_location(
     State(events): State<Events>,
     Path(id): Path<String>,
