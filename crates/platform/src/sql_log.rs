@@ -594,7 +594,8 @@ async fn deliver(
             )
             .await
         }
-        BatchOutcome::StoreFailed(error) if error.is_infrastructure() => {
+        // With no handler in the batch, only the acknowledgement can have failed.
+        BatchOutcome::StoreFailed(error) if error.is_infrastructure() || envelopes.is_empty() => {
             Err(LaneEnd::Outage(error))
         }
         // A handler panicked: find it, and count it, one message at a time.
