@@ -3,7 +3,7 @@
 
 use crate::cors;
 use crate::problem::Problem;
-use crate::request_context::RequestContextLayer;
+use crate::request_context::{RequestContextLayer, RouteMetrics};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -98,6 +98,9 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// The platform's own routes, beside the services' documented ones.
+const PLATFORM_ROUTES: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
+
 /// The longest the readiness probe waits for a commit.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -122,7 +125,14 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     }
     let (services, mut openapi) = combined.split_for_parts();
     crate::openapi::document_problems(&mut openapi);
-    register_route_metrics(&openapi);
+    let route_metrics = RouteMetrics::register(
+        openapi
+            .paths
+            .paths
+            .keys()
+            .map(String::as_str)
+            .chain(PLATFORM_ROUTES),
+    );
     let process = metrics_process::Collector::default();
     process.describe();
     process.collect();
@@ -173,6 +183,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
                 )
                 .layer(RequestContextLayer {
                     timeout: options.request_timeout,
+                    metrics: std::sync::Arc::new(route_metrics),
                 })
                 .layer(cors::layer(&options.cors_origins))
                 .layer(axum::extract::DefaultBodyLimit::max(options.body_limit))
@@ -199,19 +210,6 @@ async fn ready(State(state): State<HostState>) -> Response {
                 format!("the database cannot commit: {error}"),
             )
             .into_response()
-        }
-    }
-}
-
-/// Every documented route's request series from the start, at zero, so that a dashboard
-/// or an alert on a rate sees the route before its first request.
-fn register_route_metrics(openapi: &OpenApi) {
-    use crate::request_context::metric;
-    for route in openapi.paths.paths.keys() {
-        for status in metric::STATUS_CLASSES {
-            let labels = [("route", route.clone()), ("status", status.to_owned())];
-            metrics::counter!(metric::REQUESTS, &labels).increment(0);
-            let _registered = metrics::histogram!(metric::DURATION, &labels);
         }
     }
 }

@@ -42,10 +42,10 @@ const STATEMENT_CACHE: usize = 128;
 const DEADLINE_CHECK_STEPS: i32 = 10_000;
 /// The pause before beginning a transaction again after `BEGIN` failed.
 const BEGIN_RETRY: Duration = Duration::from_millis(100);
-/// How often the watcher looks for commits of other processes on the same file. Checking
-/// costs a few microseconds (SQLite compares a counter in the shared WAL index), so a short
-/// interval buys prompt wake-ups for well under 1 % of a core.
-const WATCH_INTERVAL: Duration = Duration::from_millis(10);
+/// How often the watcher looks for commits of other processes on the same file.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// Every how many ticks the watcher asks SQLite even though the WAL looks unchanged.
+const WATCH_FULL_CHECK_TICKS: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -346,6 +346,11 @@ impl Database {
         let watcher =
             open_connection(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(open_error)?;
 
+        let watched_wal = wal.try_clone().map_err(|source| StoreError::OpenWal {
+            path: path.display().to_string(),
+            source,
+        })?;
+
         let (commands, queue) = mpsc::channel(WRITE_QUEUE);
         let head = Arc::new(watch::Sender::new(head));
         let (fatal_tx, fatal_rx) = watch::channel(None);
@@ -358,7 +363,7 @@ impl Database {
             stopped_tx.send_replace(true);
         })?;
         spawn_thread("conveyor-watcher", move || {
-            watch_other_processes(&watcher, &head, &watcher_stopped);
+            watch_other_processes(&watcher, &watched_wal, &head, &watcher_stopped);
         })?;
         Ok(Database {
             inner: Arc::new(Inner {
@@ -575,22 +580,40 @@ fn spawn_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), S
 /// a few milliseconds instead of at their safety poll. Commits of this process move the head
 /// too, sometimes before the syncer does: a consumer may then read a message before it is on
 /// disk, which is safe for the reason `Database` gives for readers.
+///
+/// Every tick looks at the WAL's size and modification time (one `fstat`); only when they
+/// changed, or every `WATCH_FULL_CHECK_TICKS` ticks (file times are coarse, and a WAL reset
+/// after a checkpoint rewrites it in place), does it ask SQLite, which costs a read
+/// transaction: asking every tick took most of a percent of a core.
 fn watch_other_processes(
     conn: &Connection,
+    wal: &std::fs::File,
     head: &watch::Sender<i64>,
     stop: &std::sync::mpsc::Receiver<()>,
 ) {
+    let stamp = || {
+        wal.metadata()
+            .ok()
+            .map(|metadata| (metadata.len(), metadata.modified().ok()))
+    };
     let data_version = |conn: &Connection| {
         conn.prepare_cached("PRAGMA data_version")?
             .query_row([], |row| row.get::<_, i64>(0))
     };
-    let mut seen = data_version(conn).ok();
+    let (mut seen_stamp, mut seen_version) = (stamp(), data_version(conn).ok());
+    let mut ticks: u32 = 0;
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(WATCH_INTERVAL) {
-        let version = data_version(conn).ok();
-        if version == seen {
+        ticks = ticks.wrapping_add(1);
+        let now = stamp();
+        if now == seen_stamp && !ticks.is_multiple_of(WATCH_FULL_CHECK_TICKS) {
             continue;
         }
-        seen = version;
+        seen_stamp = now;
+        let version = data_version(conn).ok();
+        if version == seen_version {
+            continue;
+        }
+        seen_version = version;
         match log::head(conn) {
             Ok(position) => {
                 head.send_if_modified(|head| {
