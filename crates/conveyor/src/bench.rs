@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// GET and POST /events rates, event-to-bookable propagation, idle memory.
+    /// GET and POST /events rates (GET also at RUST_LOG=warn), event-to-bookable propagation in
+    /// one process and from an api process to a workers process, idle CPU and memory.
     Myevents(BenchArgs),
     /// The GET baseline's server: a bare axum handler answering `/event` with the bytes of
     /// FILE. Prints its address, then serves until killed.
