@@ -58,12 +58,14 @@ impl Application {
         let consumers = if self.settings.role == Role::Api {
             Vec::new()
         } else {
+            let consumers = start_consumers(&self.settings, &self.db).await?;
+            // After the groups joined, so that retention knows what each of them reads.
             tokio::spawn(platform::retention::run(
                 self.db.clone(),
                 self.settings.retention,
                 background.clone(),
             ));
-            start_consumers(&self.settings, &self.db).await?
+            consumers
         };
         let apis = if self.settings.role == Role::Workers {
             Vec::new()

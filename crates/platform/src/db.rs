@@ -25,6 +25,7 @@ use rusqlite::{Connection, OpenFlags};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -248,6 +249,8 @@ struct Inner {
     stopped: watch::Receiver<bool>,
     /// Dropping it stops the watcher thread.
     stop_watcher: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Set by `close`: a batch that cannot begin is then abandoned, not retried forever.
+    stopping: Arc<AtomicBool>,
 }
 
 /// Read-only connections, each used by one blocking thread at a time.
@@ -357,9 +360,11 @@ impl Database {
         let (stopped_tx, stopped_rx) = watch::channel(false);
         let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();
         let writer_head = head.clone();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let writer_stopping = stopping.clone();
         let head_rx = head.subscribe();
         spawn_thread("conveyor-writer", move || {
-            run_writer(uow, queue, wal, writer_head, fatal_tx);
+            run_writer(uow, queue, wal, writer_head, fatal_tx, &writer_stopping);
             stopped_tx.send_replace(true);
         })?;
         spawn_thread("conveyor-watcher", move || {
@@ -373,6 +378,7 @@ impl Database {
                 fatal: fatal_rx,
                 stopped: stopped_rx,
                 stop_watcher: Mutex::new(Some(stop_watcher)),
+                stopping,
             }),
         })
     }
@@ -501,30 +507,31 @@ impl Database {
             return Err(StoreError::Commit(reason));
         }
         let checked_at = now_millis();
-        let write = self.write(move |uow| {
-            uow.conn()
-                .prepare_cached(
-                    // As many pages as a typical unit writes: a disk with room for
-                    // one page but not for a write is not ready.
-                    "INSERT INTO conveyor_health (id, checked_at, padding) \
-                     VALUES (1, ?, zeroblob(8192)) \
-                     ON CONFLICT (id) DO UPDATE \
-                     SET checked_at = excluded.checked_at, padding = excluded.padding",
-                )?
-                .execute([checked_at])?;
-            Ok::<_, StoreError>(())
-        });
-        tokio::time::timeout(timeout, write)
+        let write_and_read = async {
+            self.write(move |uow| {
+                uow.conn()
+                    .prepare_cached(
+                        // As many pages as a typical unit writes: a disk with room for
+                        // one page but not for a write is not ready.
+                        "INSERT INTO conveyor_health (id, checked_at, padding) \
+                         VALUES (1, ?, zeroblob(8192)) \
+                         ON CONFLICT (id) DO UPDATE \
+                         SET checked_at = excluded.checked_at, padding = excluded.padding",
+                    )?
+                    .execute([checked_at])?;
+                Ok::<_, StoreError>(())
+            })
+            .await?;
+            self.read(|conn| {
+                Ok::<i64, StoreError>(conn.query_row(
+                    "SELECT checked_at FROM conveyor_health WHERE id = 1",
+                    [],
+                    |row| row.get(0),
+                )?)
+            })
             .await
-            .map_err(|_| StoreError::Unresponsive(timeout))??;
-        let read = self.read(|conn| {
-            Ok::<i64, StoreError>(conn.query_row(
-                "SELECT checked_at FROM conveyor_health WHERE id = 1",
-                [],
-                |row| row.get(0),
-            )?)
-        });
-        tokio::time::timeout(timeout, read)
+        };
+        tokio::time::timeout(timeout, write_and_read)
             .await
             .map_err(|_| StoreError::Unresponsive(timeout))??;
         Ok(())
@@ -532,6 +539,7 @@ impl Database {
 
     /// Commits what is queued, stops the writer and closes the connections.
     pub async fn close(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
         self.inner
             .stop_watcher
             .lock()
@@ -633,6 +641,7 @@ fn run_writer(
     wal: std::fs::File,
     head: Arc<watch::Sender<i64>>,
     fatal: watch::Sender<Option<String>>,
+    stopping: &AtomicBool,
 ) {
     let metrics = WriterMetrics::register();
     let (committed, to_sync) = std::sync::mpsc::channel();
@@ -689,6 +698,17 @@ fn run_writer(
             let _ = committed.send(batch);
         }
         carried = end.not_run;
+        if !end.began && stopping.load(Ordering::Acquire) {
+            // Shutting down while the file stays locked: the callers hear their units were
+            // abandoned (a redelivery or a retry will do them), rather than wait forever.
+            tracing::error!(
+                units = carried.len(),
+                "stopping with the database still locked; abandoning what is queued"
+            );
+            carried.clear();
+            queue.close();
+            while queue.try_recv().is_ok() {}
+        }
     }
     // The connection closes only after the last flush (closing may remove the WAL).
     drop(committed);
@@ -770,10 +790,11 @@ fn run_syncer(
 
 /// How a batch ended: the units committed (still to be flushed and told), and the units
 /// that never ran because the transaction failed under them. Every other unit has been told.
-#[derive(Default)]
 struct BatchEnd {
     committed: Option<Committed>,
     not_run: Vec<Job>,
+    /// False when `BEGIN` failed, so nothing of the batch ran.
+    began: bool,
 }
 
 /// Runs a batch of units of work in one transaction, each inside its own savepoint so one
@@ -792,16 +813,20 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
         return BatchEnd {
             committed: None,
             not_run: batch,
+            began: false,
         };
     }
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut last_position = None;
     let mut jobs = batch.into_iter();
+    // A unit that could not start, for the next batch.
+    let mut unstarted = None;
     let outcome = loop {
         let Some(job) = jobs.next() else {
             break exec(&uow.conn, "COMMIT").map_err(|error| error.to_string());
         };
         if let Err(error) = exec(&uow.conn, "SAVEPOINT unit") {
+            unstarted = Some(job);
             break Err(error.to_string());
         }
         let ran = run_unit(uow, job);
@@ -825,6 +850,7 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
                 last_position,
             }),
             not_run: Vec::new(),
+            began: true,
         },
         Err(error) => {
             tracing::error!(%error, "group commit failed; the batch is rolled back");
@@ -836,7 +862,8 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
             }
             BatchEnd {
                 committed: None,
-                not_run: jobs.collect(),
+                not_run: unstarted.into_iter().chain(jobs).collect(),
+                began: true,
             }
         }
     }
@@ -850,27 +877,28 @@ fn close_unit(
     finishes: &mut Vec<Finish>,
     last_position: &mut Option<i64>,
 ) -> Result<(), rusqlite::Error> {
+    // Each finish joins the batch's before a step that can fail, so that a failing step
+    // tells it the batch failed.
     let finish = match ran {
         Ran::Commit(finish) => finish,
         Ran::RollBack(finish) => {
-            exec(&uow.conn, "ROLLBACK TO unit")?;
             finishes.extend(finish);
+            exec(&uow.conn, "ROLLBACK TO unit")?;
             return exec(&uow.conn, "RELEASE unit");
         }
     };
     match log::append(&uow.conn, &outbox) {
         Ok(position) => {
             *last_position = position.or(*last_position);
-            exec(&uow.conn, "RELEASE unit")?;
             finishes.push(finish);
+            exec(&uow.conn, "RELEASE unit")
         }
         Err(error) => {
-            exec(&uow.conn, "ROLLBACK TO unit")?;
-            exec(&uow.conn, "RELEASE unit")?;
             finish(Err(StoreError::Database(error)));
+            exec(&uow.conn, "ROLLBACK TO unit")?;
+            exec(&uow.conn, "RELEASE unit")
         }
     }
-    Ok(())
 }
 
 /// Runs one unit of work; returns how it ended and the messages it emitted.

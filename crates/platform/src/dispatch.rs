@@ -88,14 +88,17 @@ impl Dispatcher {
         let written = self
             .db
             .write(move |uow| {
-                // The whole batch shares one handler's time: it holds the single writer.
-                let limit = TimeLimit {
-                    per_handler: timeout,
-                    batch_ends: Some(Instant::now() + timeout),
-                };
-                for (index, route, envelope) in routed {
+                // The whole batch shares one handler's time: it holds the single writer. The
+                // first handler has all of it, so only a later one is ever cut short by the
+                // batch rather than by its own limit.
+                let batch_ends = Instant::now() + timeout;
+                for (nth, (index, route, envelope)) in routed.into_iter().enumerate() {
                     let span = message_span(&group, &envelope);
                     let _entered = span.enter();
+                    let limit = TimeLimit {
+                        per_handler: timeout,
+                        batch_ends: (nth > 0).then_some(batch_ends),
+                    };
                     handle_in(&group, route.as_ref(), envelope, uow, limit)
                         .map_err(|error| BatchError::Handler { index, error })?;
                 }

@@ -132,13 +132,13 @@ pub(crate) fn append(
     Ok(Some(conn.last_insert_rowid()))
 }
 
-/// The newest position, 0 for an empty log.
+/// The newest position ever handed out, 0 for a log never written: retention may have
+/// deleted the rows, but AUTOINCREMENT remembers.
 pub(crate) fn head(conn: &Connection) -> Result<i64, rusqlite::Error> {
-    conn.query_row(
-        "SELECT COALESCE(MAX(position), 0) FROM conveyor_log",
-        [],
-        |row| row.get(0),
-    )
+    conn.prepare_cached(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'conveyor_log'), 0)",
+    )?
+    .query_row([], |row| row.get(0))
 }
 
 /// Where a consumer group's partition reads from, and which messages it wants.

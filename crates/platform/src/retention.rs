@@ -69,9 +69,14 @@ fn millis(duration: Duration) -> i64 {
 }
 
 /// A row is still wanted while some group reading its topic (or the one group a replayed
-/// row is for) has not acknowledged the partition it falls in past it.
+/// row is for) has not acknowledged the partition it falls in past it. Groups from before
+/// groups recorded their topics (they have partitions but no `conveyor_groups` row, until
+/// they join again) may read anything: no row past the lowest of their offsets goes.
 const DELETE_ACKNOWLEDGED: &str = "\
     DELETE FROM conveyor_log WHERE position > ?1 AND position <= ?2 AND occurred_at < ?3 \
+      AND position <= ( \
+        SELECT COALESCE(MIN(p.position), ?2) FROM conveyor_partitions AS p \
+        WHERE p.group_name NOT IN (SELECT group_name FROM conveyor_groups)) \
       AND NOT EXISTS ( \
         SELECT 1 FROM conveyor_group_topics AS reader \
         JOIN conveyor_groups AS g ON g.group_name = reader.group_name \

@@ -290,7 +290,11 @@ async fn coordinate(shared: Arc<Shared>, stop: CancellationToken) {
         while running.try_join_next().is_some() {}
         lanes.retain(|_, lane: &mut CancellationToken| !lane.is_cancelled());
         let share = match rebalance(&shared).await {
-            Ok(share) => share,
+            Ok(Rebalanced::Share(share)) => share,
+            Ok(Rebalanced::Superseded(theirs)) => {
+                tracing::error!(group = %shared.group, handlers = %theirs, "this member lapsed and the group now runs other handlers; it stops consuming");
+                break;
+            }
             Err(error) => {
                 tracing::warn!(%error, group = %shared.group, "cannot renew partition leases");
                 continue;
@@ -348,8 +352,29 @@ struct Share {
     surplus: Vec<i64>,
 }
 
+enum Rebalanced {
+    Share(Share),
+    /// The group has taken other handlers while this member was away.
+    Superseded(String),
+}
+
+/// The agreement the group has recorded, if any.
+fn recorded_agreement(
+    conn: &rusqlite::Connection,
+    group: &str,
+) -> Result<Option<Agreement>, rusqlite::Error> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT agreement FROM conveyor_groups WHERE group_name = ?",
+            [group],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(text.and_then(|text| serde_json::from_str(&text).ok()))
+}
+
 /// Renews this member, renews its leases and claims free partitions up to a fair share.
-async fn rebalance(shared: &Arc<Shared>) -> Result<Share, StoreError> {
+async fn rebalance(shared: &Arc<Shared>) -> Result<Rebalanced, StoreError> {
     let shared = shared.clone();
     let db = shared.db().clone();
     db.write(move |uow| {
@@ -357,6 +382,21 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Share, StoreError> {
         let (group, member) = (&*shared.group, shared.member.as_str());
         let now = now_millis();
         let until = now.saturating_add(shared.lease_millis());
+        // A member that lapsed (its process stalled past a lease) may have been replaced by
+        // a version with other handlers meanwhile: it must not come back beside them.
+        let lapsed: bool = conn.query_row(
+            "SELECT NOT EXISTS (SELECT 1 FROM conveyor_members \
+             WHERE group_name = ? AND member = ? AND seen_until >= ?)",
+            (group, member, now),
+            |row| row.get(0),
+        )?;
+        if lapsed {
+            if let Some(theirs) =
+                recorded_agreement(conn, group)?.filter(|theirs| *theirs != Agreement::of(&shared))
+            {
+                return Ok(Rebalanced::Superseded(theirs.to_string()));
+            }
+        }
         renew_membership(conn, &shared, now)?;
         let members: i64 = conn.query_row(
             "SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?",
@@ -396,10 +436,10 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Share, StoreError> {
             }
         }
         let surplus = mine.split_off(fair.min(mine.len()));
-        Ok(Share {
+        Ok(Rebalanced::Share(Share {
             keep: mine,
             surplus,
-        })
+        }))
     })
     .await
 }

@@ -338,6 +338,50 @@ async fn a_member_with_other_handlers_or_partitions_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lapsed_while_the_group_took_other_handlers_stops() {
+    let (db, _dir) = open().await;
+    let bus = SqlLog::new(db.clone());
+    let old = bus
+        .subscribe(handling_pings("lapsing", 4))
+        .await
+        .expect("the old member");
+    // As if the old member's process stalled past its lease and was dropped meanwhile.
+    execute(
+        &db,
+        "DELETE FROM conveyor_members WHERE group_name = 'lapsing'",
+    )
+    .await;
+    let newer = handling_pings("lapsing", 4).on(|_: Incoming<Pong>, _: &mut UnitOfWork| Ok(()));
+    let new = bus.subscribe(newer).await.expect("the new version joins");
+    let owners = async || {
+        scalar::<i64>(
+            &db,
+            "SELECT COUNT(DISTINCT owner) FROM conveyor_partitions \
+             WHERE group_name = 'lapsing' AND owner IS NOT NULL",
+        )
+        .await
+    };
+    let members = async || {
+        scalar::<i64>(
+            &db,
+            "SELECT COUNT(*) FROM conveyor_members WHERE group_name = 'lapsing'",
+        )
+        .await
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(members().await, 1, "the lapsed member came back");
+    wait_until("one owner of every partition", async || owners().await == 1).await;
+    let free: i64 = scalar(
+        &db,
+        "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = 'lapsing' AND owner IS NULL",
+    )
+    .await;
+    assert_eq!(free, 0, "the new member took them all");
+    new.stop().await;
+    old.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_of_another_process_wakes_consumers_at_once() {
     let dir = tempfile::tempdir().expect("temp dir");
     let consuming = open_at(&dir).await;
@@ -366,7 +410,7 @@ async fn a_commit_of_another_process_wakes_consumers_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
-    let (db, _dir) = open().await;
+    let (db, dir) = open().await;
     let consumer = SqlLog::new(db.clone())
         .subscribe(recording("retained"))
         .await
@@ -395,13 +439,33 @@ async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
         log: Duration::from_millis(1),
         inbox: Duration::from_millis(2),
     };
+    // A group from before groups recorded their topics may read anything: its offset holds.
+    execute(
+        &db,
+        "INSERT INTO conveyor_partitions (group_name, partition, position) VALUES ('legacy', 0, 600)",
+    )
+    .await;
+    let held = retention::prune(&db, short).await.expect("prune");
+    assert_eq!(held.log_rows, 600, "only what the legacy group read");
+    execute(
+        &db,
+        "DELETE FROM conveyor_partitions WHERE group_name = 'legacy'",
+    )
+    .await;
     let pruned = retention::prune(&db, short).await.expect("prune");
-    assert_eq!(pruned.log_rows, 1200);
-    assert_eq!(pruned.inbox_marks, 1200);
+    assert_eq!(held.log_rows + pruned.log_rows, 1200);
+    assert_eq!(held.inbox_marks + pruned.inbox_marks, 1200);
     let rows: i64 = scalar(&db, "SELECT COUNT(*) FROM conveyor_log").await;
     assert_eq!(rows, 1, "the unacknowledged row stays");
     let head = *db.head().borrow();
     assert_eq!(head, 1201, "positions never go back");
+    db.close().await;
+    let reopened = open_at(&dir).await;
+    assert_eq!(
+        *reopened.head().borrow(),
+        1201,
+        "not after a restart either"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,4 +587,32 @@ async fn a_lane_whose_acknowledgement_keeps_failing_backs_off() {
     })
     .await;
     consumer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_while_another_process_keeps_the_file_locked_abandons_the_queued_units() {
+    let (db, dir) = open().await;
+    let path = dir.path().join("faults.db");
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release_tx, release) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = release.recv_timeout(Duration::from_secs(60));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked.recv().unwrap();
+    let queued = tokio::spawn({
+        let db = db.clone();
+        async move { db.write(|_| Ok::<_, StoreError>(())).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // One busy timeout (5 s) to notice, not as long as the lock is held.
+    let closed = tokio::time::timeout(Duration::from_secs(12), db.close()).await;
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(closed.is_ok(), "close waited for the lock");
+    let told = queued.await.unwrap();
+    assert!(matches!(told, Err(StoreError::Abandoned)), "{told:?}");
 }
