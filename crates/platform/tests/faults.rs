@@ -4,98 +4,16 @@
 
 #![allow(clippy::unwrap_used)]
 
-use platform::conformance::{Ping, MIGRATIONS};
+mod common;
+
+use common::*;
+use platform::conformance::Ping;
 use platform::retention::{self, Retention};
 use platform::{
-    dead_letter, Bus, BusError, ConsumerOptions, Database, HandlerError, Incoming, RetryPolicy,
-    SqlLog, StoreError, Subscription, UnitOfWork,
+    dead_letter, Bus, BusError, ConsumerOptions, Database, HandlerError, Incoming, SqlLog,
+    StoreError, Subscription, UnitOfWork,
 };
-use rusqlite::types::FromSql;
 use std::time::{Duration, Instant};
-
-async fn open_at(dir: &tempfile::TempDir) -> Database {
-    let db = Database::open(&dir.path().join("faults.db"))
-        .await
-        .expect("open");
-    db.migrate(MIGRATIONS).await.expect("migrate");
-    db
-}
-
-async fn open() -> (Database, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    (open_at(&dir).await, dir)
-}
-
-async fn scalar<T: FromSql + Send + 'static>(db: &Database, sql: &'static str) -> T {
-    db.read(move |conn| Ok::<_, StoreError>(conn.query_row(sql, [], |row| row.get(0))?))
-        .await
-        .expect(sql)
-}
-
-async fn execute(db: &Database, sql: &'static str) {
-    db.write(move |uow| Ok::<_, StoreError>(uow.conn().execute_batch(sql)?))
-        .await
-        .expect(sql);
-}
-
-async fn publish(db: &Database, count: u32) {
-    db.write(move |uow| {
-        for seq in 0..count {
-            uow.emit(&Ping {
-                key: format!("key-{}", seq % 5),
-                seq,
-            })?;
-        }
-        Ok::<_, StoreError>(())
-    })
-    .await
-    .expect("publish");
-}
-
-/// Few attempts, short delays: a store failure counted as an attempt dead-letters quickly.
-fn impatient() -> ConsumerOptions {
-    ConsumerOptions {
-        lease: Duration::from_millis(600),
-        handler_timeout: Duration::from_millis(300),
-        retry: RetryPolicy {
-            max_attempts: 2,
-            base_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(20),
-        },
-        ..ConsumerOptions::default()
-    }
-}
-
-/// A group whose handler records each ping, returning store errors as they come (`?`).
-fn recording(group: &'static str) -> Subscription {
-    Subscription::new(group).with_options(impatient()).on(
-        move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| -> Result<(), HandlerError> {
-            uow.conn().execute(
-                "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
-                 VALUES (?, 'c', ?, ?, ?)",
-                (
-                    group,
-                    incoming.envelope.id.to_string(),
-                    &incoming.message.key,
-                    incoming.message.seq,
-                ),
-            )?;
-            Ok(())
-        },
-    )
-}
-
-async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn handled(db: &Database) -> i64 {
-    scalar(db, "SELECT COUNT(*) FROM conformance_handled").await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_delays_messages_and_dead_letters_none() {
@@ -272,29 +190,6 @@ async fn a_corrupt_row_is_dead_lettered_and_its_partition_moves_on() {
         "{replayed:?}"
     );
     consumer.stop().await;
-}
-
-fn handling_pings(group: &'static str, partitions: u16) -> Subscription {
-    Subscription::new(group)
-        .with_options(ConsumerOptions {
-            partitions,
-            ..impatient()
-        })
-        .on(|_: Incoming<Ping>, _: &mut UnitOfWork| Ok(()))
-}
-
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Pong {
-    key: String,
-}
-
-impl platform::Message for Pong {
-    const NAME: &'static str = "conformance.Pong";
-    const TOPIC: &'static str = "conformance.pings";
-
-    fn key(&self) -> String {
-        self.key.clone()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,60 +427,6 @@ async fn a_batch_of_slow_handlers_holds_the_writer_no_longer_than_one_handler_ma
     );
     let letters = dead_letter::list(&db, None, 10).await.expect("list");
     assert!(letters.is_empty(), "{letters:?}");
-    consumer.stop().await;
-}
-
-/// CPU time this test process has used, from `/proc/self/stat` (in ticks of 10 ms).
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lane_whose_acknowledgement_keeps_failing_backs_off() {
-    let (db, _dir) = open().await;
-    // Messages the group does not handle, and an acknowledgement the database refuses.
-    publish(&db, 10).await;
-    execute(
-        &db,
-        "CREATE TRIGGER refuse_acks BEFORE UPDATE OF position ON conveyor_partitions \
-         WHEN NEW.group_name = 'pongs' BEGIN SELECT RAISE(ABORT, 'no acknowledgements'); END",
-    )
-    .await;
-    let pongs = Subscription::new("pongs")
-        .with_options(ConsumerOptions {
-            partitions: 1,
-            ..impatient()
-        })
-        .on(|_: Incoming<Pong>, _: &mut UnitOfWork| Ok(()));
-    let consumer = SqlLog::new(db.clone())
-        .subscribe(pongs)
-        .await
-        .expect("subscribe");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = cpu_ticks();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let used = cpu_ticks() - before;
-    // A lane retrying at once would keep a core busy: 100 ticks in that second.
-    assert!(used < 30, "{used} ticks of CPU in one second");
-    execute(&db, "DROP TRIGGER refuse_acks").await;
-    let acknowledged = async || {
-        scalar::<i64>(
-            &db,
-            "SELECT position FROM conveyor_partitions WHERE group_name = 'pongs'",
-        )
-        .await
-    };
-    wait_until("acknowledged once allowed", async || {
-        acknowledged().await == 10
-    })
-    .await;
     consumer.stop().await;
 }
 
