@@ -8,6 +8,7 @@ use crate::dead_letter;
 use crate::envelope::Message;
 use crate::handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
 use crate::retry::RetryPolicy;
+use crate::sql::Backend;
 use crate::sql_log::SqlLog;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -68,34 +69,54 @@ impl Message for Ping {
 pub const MIGRATIONS: &[Migration] = &[Migration {
     service: "conformance",
     version: 1,
-    sql: "CREATE TABLE conformance_handled (
+    sqlite: "CREATE TABLE conformance_handled (
             row_id     INTEGER PRIMARY KEY AUTOINCREMENT,
             group_name TEXT NOT NULL,
             consumer   TEXT NOT NULL,
             message_id TEXT NOT NULL,
-            key        TEXT NOT NULL,
+            \"key\"      TEXT NOT NULL,
             seq        INTEGER NOT NULL
           )",
+    postgres: "CREATE TABLE conformance_handled (
+            row_id     BIGSERIAL PRIMARY KEY,
+            group_name TEXT NOT NULL,
+            consumer   TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            \"key\"      TEXT NOT NULL,
+            seq        BIGINT NOT NULL
+          )",
+    mysql: "CREATE TABLE IF NOT EXISTS conformance_handled (
+            row_id     BIGINT AUTO_INCREMENT PRIMARY KEY,
+            group_name VARCHAR(255) NOT NULL,
+            consumer   VARCHAR(255) NOT NULL,
+            message_id VARCHAR(64) NOT NULL,
+            \"key\"      VARCHAR(255) NOT NULL,
+            seq        BIGINT NOT NULL
+          ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
 }];
 
-/// The sql-log transport on a fresh SQLite file.
+/// The sql-log transport on a fresh database of its own.
 pub struct SqlLogFixture {
     db: Database,
     bus: SqlLog,
-    _dir: tempfile::TempDir,
+    _place: crate::testing::Scratch,
 }
 
 impl SqlLogFixture {
+    /// On a fresh SQLite file.
     pub async fn start() -> SqlLogFixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = Database::open(&dir.path().join("conformance.db"))
-            .await
-            .expect("open database");
+        SqlLogFixture::on(Backend::Sqlite).await
+    }
+
+    /// On a fresh database of `backend` (a server's: see `testing::Scratch`).
+    pub async fn on(backend: Backend) -> SqlLogFixture {
+        let place = crate::testing::Scratch::new(backend).await;
+        let db = place.open().await;
         db.migrate(MIGRATIONS).await.expect("migrate");
         SqlLogFixture {
             bus: SqlLog::new(db.clone()),
             db,
-            _dir: dir,
+            _place: place,
         }
     }
 }
@@ -178,17 +199,17 @@ fn record(
     consumer: &str,
     incoming: &Incoming<Ping>,
 ) -> Result<(), HandlerError> {
-    uow.conn()
-        .execute(
-            "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) VALUES (?, ?, ?, ?, ?)",
-            (
-                group,
-                consumer,
-                incoming.envelope.id.to_string(),
-                &incoming.message.key,
-                incoming.message.seq,
-            ),
-        )?;
+    uow.conn().execute(
+        "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+             VALUES (?, ?, ?, ?, ?)",
+        (
+            group,
+            consumer,
+            incoming.envelope.id.to_string(),
+            &incoming.message.key,
+            incoming.message.seq,
+        ),
+    )?;
     Ok(())
 }
 
@@ -212,18 +233,20 @@ struct Handled {
 async fn handled(db: &Database, group: &str) -> Vec<Handled> {
     let group = group.to_owned();
     db.read(move |conn| {
-        let mut select = conn.prepare(
-            "SELECT consumer, message_id, key, seq FROM conformance_handled WHERE group_name = ? ORDER BY row_id",
+        let rows = conn.query_map(
+            "SELECT consumer, message_id, \"key\", seq FROM conformance_handled \
+             WHERE group_name = ? ORDER BY row_id",
+            [group],
+            |row| {
+                Ok(Handled {
+                    consumer: row.get(0)?,
+                    message_id: row.get(1)?,
+                    key: row.get(2)?,
+                    seq: row.get(3)?,
+                })
+            },
         )?;
-        let rows = select.query_map([group], |row| {
-            Ok(Handled {
-                consumer: row.get(0)?,
-                message_id: row.get(1)?,
-                key: row.get(2)?,
-                seq: row.get(3)?,
-            })
-        })?;
-        Ok::<_, crate::StoreError>(rows.collect::<Result<_, _>>()?)
+        Ok::<_, crate::StoreError>(rows)
     })
     .await
     .expect("read handled")

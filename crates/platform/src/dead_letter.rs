@@ -4,7 +4,7 @@
 use crate::db::{Database, StoreError, UnitOfWork};
 use crate::envelope::{now_millis, Envelope};
 use crate::log::{envelope_from_row, ENVELOPE_COLUMNS};
-use rusqlite::{params, OptionalExtension, Row};
+use crate::sql::{self, Row, ToValue};
 
 /// Most dead letters `list` returns in one call.
 pub const MAX_LIST: i64 = 1000;
@@ -29,27 +29,29 @@ pub(crate) fn record(
     error: &str,
     attempts: u32,
 ) -> Result<(), StoreError> {
-    let headers = serde_json::to_string(&envelope.headers)
-        .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
+    let headers = serde_json::to_string(&envelope.headers).map_err(|error| sql::Error::Encode {
+        what: "message headers",
+        message: error.to_string(),
+    })?;
     uow.conn().execute(
         "INSERT INTO conveyor_dead_letters \
-         (group_name, message_id, kind, name, topic, key, payload, headers, occurred_at, error, attempts, failed_at) \
+         (group_name, message_id, kind, name, topic, \"key\", payload, headers, occurred_at, error, attempts, failed_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT (group_name, message_id) DO NOTHING",
-        params![
+        (
             group,
             envelope.id.to_string(),
             envelope.kind.as_str(),
-            envelope.name,
-            envelope.topic,
-            envelope.key,
-            envelope.payload,
+            &envelope.name,
+            &envelope.topic,
+            &envelope.key,
+            &envelope.payload,
             headers,
             envelope.occurred_at,
             error,
             attempts,
             now_millis(),
-        ],
+        ),
     )?;
     Ok(())
 }
@@ -63,21 +65,21 @@ pub(crate) fn record_corrupt(
 ) -> Result<(), StoreError> {
     uow.conn().execute(
         "INSERT INTO conveyor_dead_letters \
-         (group_name, message_id, kind, name, topic, key, payload, headers, occurred_at, error, attempts, failed_at) \
-         SELECT ?, message_id, kind, name, topic, key, payload, headers, occurred_at, ?, 1, ? \
+         (group_name, message_id, kind, name, topic, \"key\", payload, headers, occurred_at, error, attempts, failed_at) \
+         SELECT ?, message_id, kind, name, topic, \"key\", payload, headers, occurred_at, ?, 1, ? \
          FROM conveyor_log WHERE position = ? \
          ON CONFLICT (group_name, message_id) DO NOTHING",
-        params![
+        (
             group,
             format!("the stored message does not decode: {error}"),
             now_millis(),
-            position
-        ],
+            position,
+        ),
     )?;
     Ok(())
 }
 
-fn from_row(row: &Row<'_>) -> Result<DeadLetter, rusqlite::Error> {
+fn from_row(row: &Row<'_>) -> Result<DeadLetter, sql::Error> {
     Ok(DeadLetter {
         id: row.get("id")?,
         group: row.get("group_name")?,
@@ -100,13 +102,24 @@ pub async fn list(
 ) -> Result<Vec<DeadLetter>, StoreError> {
     let group = group.map(str::to_owned);
     db.read(move |conn| {
-        let mut select = conn.prepare(&format!(
-            "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters \
-             WHERE (?1 IS NULL OR group_name = ?1) ORDER BY id LIMIT ?2"
-        ))?;
-        let letters = select
-            .query_map((group, limit.clamp(0, MAX_LIST)), from_row)?
-            .collect::<Result<_, _>>()?;
+        let letters = match group {
+            Some(group) => conn.query_map(
+                &format!(
+                    "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters \
+                     WHERE group_name = ? ORDER BY id LIMIT ?"
+                ),
+                (group, limit.clamp(0, MAX_LIST)),
+                from_row,
+            )?,
+            None => conn.query_map(
+                &format!(
+                    "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters \
+                     ORDER BY id LIMIT ?"
+                ),
+                (limit.clamp(0, MAX_LIST),),
+                from_row,
+            )?,
+        };
         Ok(letters)
     })
     .await
@@ -114,15 +127,13 @@ pub async fn list(
 
 pub async fn get(db: &Database, id: i64) -> Result<Option<DeadLetter>, StoreError> {
     db.read(move |conn| {
-        Ok(conn
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters WHERE id = ?"
-                ),
-                [id],
-                from_row,
-            )
-            .optional()?)
+        Ok(conn.query_opt(
+            &format!(
+                "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters WHERE id = ?"
+            ),
+            [id],
+            from_row,
+        )?)
     })
     .await
 }
@@ -132,20 +143,21 @@ pub async fn get(db: &Database, id: i64) -> Result<Option<DeadLetter>, StoreErro
 /// does not decode cannot be replayed (`StoreError::Undecodable`), only purged.
 pub async fn replay(db: &Database, id: i64) -> Result<bool, StoreError> {
     db.write(move |uow| {
-        let letter = uow
-            .conn()
-            .query_row(
-                &format!(
-                    "DELETE FROM conveyor_dead_letters WHERE id = ? \
-                     RETURNING {COLUMNS}, {ENVELOPE_COLUMNS}"
-                ),
-                [id],
-                from_row,
-            )
-            .optional()?;
+        let conn = uow.conn();
+        let letter = conn.query_opt(
+            &format!(
+                "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters WHERE id = ?"
+            ),
+            [id],
+            from_row,
+        )?;
+        // The delete decides: of two replays at once, only one removes the letter.
         let Some(letter) = letter else {
             return Ok(false);
         };
+        if conn.execute("DELETE FROM conveyor_dead_letters WHERE id = ?", [id])? == 0 {
+            return Ok(false);
+        }
         let envelope = letter
             .envelope
             .map_err(|error| StoreError::Undecodable(format!("dead letter {id}: {error}")))?;
@@ -166,12 +178,26 @@ pub async fn purge(
     group: Option<String>,
 ) -> Result<u64, StoreError> {
     db.write(move |uow| {
+        let mut filters: Vec<&str> = Vec::new();
+        let mut values: Vec<&dyn ToValue> = Vec::new();
+        if let Some(id) = &id {
+            filters.push("id = ?");
+            values.push(id);
+        }
+        if let Some(group) = &group {
+            filters.push("group_name = ?");
+            values.push(group);
+        }
+        let filter = if filters.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", filters.join(" AND "))
+        };
         let deleted = uow.conn().execute(
-            "DELETE FROM conveyor_dead_letters \
-             WHERE (?1 IS NULL OR id = ?1) AND (?2 IS NULL OR group_name = ?2)",
-            (id, group),
+            &format!("DELETE FROM conveyor_dead_letters{filter}"),
+            values.as_slice(),
         )?;
-        Ok(deleted as u64)
+        Ok(deleted)
     })
     .await
 }

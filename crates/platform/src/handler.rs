@@ -54,8 +54,8 @@ impl From<StoreError> for HandlerError {
     }
 }
 
-impl From<rusqlite::Error> for HandlerError {
-    fn from(error: rusqlite::Error) -> Self {
+impl From<crate::sql::Error> for HandlerError {
+    fn from(error: crate::sql::Error) -> Self {
         StoreError::from(error).into()
     }
 }

@@ -17,10 +17,13 @@ mod inbox;
 mod log;
 pub mod retention;
 pub mod retry;
+pub mod sql;
 pub mod sql_log;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "conformance")]
+pub mod testing;
 
 pub use bus::{Bus, BusError, Consumer};
 pub use db::{Database, Migration, StoreError, UnitOfWork};
@@ -28,6 +31,7 @@ pub use dispatch::metric;
 pub use envelope::{Envelope, Kind, Message};
 pub use handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
 pub use retry::RetryPolicy;
+pub use sql::{Backend, Conn};
 pub use sql_log::SqlLog;
 /// For `uuid_id!`.
 pub use uuid;

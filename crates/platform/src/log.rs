@@ -2,16 +2,34 @@
 //!
 //! A unit of work appends its messages to `conveyor_log` in its own transaction, so a state
 //! change and the messages it emits commit together, and "published" means "committed".
-//! Positions come from a single writer (see `db`), so they commit in order and never repeat.
+//!
+//! Readers read "every position after the last I acknowledged", so a position must never
+//! commit after a higher one became visible. On SQLite the single writer guarantees it. On a
+//! server, where transactions commit in any order, positions are not taken from a sequence:
+//! the last statement of an appending batch before `COMMIT` bumps the one-row counter
+//! `conveyor_log_head` and numbers the batch's rows from it. The counter's row lock is held
+//! until the commit, so appending batches commit one at a time, in position order, and a
+//! batch that rolls back leaves no gap.
 
-use crate::db::{corrupt, Outgoing};
+use crate::db::Outgoing;
 use crate::envelope::{key_hash, Envelope, Kind};
-use rusqlite::{params, Connection, Row, ToSql};
+use crate::sql::{Backend, Conn, Error, Row, ToValue};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// The platform's own tables. Idempotent; run on every open.
-pub(crate) const SCHEMA: &str = r#"
+/// The PostgreSQL channel an appending batch notifies, with its last position as payload.
+pub(crate) const CHANNEL: &str = "conveyor_log";
+
+/// The platform's own tables on `backend`. Idempotent; run on every open.
+pub(crate) fn schema(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => SQLITE_SCHEMA,
+        Backend::Postgres => POSTGRES_SCHEMA,
+        Backend::Mysql => MYSQL_SCHEMA,
+    }
+}
+
+pub(crate) const SQLITE_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS conveyor_migrations (
     service    TEXT NOT NULL,
     version    INTEGER NOT NULL,
@@ -30,7 +48,7 @@ CREATE TABLE IF NOT EXISTS conveyor_log (
     kind        TEXT NOT NULL,
     name        TEXT NOT NULL,
     topic       TEXT NOT NULL,
-    key         TEXT NOT NULL,
+    "key"       TEXT NOT NULL,
     key_hash    INTEGER NOT NULL,
     payload     BLOB NOT NULL,
     headers     TEXT NOT NULL,
@@ -53,17 +71,17 @@ CREATE TABLE IF NOT EXISTS conveyor_group_topics (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS conveyor_partitions (
     group_name  TEXT NOT NULL,
-    partition   INTEGER NOT NULL,
+    "partition" INTEGER NOT NULL,
     position    INTEGER NOT NULL DEFAULT 0,
     owner       TEXT,
     lease_until INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (group_name, partition)
+    PRIMARY KEY (group_name, "partition")
 );
 CREATE TABLE IF NOT EXISTS conveyor_members (
     group_name TEXT NOT NULL,
-    member     TEXT NOT NULL,
+    "member"   TEXT NOT NULL,
     seen_until INTEGER NOT NULL,
-    PRIMARY KEY (group_name, member)
+    PRIMARY KEY (group_name, "member")
 );
 CREATE TABLE IF NOT EXISTS conveyor_inbox (
     group_name TEXT NOT NULL,
@@ -78,7 +96,7 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
     kind        TEXT NOT NULL,
     name        TEXT NOT NULL,
     topic       TEXT NOT NULL,
-    key         TEXT NOT NULL,
+    "key"       TEXT NOT NULL,
     payload     BLOB NOT NULL,
     headers     TEXT NOT NULL,
     occurred_at INTEGER NOT NULL,
@@ -92,49 +110,294 @@ CREATE UNIQUE INDEX IF NOT EXISTS conveyor_dead_letters_message
     ON conveyor_dead_letters (group_name, message_id);
 "#;
 
+/// The same tables on PostgreSQL, plus the log's counter row.
+const POSTGRES_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS conveyor_migrations (
+    service    TEXT NOT NULL,
+    version    BIGINT NOT NULL,
+    applied_at BIGINT NOT NULL,
+    PRIMARY KEY (service, version)
+);
+CREATE TABLE IF NOT EXISTS conveyor_health (
+    id         BIGINT PRIMARY KEY CHECK (id = 1),
+    checked_at BIGINT NOT NULL,
+    padding    BYTEA
+);
+CREATE TABLE IF NOT EXISTS conveyor_log (
+    position    BIGINT PRIMARY KEY,
+    message_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    "key"       TEXT NOT NULL,
+    key_hash    BIGINT NOT NULL,
+    payload     BYTEA NOT NULL,
+    headers     TEXT NOT NULL,
+    occurred_at BIGINT NOT NULL,
+    only_group  TEXT
+);
+CREATE INDEX IF NOT EXISTS conveyor_log_topic ON conveyor_log (topic, position);
+CREATE TABLE IF NOT EXISTS conveyor_log_head (
+    id       BIGINT PRIMARY KEY CHECK (id = 1),
+    position BIGINT NOT NULL
+);
+INSERT INTO conveyor_log_head (id, position) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS conveyor_groups (
+    group_name TEXT PRIMARY KEY,
+    partitions BIGINT NOT NULL,
+    agreement  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS conveyor_group_topics (
+    group_name TEXT NOT NULL,
+    topic      TEXT NOT NULL,
+    PRIMARY KEY (topic, group_name)
+);
+CREATE TABLE IF NOT EXISTS conveyor_partitions (
+    group_name  TEXT NOT NULL,
+    "partition" BIGINT NOT NULL,
+    position    BIGINT NOT NULL DEFAULT 0,
+    owner       TEXT,
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (group_name, "partition")
+);
+CREATE TABLE IF NOT EXISTS conveyor_members (
+    group_name TEXT NOT NULL,
+    "member"   TEXT NOT NULL,
+    seen_until BIGINT NOT NULL,
+    PRIMARY KEY (group_name, "member")
+);
+CREATE TABLE IF NOT EXISTS conveyor_inbox (
+    group_name TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    handled_at BIGINT NOT NULL,
+    PRIMARY KEY (group_name, message_id)
+);
+CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
+    id          BIGSERIAL PRIMARY KEY,
+    group_name  TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    "key"       TEXT NOT NULL,
+    payload     BYTEA NOT NULL,
+    headers     TEXT NOT NULL,
+    occurred_at BIGINT NOT NULL,
+    error       TEXT NOT NULL,
+    attempts    BIGINT NOT NULL,
+    failed_at   BIGINT NOT NULL,
+    UNIQUE (group_name, message_id)
+);
+"#;
+
+/// The same tables on MySQL/MariaDB: keys are `VARCHAR` (MySQL indexes no `TEXT`), text
+/// compares byte for byte (`utf8mb4_bin`) as it does on the other two.
+const MYSQL_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS conveyor_migrations (
+    service    VARCHAR(255) NOT NULL,
+    version    BIGINT NOT NULL,
+    applied_at BIGINT NOT NULL,
+    PRIMARY KEY (service, version)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_health (
+    id         BIGINT PRIMARY KEY,
+    checked_at BIGINT NOT NULL,
+    padding    LONGBLOB
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_log (
+    position    BIGINT PRIMARY KEY,
+    message_id  VARCHAR(64) NOT NULL,
+    kind        VARCHAR(32) NOT NULL,
+    name        VARCHAR(255) NOT NULL,
+    topic       VARCHAR(255) NOT NULL,
+    "key"       TEXT NOT NULL,
+    key_hash    BIGINT NOT NULL,
+    payload     LONGBLOB NOT NULL,
+    headers     TEXT NOT NULL,
+    occurred_at BIGINT NOT NULL,
+    only_group  VARCHAR(255),
+    INDEX conveyor_log_topic (topic, position)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_log_head (
+    id       BIGINT PRIMARY KEY,
+    position BIGINT NOT NULL
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+INSERT IGNORE INTO conveyor_log_head (id, position) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS conveyor_groups (
+    group_name VARCHAR(255) PRIMARY KEY,
+    partitions BIGINT NOT NULL,
+    agreement  TEXT NOT NULL
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_group_topics (
+    group_name VARCHAR(255) NOT NULL,
+    topic      VARCHAR(255) NOT NULL,
+    PRIMARY KEY (topic, group_name)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_partitions (
+    group_name  VARCHAR(255) NOT NULL,
+    "partition" BIGINT NOT NULL,
+    position    BIGINT NOT NULL DEFAULT 0,
+    owner       VARCHAR(64),
+    lease_until BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (group_name, "partition")
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_members (
+    group_name VARCHAR(255) NOT NULL,
+    "member"   VARCHAR(64) NOT NULL,
+    seen_until BIGINT NOT NULL,
+    PRIMARY KEY (group_name, "member")
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_inbox (
+    group_name VARCHAR(255) NOT NULL,
+    message_id VARCHAR(64) NOT NULL,
+    handled_at BIGINT NOT NULL,
+    PRIMARY KEY (group_name, message_id)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
+    id          BIGINT AUTO_INCREMENT PRIMARY KEY,
+    group_name  VARCHAR(255) NOT NULL,
+    message_id  VARCHAR(64) NOT NULL,
+    kind        VARCHAR(32) NOT NULL,
+    name        VARCHAR(255) NOT NULL,
+    topic       VARCHAR(255) NOT NULL,
+    "key"       TEXT NOT NULL,
+    payload     LONGBLOB NOT NULL,
+    headers     TEXT NOT NULL,
+    occurred_at BIGINT NOT NULL,
+    error       TEXT NOT NULL,
+    attempts    BIGINT NOT NULL,
+    failed_at   BIGINT NOT NULL,
+    UNIQUE KEY conveyor_dead_letters_message (group_name, message_id)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+"#;
+
 /// The columns an envelope is stored in, in the order `envelope_from_row` reads them.
 pub(crate) const ENVELOPE_COLUMNS: &str =
-    "message_id, kind, name, topic, key, payload, headers, occurred_at";
+    "message_id, kind, name, topic, \"key\", payload, headers, occurred_at";
 
-/// Appends `messages` to the log; returns the position of the last one, if any.
-pub(crate) fn append(
-    conn: &Connection,
-    messages: &[Outgoing],
-) -> Result<Option<i64>, rusqlite::Error> {
+/// The columns a log row is written with, in the order `row_values` gives them.
+const LOG_COLUMNS: &str =
+    "message_id, kind, name, topic, \"key\", key_hash, payload, headers, occurred_at, only_group";
+
+/// Encodes what `LOG_COLUMNS` store of a message, in their order.
+struct Stored<'a> {
+    outgoing: &'a Outgoing,
+    id: String,
+    kind: &'static str,
+    key_hash: i64,
+    headers: String,
+}
+
+impl<'a> Stored<'a> {
+    fn of(outgoing: &'a Outgoing) -> Result<Stored<'a>, Error> {
+        let headers =
+            serde_json::to_string(&outgoing.envelope.headers).map_err(|error| Error::Encode {
+                what: "message headers",
+                message: error.to_string(),
+            })?;
+        Ok(Stored {
+            id: outgoing.envelope.id.to_string(),
+            kind: outgoing.envelope.kind.as_str(),
+            key_hash: key_hash(&outgoing.envelope.key),
+            headers,
+            outgoing,
+        })
+    }
+
+    fn values(&self) -> [&dyn ToValue; 10] {
+        let envelope = &self.outgoing.envelope;
+        [
+            &self.id,
+            &self.kind,
+            &envelope.name,
+            &envelope.topic,
+            &envelope.key,
+            &self.key_hash,
+            &envelope.payload,
+            &self.headers,
+            &envelope.occurred_at,
+            &self.outgoing.only_group,
+        ]
+    }
+}
+
+/// Appends `messages` to the log on SQLite, where the single writer makes AUTOINCREMENT
+/// commit in order; returns the position of the last one, if any.
+pub(crate) fn append(conn: &Conn, messages: &[Outgoing]) -> Result<Option<i64>, Error> {
     if messages.is_empty() {
         return Ok(None);
     }
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO conveyor_log \
-         (message_id, kind, name, topic, key, key_hash, payload, headers, occurred_at, only_group) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )?;
-    for Outgoing {
-        envelope,
-        only_group,
-    } in messages
-    {
-        let headers = serde_json::to_string(&envelope.headers)
-            .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
-        insert.execute(params![
-            envelope.id.to_string(),
-            envelope.kind.as_str(),
-            envelope.name,
-            envelope.topic,
-            envelope.key,
-            key_hash(&envelope.key),
-            envelope.payload,
-            headers,
-            envelope.occurred_at,
-            only_group,
-        ])?;
+    let insert =
+        format!("INSERT INTO conveyor_log ({LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    for outgoing in messages {
+        let stored = Stored::of(outgoing)?;
+        conn.execute(&insert, stored.values().as_slice())?;
     }
-    Ok(Some(conn.last_insert_rowid()))
+    Ok(conn.last_insert_rowid())
+}
+
+/// Rows one multi-row insert of `append_numbered` writes.
+const ROWS_PER_INSERT: usize = 32;
+
+/// Appends `messages` to the log on a server, numbered from the counter row, which this
+/// bumps first and whose lock the caller's transaction holds until it commits. Also
+/// notifies the listeners of other processes, on PostgreSQL, at commit. Returns the last
+/// position, if any message was appended.
+pub(crate) fn append_numbered(conn: &Conn, messages: &[Outgoing]) -> Result<Option<i64>, Error> {
+    if messages.is_empty() {
+        return Ok(None);
+    }
+    let count = i64::try_from(messages.len()).unwrap_or(i64::MAX);
+    let last: i64 = match conn.backend() {
+        Backend::Postgres => conn.scalar(
+            &format!(
+                "WITH bumped AS ( \
+                   UPDATE conveyor_log_head SET position = position + ? WHERE id = 1 \
+                   RETURNING position) \
+                 SELECT position, pg_notify('{CHANNEL}', position::text) FROM bumped"
+            ),
+            (count,),
+        )?,
+        _ => {
+            conn.execute(
+                "UPDATE conveyor_log_head SET position = LAST_INSERT_ID(position + ?) WHERE id = 1",
+                (count,),
+            )?;
+            let last = conn.mysql_last_insert_id().unwrap_or_default();
+            i64::try_from(last).map_err(|error| Error::corrupt("position", error))?
+        }
+    };
+    let mut position = last - count;
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let insert = format!("INSERT INTO conveyor_log (position, {LOG_COLUMNS}) VALUES {rows}");
+        let stored = chunk
+            .iter()
+            .map(Stored::of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let positions: Vec<i64> = (1..=chunk.len() as i64).map(|n| position + n).collect();
+        let mut values: Vec<&dyn ToValue> = Vec::with_capacity(chunk.len() * 11);
+        for (stored, position) in stored.iter().zip(&positions) {
+            values.push(position);
+            values.extend(stored.values());
+        }
+        conn.execute(&insert, values.as_slice())?;
+        position += chunk.len() as i64;
+    }
+    Ok(Some(last))
 }
 
 /// The newest position ever handed out, 0 for a log never written: retention may have
-/// deleted the rows, but AUTOINCREMENT remembers.
-pub(crate) fn head(conn: &Connection) -> Result<i64, rusqlite::Error> {
+/// deleted the rows, but the counter remembers.
+pub(crate) fn head(conn: &Conn) -> Result<i64, Error> {
+    match conn.as_sqlite() {
+        Some(sqlite) => Ok(sqlite_head(sqlite)?),
+        None => conn.scalar("SELECT position FROM conveyor_log_head WHERE id = 1", ()),
+    }
+}
+
+/// SQLite's head: AUTOINCREMENT's own counter.
+pub(crate) fn sqlite_head(conn: &rusqlite::Connection) -> Result<i64, rusqlite::Error> {
     conn.prepare_cached(
         "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'conveyor_log'), 0)",
     )?
@@ -164,12 +427,11 @@ pub(crate) enum Entry {
 
 impl Entry {
     fn from_row(row: &Row<'_>, names: &[&str]) -> Entry {
-        let name = match row.get_ref(3).map(|name| name.as_str()) {
-            Ok(Ok(name)) => name,
-            Ok(Err(error)) => return Entry::Corrupt(format!("column name: {error}")),
+        let name: String = match row.get(3) {
+            Ok(name) => name,
             Err(error) => return Entry::Corrupt(error.to_string()),
         };
-        if !names.contains(&name) {
+        if !names.contains(&name.as_str()) {
             return Entry::Skipped;
         }
         match envelope_from_row(row, 1) {
@@ -181,11 +443,7 @@ impl Entry {
 
 /// Up to `limit` rows of the cursor's partition after its position, oldest first, by
 /// position. Only the rows whose names the cursor wants are decoded.
-pub(crate) fn read(
-    conn: &Connection,
-    cursor: &Cursor,
-    limit: i64,
-) -> Result<Vec<(i64, Entry)>, rusqlite::Error> {
+pub(crate) fn read(conn: &Conn, cursor: &Cursor, limit: i64) -> Result<Vec<(i64, Entry)>, Error> {
     let topic_params = vec!["?"; cursor.topics.len()].join(", ");
     let sql = format!(
         "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log \
@@ -193,35 +451,34 @@ pub(crate) fn read(
            AND (only_group IS NULL OR only_group = ?) \
          ORDER BY position LIMIT ?"
     );
-    let mut params: Vec<&dyn ToSql> = vec![&cursor.after];
-    params.extend(cursor.topics.iter().map(|topic| topic as &dyn ToSql));
+    let mut params: Vec<&dyn ToValue> = vec![&cursor.after];
+    params.extend(cursor.topics.iter().map(|topic| topic as &dyn ToValue));
     params.extend([
-        &cursor.partitions as &dyn ToSql,
+        &cursor.partitions as &dyn ToValue,
         &cursor.partition,
         &cursor.group,
         &limit,
     ]);
-    let mut select = conn.prepare_cached(&sql)?;
-    let rows = select.query_map(params.as_slice(), |row| {
+    conn.query_map(&sql, params.as_slice(), |row| {
         Ok((row.get(0)?, Entry::from_row(row, &cursor.names)))
-    })?;
-    rows.collect()
+    })
 }
 
 /// The envelope in `ENVELOPE_COLUMNS`, the first of them at column `first`.
-pub(crate) fn envelope_from_row(row: &Row<'_>, first: usize) -> Result<Envelope, rusqlite::Error> {
+pub(crate) fn envelope_from_row(row: &Row<'_>, first: usize) -> Result<Envelope, Error> {
     let id: String = row.get(first)?;
     let kind: String = row.get(first + 1)?;
     let headers: String = row.get(first + 6)?;
     Ok(Envelope {
-        id: id.parse().map_err(|e| corrupt("message_id", e))?,
-        kind: Kind::parse(&kind).ok_or_else(|| corrupt("kind", format!("unknown kind {kind}")))?,
+        id: id.parse().map_err(|e| Error::corrupt("message_id", e))?,
+        kind: Kind::parse(&kind)
+            .ok_or_else(|| Error::corrupt("kind", format!("unknown kind {kind}")))?,
         name: row.get(first + 2)?,
         topic: row.get(first + 3)?,
         key: row.get(first + 4)?,
         payload: row.get(first + 5)?,
         headers: serde_json::from_str::<BTreeMap<String, String>>(&headers)
-            .map_err(|e| corrupt("headers", e))?,
+            .map_err(|e| Error::corrupt("headers", e))?,
         occurred_at: row.get(first + 7)?,
     })
 }

@@ -8,6 +8,7 @@
 
 use crate::db::{Database, StoreError};
 use crate::envelope::now_millis;
+use crate::sql::Backend;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -72,16 +73,17 @@ fn millis(duration: Duration) -> i64 {
 /// row is for) has not acknowledged the partition it falls in past it. Groups from before
 /// groups recorded their topics (they have partitions but no `conveyor_groups` row, until
 /// they join again) may read anything: no row past the lowest of their offsets goes.
+/// Its parameters: the window's start and end, the cutoff, and the window's end again.
 const DELETE_ACKNOWLEDGED: &str = "\
-    DELETE FROM conveyor_log WHERE position > ?1 AND position <= ?2 AND occurred_at < ?3 \
+    DELETE FROM conveyor_log WHERE position > ? AND position <= ? AND occurred_at < ? \
       AND position <= ( \
-        SELECT COALESCE(MIN(p.position), ?2) FROM conveyor_partitions AS p \
+        SELECT COALESCE(MIN(p.position), ?) FROM conveyor_partitions AS p \
         WHERE p.group_name NOT IN (SELECT group_name FROM conveyor_groups)) \
       AND NOT EXISTS ( \
         SELECT 1 FROM conveyor_group_topics AS reader \
         JOIN conveyor_groups AS g ON g.group_name = reader.group_name \
         JOIN conveyor_partitions AS p ON p.group_name = reader.group_name \
-          AND p.partition = conveyor_log.key_hash % g.partitions \
+          AND p.\"partition\" = conveyor_log.key_hash % g.partitions \
         WHERE reader.topic = conveyor_log.topic AND p.position < conveyor_log.position \
           AND (conveyor_log.only_group IS NULL OR conveyor_log.only_group = reader.group_name))";
 
@@ -95,21 +97,18 @@ async fn prune_log(db: &Database, cutoff: i64) -> Result<u64, StoreError> {
         let (window_end, reached_cutoff, count) = db
             .write(move |uow| {
                 let conn = uow.conn();
-                let window: Vec<(i64, i64)> = conn
-                    .prepare_cached(
-                        "SELECT position, occurred_at FROM conveyor_log \
-                         WHERE position > ? ORDER BY position LIMIT ?",
-                    )?
-                    .query_map((after, BATCH), |row| Ok((row.get(0)?, row.get(1)?)))?
-                    .collect::<Result<_, _>>()?;
+                let window: Vec<(i64, i64)> = conn.query_map(
+                    "SELECT position, occurred_at FROM conveyor_log \
+                     WHERE position > ? ORDER BY position LIMIT ?",
+                    (after, BATCH),
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?;
                 let Some(&(end, _)) = window.last() else {
                     return Ok::<_, StoreError>((None, true, 0));
                 };
-                let count = conn
-                    .prepare_cached(DELETE_ACKNOWLEDGED)?
-                    .execute((after, end, cutoff))?;
+                let count = conn.execute(DELETE_ACKNOWLEDGED, (after, end, cutoff, end))?;
                 let reached = window.iter().any(|(_, occurred_at)| *occurred_at >= cutoff);
-                Ok((Some(end), reached, count as u64))
+                Ok((Some(end), reached, count))
             })
             .await?;
         deleted += count;
@@ -126,9 +125,11 @@ async fn prune_log(db: &Database, cutoff: i64) -> Result<u64, StoreError> {
 async fn prune_inbox(db: &Database, cutoff: i64) -> Result<u64, StoreError> {
     let groups: Vec<String> = db
         .read(|conn| {
-            let mut select = conn.prepare_cached("SELECT group_name FROM conveyor_groups")?;
-            let groups = select.query_map([], |row| row.get(0))?;
-            Ok::<_, StoreError>(groups.collect::<Result<_, _>>()?)
+            Ok::<_, StoreError>(conn.query_map(
+                "SELECT group_name FROM conveyor_groups",
+                (),
+                |row| row.get(0),
+            )?)
         })
         .await?;
     let below = uuid_v7_floor(cutoff);
@@ -138,16 +139,23 @@ async fn prune_inbox(db: &Database, cutoff: i64) -> Result<u64, StoreError> {
             let (group, below) = (group.clone(), below.clone());
             let count = db
                 .write(move |uow| {
-                    let count = uow
-                        .conn()
-                        .prepare_cached(
-                            "DELETE FROM conveyor_inbox WHERE group_name = ?1 AND message_id IN ( \
+                    let conn = uow.conn();
+                    let count = match conn.backend() {
+                        // MySQL has no LIMIT in an IN subquery, but has DELETE … LIMIT.
+                        Backend::Mysql => conn.execute(
+                            "DELETE FROM conveyor_inbox \
+                             WHERE group_name = ? AND message_id < ? AND handled_at < ? LIMIT ?",
+                            (&group, &below, cutoff, BATCH),
+                        )?,
+                        Backend::Sqlite | Backend::Postgres => conn.execute(
+                            "DELETE FROM conveyor_inbox WHERE group_name = ? AND message_id IN ( \
                                SELECT message_id FROM conveyor_inbox \
-                               WHERE group_name = ?1 AND message_id < ?2 AND handled_at < ?3 \
-                               LIMIT ?4)",
-                        )?
-                        .execute((&group, &below, cutoff, BATCH))?;
-                    Ok::<_, StoreError>(count as u64)
+                               WHERE group_name = ? AND message_id < ? AND handled_at < ? \
+                               LIMIT ?)",
+                            (&group, &group, &below, cutoff, BATCH),
+                        )?,
+                    };
+                    Ok::<_, StoreError>(count)
                 })
                 .await?;
             deleted += count;

@@ -14,10 +14,10 @@ use crate::envelope::now_millis;
 use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Subscription};
 use crate::log::{self, Cursor, Entry};
+use crate::sql::{self, Conn};
 use crate::{dead_letter, retry};
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use rusqlite::OptionalExtension;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,23 +158,21 @@ async fn join(shared: &Arc<Shared>) -> Result<(), BusError> {
 /// Drops the group's members whose time ran out and renews this one's for a lease. `join`
 /// does it in the unit that checks the agreement, so a differing member joining at the same
 /// time sees this one.
-fn renew_membership(
-    conn: &rusqlite::Connection,
-    shared: &Shared,
-    now: i64,
-) -> Result<(), rusqlite::Error> {
+fn renew_membership(conn: &Conn, shared: &Shared, now: i64) -> Result<(), sql::Error> {
     let group = &*shared.group;
-    conn.prepare_cached("DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?")?
-        .execute((group, now))?;
-    conn.prepare_cached(
-        "INSERT INTO conveyor_members (group_name, member, seen_until) VALUES (?, ?, ?) \
-         ON CONFLICT (group_name, member) DO UPDATE SET seen_until = excluded.seen_until",
-    )?
-    .execute((
-        group,
-        &shared.member,
-        now.saturating_add(shared.lease_millis()),
-    ))?;
+    conn.execute(
+        "DELETE FROM conveyor_members WHERE group_name = ? AND seen_until < ?",
+        (group, now),
+    )?;
+    conn.execute(
+        "INSERT INTO conveyor_members (group_name, \"member\", seen_until) VALUES (?, ?, ?) \
+         ON CONFLICT (group_name, \"member\") DO UPDATE SET seen_until = excluded.seen_until",
+        (
+            group,
+            &shared.member,
+            now.saturating_add(shared.lease_millis()),
+        ),
+    )?;
     Ok(())
 }
 
@@ -187,20 +185,17 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
         let group = &*shared.group;
         let now = now_millis();
         let mine = Agreement::of(&shared);
-        let recorded: Option<(i64, String)> = conn
-            .query_row(
-                "SELECT partitions, agreement FROM conveyor_groups WHERE group_name = ?",
-                [group],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .optional()?;
+        let recorded: Option<(i64, String)> = conn.query_opt(
+            "SELECT partitions, agreement FROM conveyor_groups WHERE group_name = ?",
+            [group],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
         // Groups from before the agreement was recorded have only their partitions.
         let partitions: i64 = match &recorded {
             Some((partitions, _)) => *partitions,
-            None => conn.query_row(
+            None => conn.scalar(
                 "SELECT COUNT(*) FROM conveyor_partitions WHERE group_name = ?",
                 [group],
-                |row| row.get(0),
             )?,
         };
         if partitions != 0 && partitions != shared.partitions {
@@ -210,11 +205,10 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
                 requested: shared.partitions,
             }));
         }
-        let live: i64 = conn.query_row(
+        let live: i64 = conn.scalar(
             "SELECT COUNT(*) FROM conveyor_members \
-             WHERE group_name = ? AND member <> ? AND seen_until >= ?",
+             WHERE group_name = ? AND \"member\" <> ? AND seen_until >= ?",
             (group, &shared.member, now),
-            |row| row.get(0),
         )?;
         let theirs = recorded.and_then(|(_, text)| serde_json::from_str::<Agreement>(&text).ok());
         if let Some(theirs) = theirs.filter(|theirs| *theirs != mine && live > 0) {
@@ -224,8 +218,9 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
                 requested: mine.to_string(),
             }));
         }
-        let agreement = serde_json::to_string(&mine).map_err(|error| {
-            StoreError::Database(rusqlite::Error::ToSqlConversionFailure(Box::new(error)))
+        let agreement = serde_json::to_string(&mine).map_err(|error| sql::Error::Encode {
+            what: "the group's agreement",
+            message: error.to_string(),
         })?;
         conn.execute(
             "INSERT INTO conveyor_groups (group_name, partitions, agreement) VALUES (?, ?, ?) \
@@ -244,7 +239,8 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
         }
         for partition in 0..shared.partitions {
             conn.execute(
-                "INSERT OR IGNORE INTO conveyor_partitions (group_name, partition) VALUES (?, ?)",
+                "INSERT INTO conveyor_partitions (group_name, \"partition\") VALUES (?, ?) \
+                 ON CONFLICT (group_name, \"partition\") DO NOTHING",
                 (group, partition),
             )?;
         }
@@ -359,17 +355,12 @@ enum Rebalanced {
 }
 
 /// The agreement the group has recorded, if any.
-fn recorded_agreement(
-    conn: &rusqlite::Connection,
-    group: &str,
-) -> Result<Option<Agreement>, rusqlite::Error> {
-    let text: Option<String> = conn
-        .query_row(
-            "SELECT agreement FROM conveyor_groups WHERE group_name = ?",
-            [group],
-            |row| row.get(0),
-        )
-        .optional()?;
+fn recorded_agreement(conn: &Conn, group: &str) -> Result<Option<Agreement>, sql::Error> {
+    let text: Option<String> = conn.query_opt(
+        "SELECT agreement FROM conveyor_groups WHERE group_name = ?",
+        [group],
+        |row| row.get(0),
+    )?;
     Ok(text.and_then(|text| serde_json::from_str(&text).ok()))
 }
 
@@ -384,11 +375,10 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Rebalanced, StoreError> {
         let until = now.saturating_add(shared.lease_millis());
         // A member that lapsed (its process stalled past a lease) may have been replaced by
         // a version with other handlers meanwhile: it must not come back beside them.
-        let lapsed: bool = conn.query_row(
+        let lapsed: bool = conn.scalar(
             "SELECT NOT EXISTS (SELECT 1 FROM conveyor_members \
-             WHERE group_name = ? AND member = ? AND seen_until >= ?)",
+             WHERE group_name = ? AND \"member\" = ? AND seen_until >= ?)",
             (group, member, now),
-            |row| row.get(0),
         )?;
         if lapsed {
             if let Some(theirs) =
@@ -398,10 +388,9 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Rebalanced, StoreError> {
             }
         }
         renew_membership(conn, &shared, now)?;
-        let members: i64 = conn.query_row(
+        let members: i64 = conn.scalar(
             "SELECT COUNT(*) FROM conveyor_members WHERE group_name = ?",
             [group],
-            |row| row.get(0),
         )?;
         let fair = usize::try_from((shared.partitions + members - 1) / members.max(1))
             .unwrap_or(usize::MAX);
@@ -409,30 +398,33 @@ async fn rebalance(shared: &Arc<Shared>) -> Result<Rebalanced, StoreError> {
             "UPDATE conveyor_partitions SET lease_until = ? WHERE group_name = ? AND owner = ?",
             (until, group, member),
         )?;
-        let mut mine: Vec<i64> = conn
-            .prepare_cached(
-                "SELECT partition FROM conveyor_partitions \
-                 WHERE group_name = ? AND owner = ? ORDER BY partition",
-            )?
-            .query_map((group, member), |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
+        let mut mine: Vec<i64> = conn.query_map(
+            "SELECT \"partition\" FROM conveyor_partitions \
+             WHERE group_name = ? AND owner = ? ORDER BY \"partition\"",
+            (group, member),
+            |row| row.get(0),
+        )?;
         if mine.len() < fair {
             let wanted = i64::try_from(fair - mine.len()).unwrap_or(i64::MAX);
-            let free: Vec<i64> = conn
-                .prepare_cached(
-                    "SELECT partition FROM conveyor_partitions \
-                     WHERE group_name = ? AND (owner IS NULL OR lease_until < ?) \
-                     ORDER BY partition LIMIT ?",
-                )?
-                .query_map((group, now, wanted), |row| row.get(0))?
-                .collect::<Result<_, _>>()?;
+            let free: Vec<i64> = conn.query_map(
+                "SELECT \"partition\" FROM conveyor_partitions \
+                 WHERE group_name = ? AND (owner IS NULL OR lease_until < ?) \
+                 ORDER BY \"partition\" LIMIT ?",
+                (group, now, wanted),
+                |row| row.get(0),
+            )?;
             for partition in free {
-                conn.execute(
+                // Conditional, so that of two members claiming a partition at once on a
+                // server (whose transactions do not serialise) only one gets it.
+                let claimed = conn.execute(
                     "UPDATE conveyor_partitions SET owner = ?, lease_until = ? \
-                     WHERE group_name = ? AND partition = ?",
-                    (member, until, group, partition),
+                     WHERE group_name = ? AND \"partition\" = ? \
+                       AND (owner IS NULL OR lease_until < ?)",
+                    (member, until, group, partition, now),
                 )?;
-                mine.push(partition);
+                if claimed == 1 {
+                    mine.push(partition);
+                }
             }
         }
         let surplus = mine.split_off(fair.min(mine.len()));
@@ -451,7 +443,7 @@ async fn release(shared: &Arc<Shared>, partitions: Vec<i64>) -> Result<(), Store
         for partition in partitions {
             uow.conn().execute(
                 "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
-                 WHERE group_name = ? AND partition = ? AND owner = ?",
+                 WHERE group_name = ? AND \"partition\" = ? AND owner = ?",
                 (&*shared.group, partition, &shared.member),
             )?;
         }
@@ -472,7 +464,7 @@ async fn leave(shared: &Arc<Shared>) -> Result<(), StoreError> {
             (&*shared.group, &shared.member),
         )?;
         conn.execute(
-            "DELETE FROM conveyor_members WHERE group_name = ? AND member = ?",
+            "DELETE FROM conveyor_members WHERE group_name = ? AND \"member\" = ?",
             (&*shared.group, &shared.member),
         )?;
         Ok(())
@@ -512,7 +504,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         let limit = shared.batch;
         let read = shared
             .db()
-            .read(move |conn| log::read(conn, &cursor, limit).map_err(StoreError::from));
+            .read(move |conn| Ok::<_, StoreError>(log::read(conn, &cursor, limit)?));
         let batch = match read.await {
             Ok(batch) => batch,
             Err(error) => {
@@ -780,13 +772,12 @@ async fn offset(shared: &Shared, partition: i64) -> Result<i64, StoreError> {
     shared
         .db()
         .read(move |conn| {
-            let position = conn
-                .query_row(
-                    "SELECT position FROM conveyor_partitions WHERE group_name = ? AND partition = ?",
-                    (&*group, partition),
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let position = conn.query_opt(
+                "SELECT position FROM conveyor_partitions \
+                 WHERE group_name = ? AND \"partition\" = ?",
+                (&*group, partition),
+                |row| row.get(0),
+            )?;
             Ok(position.unwrap_or(0))
         })
         .await
@@ -800,13 +791,18 @@ fn acknowledge(
     position: i64,
 ) -> impl FnOnce(&mut UnitOfWork) -> Result<bool, StoreError> + Send + 'static {
     move |uow: &mut UnitOfWork| {
-        let updated = uow
-            .conn()
-            .prepare_cached(
-                "UPDATE conveyor_partitions SET position = MAX(position, ?) \
-                 WHERE group_name = ? AND partition = ? AND owner = ?",
-            )?
-            .execute((position, &*shared.group, partition, &shared.member))?;
+        let updated = uow.conn().execute(
+            "UPDATE conveyor_partitions \
+             SET position = CASE WHEN position < ? THEN ? ELSE position END \
+             WHERE group_name = ? AND \"partition\" = ? AND owner = ?",
+            (
+                position,
+                position,
+                &*shared.group,
+                partition,
+                &shared.member,
+            ),
+        )?;
         Ok(updated == 1)
     }
 }

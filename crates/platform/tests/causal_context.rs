@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 async fn headers_of(db: &Database, seq: u32) -> Option<(String, BTreeMap<String, String>)> {
     let rows: Vec<(String, Vec<u8>, String)> = db
         .read(|conn| {
-            let mut select = conn.prepare(
+            Ok::<_, StoreError>(conn.query_map(
                 "SELECT message_id, payload, headers FROM conveyor_log ORDER BY position",
-            )?;
-            let rows = select.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-            Ok::<_, StoreError>(rows.collect::<Result<_, _>>()?)
+                (),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )?)
         })
         .await
         .expect("log");

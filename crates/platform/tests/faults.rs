@@ -32,7 +32,7 @@ async fn a_full_disk_delays_messages_and_dead_letters_none() {
         let inserted = db
             .write(|uow| {
                 let conn = uow.conn();
-                Ok::<_, StoreError>(conn.execute("INSERT INTO filler VALUES (zeroblob(512))", [])?)
+                Ok::<_, StoreError>(conn.execute("INSERT INTO filler VALUES (zeroblob(512))", ())?)
             })
             .await;
         match inserted {
@@ -100,17 +100,13 @@ async fn a_refusal_is_never_answered_from_a_batch_that_rolled_back() {
         db.write(|uow| {
             let taken: bool = uow
                 .conn()
-                .query_row(
-                    "SELECT EXISTS (SELECT 1 FROM seats WHERE seat = 'A1')",
-                    [],
-                    |row| row.get(0),
-                )
+                .scalar("SELECT EXISTS (SELECT 1 FROM seats WHERE seat = 'A1')", ())
                 .map_err(StoreError::from)?;
             if taken {
                 return Err(Booking::SoldOut);
             }
             uow.conn()
-                .execute("INSERT INTO seats VALUES ('A1')", [])
+                .execute("INSERT INTO seats VALUES ('A1')", ())
                 .map_err(StoreError::from)?;
             Ok(())
         })
@@ -379,7 +375,7 @@ async fn units_wait_out_another_process_holding_the_write_lock() {
     });
     locked.recv().unwrap();
     let written = db
-        .write(|uow| Ok::<_, StoreError>(uow.conn().execute("INSERT INTO waited VALUES (1)", [])?))
+        .write(|uow| Ok::<_, StoreError>(uow.conn().execute("INSERT INTO waited VALUES (1)", ())?))
         .await;
     holder.join().unwrap();
     assert!(written.is_ok(), "{written:?}");

@@ -1,27 +1,23 @@
-//! The unit of work: all or nothing per unit, also when many share one group commit.
+//! The storage conformance suite: the unit of work is all or nothing per unit, also when
+//! many share one group commit, on SQLite, PostgreSQL and MariaDB alike. The time-limit
+//! tests at the end are SQLite's: only its statements can be interrupted.
 
 use platform::conformance::{Ping, MIGRATIONS};
-use platform::{Database, StoreError};
-use rusqlite::types::FromSql;
+use platform::sql::FromValue;
+use platform::testing::Scratch;
+use platform::{Backend, Database, StoreError};
 
-async fn open() -> (Database, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = Database::open(&dir.path().join("uow.db"))
-        .await
-        .expect("open");
+async fn open(scratch: &Scratch) -> Database {
+    let db = scratch.open().await;
     db.migrate(MIGRATIONS).await.expect("migrate");
-    (db, dir)
+    db
 }
 
 /// The first column of every row `sql` selects.
-async fn column<T: FromSql + Send + 'static>(db: &Database, sql: &'static str) -> Vec<T> {
-    db.read(move |conn| {
-        let mut select = conn.prepare(sql)?;
-        let values = select.query_map([], |row| row.get(0))?;
-        Ok::<_, StoreError>(values.collect::<Result<_, _>>()?)
-    })
-    .await
-    .expect(sql)
+async fn column<T: FromValue + Send + 'static>(db: &Database, sql: &'static str) -> Vec<T> {
+    db.read(move |conn| Ok::<_, StoreError>(conn.query_map(sql, (), |row| row.get(0))?))
+        .await
+        .expect(sql)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +33,7 @@ async fn write(db: Database, seq: u32) -> Result<(), Failure> {
     db.write(move |uow| {
         uow.conn()
             .execute(
-                "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
                  VALUES ('g', 'c', 'm', 'k', ?)",
                 [seq],
             )
@@ -55,9 +51,32 @@ async fn write(db: Database, seq: u32) -> Result<(), Failure> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_units_roll_back_alone_and_their_messages_are_never_published() {
-    let (db, _dir) = open().await;
+/// One `#[tokio::test]` per clause of the suite, per backend.
+macro_rules! storage_suite {
+    ($($module:ident: $backend:expr),*) => {$(
+        mod $module {
+            storage_suite!(@tests $backend;
+                failing_units_roll_back_alone_and_their_messages_are_never_published,
+                a_lone_failing_unit_rolls_back_and_the_next_one_commits,
+                what_committed_is_there_after_reopening,
+                a_unit_may_emit_many_messages_and_they_keep_their_order,
+                migrations_apply_once_however_often_they_run,
+                a_write_is_read_back_as_soon_as_it_returns,
+                a_lease_shorter_than_two_handler_timeouts_is_refused);
+        }
+    )*};
+    (@tests $backend:expr; $($name:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            super::$name(platform::testing::Scratch::new($backend).await).await;
+        }
+    )*};
+}
+
+storage_suite!(sqlite: platform::Backend::Sqlite, postgres: platform::Backend::Postgres, mariadb: platform::Backend::Mysql);
+
+async fn failing_units_roll_back_alone_and_their_messages_are_never_published(scratch: Scratch) {
+    let db = open(&scratch).await;
     let writes: Vec<_> = (0..200)
         .map(|seq| tokio::spawn(write(db.clone(), seq)))
         .collect();
@@ -83,31 +102,26 @@ async fn failing_units_roll_back_alone_and_their_messages_are_never_published() 
     );
 }
 
-#[tokio::test]
-async fn a_lone_failing_unit_rolls_back_and_the_next_one_commits() {
-    let (db, _dir) = open().await;
+async fn a_lone_failing_unit_rolls_back_and_the_next_one_commits(scratch: Scratch) {
+    let db = open(&scratch).await;
     assert!(matches!(write(db.clone(), 1).await, Err(Failure::Refused)));
     write(db.clone(), 2).await.expect("commits");
     let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
     assert_eq!(rows, vec![2]);
 }
 
-#[tokio::test]
-async fn what_committed_is_there_after_reopening() {
-    let (db, dir) = open().await;
+async fn what_committed_is_there_after_reopening(scratch: Scratch) {
+    let db = open(&scratch).await;
     write(db.clone(), 4).await.expect("commits");
     db.close().await;
-    let reopened = Database::open(&dir.path().join("uow.db"))
-        .await
-        .expect("reopen");
+    let reopened = scratch.open().await;
     let count: Vec<i64> = column(&reopened, "SELECT COUNT(*) FROM conformance_handled").await;
     assert_eq!(count, [1]);
     assert_eq!(*reopened.head().borrow(), 1);
 }
 
-#[tokio::test]
-async fn a_unit_may_emit_many_messages_and_they_keep_their_order() {
-    let (db, _dir) = open().await;
+async fn a_unit_may_emit_many_messages_and_they_keep_their_order(scratch: Scratch) {
+    let db = open(&scratch).await;
     db.write(|uow| {
         for seq in 0..1200 {
             uow.emit(&Ping {
@@ -129,13 +143,45 @@ async fn a_unit_may_emit_many_messages_and_they_keep_their_order() {
     assert_eq!(*db.head().borrow(), 1200);
 }
 
-#[tokio::test]
-async fn a_lease_shorter_than_two_handler_timeouts_is_refused() {
+async fn migrations_apply_once_however_often_they_run(scratch: Scratch) {
+    let db = open(&scratch).await;
+    write(db.clone(), 2).await.expect("commits");
+    db.migrate(MIGRATIONS).await.expect("migrate again");
+    let second = scratch.open().await;
+    second
+        .migrate(MIGRATIONS)
+        .await
+        .expect("migrate from another handle");
+    let applied: Vec<i64> = column(
+        &db,
+        "SELECT COUNT(*) FROM conveyor_migrations WHERE service = 'conformance'",
+    )
+    .await;
+    assert_eq!(applied, [1]);
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
+    assert_eq!(rows, [2], "migrating again lost or duplicated data");
+}
+
+async fn a_write_is_read_back_as_soon_as_it_returns(scratch: Scratch) {
+    let db = open(&scratch).await;
+    for seq in (0..40).step_by(2) {
+        write(db.clone(), seq).await.expect("commits");
+        let count: Vec<i64> = column(&db, "SELECT COUNT(*) FROM conformance_handled").await;
+        assert_eq!(
+            count,
+            [i64::from(seq / 2 + 1)],
+            "a committed write was not visible"
+        );
+        assert_eq!(*db.head().borrow(), i64::from(seq / 2 + 1));
+    }
+}
+
+async fn a_lease_shorter_than_two_handler_timeouts_is_refused(scratch: Scratch) {
     use platform::{
         Bus, BusError, ConsumerOptions, HandlerError, Incoming, SqlLog, Subscription, UnitOfWork,
     };
     use std::time::Duration;
-    let (db, _dir) = open().await;
+    let db = open(&scratch).await;
     let options = ConsumerOptions {
         lease: Duration::from_secs(5),
         handler_timeout: Duration::from_secs(3),
@@ -152,14 +198,14 @@ async fn a_lease_shorter_than_two_handler_timeouts_is_refused() {
 async fn a_handler_over_its_time_limit_is_interrupted_and_dead_lettered() {
     use platform::dead_letter;
     use std::time::{Duration, Instant};
-    let (db, _dir) = open().await;
+    let scratch = Scratch::new(Backend::Sqlite).await;
+    let db = open(&scratch).await;
     // A query that would run for minutes: only the time limit ends it.
     let _consumer = run_past_time_limit(&db, "endless", |conn| {
-        conn.query_row(
+        conn.scalar::<i64>(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
              SELECT COUNT(*) FROM n",
-            [],
-            |row| row.get::<_, i64>(0),
+            (),
         )
         .map(|_| ())
     })
@@ -197,15 +243,16 @@ async fn a_handler_over_its_time_limit_is_interrupted_and_dead_lettered() {
 async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_told() {
     use platform::dead_letter;
     use std::time::{Duration, Instant};
-    let (db, _dir) = open().await;
+    let scratch = Scratch::new(Backend::Sqlite).await;
+    let db = open(&scratch).await;
     // A write that would run for minutes. SQLite rolls the whole transaction back when a
     // write statement is interrupted, taking the other units of the batch with it.
     let _consumer = run_past_time_limit(&db, "endless-writer", |conn| {
         conn.execute(
-            "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+            "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
              SELECT 'endless', 'c', 'm', 'k', i FROM n",
-            [],
+            (),
         )
         .map(|_| ())
     })
@@ -256,7 +303,7 @@ async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_to
 async fn run_past_time_limit(
     db: &Database,
     group: &'static str,
-    sql: fn(&rusqlite::Connection) -> rusqlite::Result<()>,
+    sql: fn(&platform::Conn) -> Result<(), platform::sql::Error>,
 ) -> platform::Consumer {
     use platform::{
         Bus, ConsumerOptions, HandlerError, Incoming, RetryPolicy, SqlLog, Subscription, UnitOfWork,

@@ -21,8 +21,8 @@ pub enum BookingsError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for BookingsError {
-    fn from(error: rusqlite::Error) -> Self {
+impl From<platform::sql::Error> for BookingsError {
+    fn from(error: platform::sql::Error) -> Self {
         BookingsError::Store(error.into())
     }
 }
@@ -46,7 +46,7 @@ impl Bookings {
     }
 
     /// Books seats if enough are left, and publishes `EventBooked`, in one unit of work.
-    /// Units of work are serialised by the database, so concurrent bookings never oversell.
+    /// The seats are taken by a conditional update, so concurrent bookings never oversell.
     pub async fn book(
         &self,
         event_id: &str,
@@ -58,8 +58,18 @@ impl Bookings {
             .write(move |uow| {
                 let availability = store::availability(uow.conn(), event_id)?
                     .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
-                let after = availability.book(request.seats)?;
-                store::set_booked(uow, event_id, after.booked)?;
+                availability.book(request.seats)?;
+                if !store::take_seats(uow, event_id, request.seats)? {
+                    // Taken meanwhile by a booking of another connection: refused with
+                    // what is left now.
+                    let now = store::availability(uow.conn(), event_id)?
+                        .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
+                    return Err(SoldOut {
+                        requested: request.seats,
+                        available: now.available(),
+                    }
+                    .into());
+                }
                 let booking = Booking {
                     id: BookingId::new(),
                     event_id,
@@ -88,14 +98,15 @@ impl Bookings {
         self.db
             .read(move |conn| {
                 // One snapshot, so `Booked` always equals the seats of the bookings listed.
-                let snapshot = conn.unchecked_transaction()?;
-                let availability = store::availability(&snapshot, event_id)?
-                    .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
-                let bookings = store::bookings(&snapshot, event_id)?;
-                Ok(Summary {
-                    event_id,
-                    availability,
-                    bookings,
+                conn.snapshot(|snapshot| {
+                    let availability = store::availability(snapshot, event_id)?
+                        .ok_or_else(|| BookingsError::EventNotFound(event_id.to_string()))?;
+                    let bookings = store::bookings(snapshot, event_id)?;
+                    Ok(Summary {
+                        event_id,
+                        availability,
+                        bookings,
+                    })
                 })
             })
             .await

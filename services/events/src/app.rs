@@ -26,8 +26,8 @@ pub enum EventsError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for EventsError {
-    fn from(error: rusqlite::Error) -> Self {
+impl From<platform::sql::Error> for EventsError {
+    fn from(error: platform::sql::Error) -> Self {
         EventsError::Store(error.into())
     }
 }

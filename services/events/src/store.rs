@@ -1,16 +1,15 @@
 //! The events service's tables: `events_locations` and `events_events`.
 
 use crate::domain::{Event, EventId, Hall, Location, LocationId};
-use platform::db::corrupt;
+use platform::sql::{Conn, Error, Row};
 use platform::{Migration, UnitOfWork};
-use rusqlite::{Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         service: "events",
         version: 1,
-        sql: "CREATE TABLE events_locations (
+        sqlite: "CREATE TABLE events_locations (
             seq        INTEGER PRIMARY KEY AUTOINCREMENT,
             id         TEXT NOT NULL UNIQUE,
             name       TEXT NOT NULL,
@@ -30,6 +29,44 @@ pub const MIGRATIONS: &[Migration] = &[
             location_id TEXT NOT NULL REFERENCES events_locations (id)
           );
           CREATE INDEX events_events_name ON events_events (name, seq);",
+        // The servers start with the shape SQLite reaches at version 2.
+        postgres: "CREATE TABLE events_locations (
+            id         TEXT PRIMARY KEY,
+            name       TEXT NOT NULL,
+            address    TEXT NOT NULL,
+            country    TEXT NOT NULL,
+            open_time  BIGINT NOT NULL,
+            close_time BIGINT NOT NULL,
+            halls      TEXT NOT NULL
+          );
+          CREATE TABLE events_events (
+            id          TEXT PRIMARY KEY,
+            name        TEXT NOT NULL,
+            start_date  BIGINT NOT NULL,
+            end_date    BIGINT NOT NULL,
+            duration    BIGINT NOT NULL,
+            location_id TEXT NOT NULL REFERENCES events_locations (id)
+          );
+          CREATE INDEX events_events_name ON events_events (name, id);",
+        mysql: "CREATE TABLE IF NOT EXISTS events_locations (
+            id         VARCHAR(36) PRIMARY KEY,
+            name       TEXT NOT NULL,
+            address    TEXT NOT NULL,
+            country    TEXT NOT NULL,
+            open_time  BIGINT NOT NULL,
+            close_time BIGINT NOT NULL,
+            halls      LONGTEXT NOT NULL
+          ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+          CREATE TABLE IF NOT EXISTS events_events (
+            id          VARCHAR(36) PRIMARY KEY,
+            name        VARCHAR(255) NOT NULL,
+            start_date  BIGINT NOT NULL,
+            end_date    BIGINT NOT NULL,
+            duration    BIGINT NOT NULL,
+            location_id VARCHAR(36) NOT NULL,
+            INDEX events_events_name (name, id),
+            FOREIGN KEY (location_id) REFERENCES events_locations (id)
+          ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;",
     },
     Migration {
         // Keyed by the time-ordered UUIDv7 alone: a row is one b-tree entry instead of a rowid
@@ -37,7 +74,7 @@ pub const MIGRATIONS: &[Migration] = &[
         // `ORDER BY id DESC` (ids from one process are ordered by creation).
         service: "events",
         version: 2,
-        sql: "CREATE TABLE events_locations_v2 (
+        sqlite: "CREATE TABLE events_locations_v2 (
             id         TEXT PRIMARY KEY,
             name       TEXT NOT NULL,
             address    TEXT NOT NULL,
@@ -64,6 +101,8 @@ pub const MIGRATIONS: &[Migration] = &[
           ALTER TABLE events_locations_v2 RENAME TO events_locations;
           ALTER TABLE events_events_v2 RENAME TO events_events;
           CREATE INDEX events_events_name ON events_events (name, id);",
+        postgres: "",
+        mysql: "",
     },
 ];
 
@@ -82,7 +121,7 @@ const INSERT_EVENT: &str =
     "INSERT INTO events_events (id, name, start_date, end_date, duration, location_id) \
      VALUES (?, ?, ?, ?, ?, ?)";
 
-pub fn insert_location(uow: &UnitOfWork, location: &Location) -> Result<(), rusqlite::Error> {
+pub fn insert_location(uow: &UnitOfWork, location: &Location) -> Result<(), Error> {
     let halls: Vec<StoredHall> = location
         .halls
         .iter()
@@ -92,29 +131,37 @@ pub fn insert_location(uow: &UnitOfWork, location: &Location) -> Result<(), rusq
             capacity: hall.capacity,
         })
         .collect();
-    let halls = serde_json::to_string(&halls)
-        .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
-    uow.conn().prepare_cached(INSERT_LOCATION)?.execute((
-        location.id.to_string(),
-        &location.name,
-        &location.address,
-        &location.country,
-        location.open_time,
-        location.close_time,
-        halls,
-    ))?;
+    let halls = serde_json::to_string(&halls).map_err(|error| Error::Encode {
+        what: "halls",
+        message: error.to_string(),
+    })?;
+    uow.conn().execute(
+        INSERT_LOCATION,
+        (
+            location.id.to_string(),
+            &location.name,
+            &location.address,
+            &location.country,
+            location.open_time,
+            location.close_time,
+            halls,
+        ),
+    )?;
     Ok(())
 }
 
-pub fn insert_event(uow: &UnitOfWork, event: &Event) -> Result<(), rusqlite::Error> {
-    uow.conn().prepare_cached(INSERT_EVENT)?.execute((
-        event.id.to_string(),
-        &event.name,
-        event.start_date,
-        event.end_date,
-        event.duration,
-        event.location.id.to_string(),
-    ))?;
+pub fn insert_event(uow: &UnitOfWork, event: &Event) -> Result<(), Error> {
+    uow.conn().execute(
+        INSERT_EVENT,
+        (
+            event.id.to_string(),
+            &event.name,
+            event.start_date,
+            event.end_date,
+            event.duration,
+            event.location.id.to_string(),
+        ),
+    )?;
     Ok(())
 }
 
@@ -123,24 +170,23 @@ const LOCATION_COLUMNS: &str = "l.id AS location_id, l.name AS location_name, l.
 
 /// A location, read on `conn`: a read connection, or a unit of work's to reuse the location
 /// for a new event.
-pub fn location(conn: &Connection, id: LocationId) -> Result<Option<Location>, rusqlite::Error> {
-    conn.prepare_cached(&format!(
-        "SELECT {LOCATION_COLUMNS} FROM events_locations l WHERE l.id = ?"
-    ))?
-    .query_row([id.to_string()], location_from_row)
-    .optional()
+pub fn location(conn: &Conn, id: LocationId) -> Result<Option<Location>, Error> {
+    conn.query_opt(
+        &format!("SELECT {LOCATION_COLUMNS} FROM events_locations l WHERE l.id = ?"),
+        [id.to_string()],
+        location_from_row,
+    )
 }
 
-pub fn locations(
-    conn: &Connection,
-    limit: i64,
-    offset: i64,
-) -> Result<Vec<Location>, rusqlite::Error> {
-    conn.prepare_cached(&format!(
-        "SELECT {LOCATION_COLUMNS} FROM events_locations l ORDER BY l.id DESC LIMIT ? OFFSET ?"
-    ))?
-    .query_map([limit, offset], location_from_row)?
-    .collect()
+pub fn locations(conn: &Conn, limit: i64, offset: i64) -> Result<Vec<Location>, Error> {
+    conn.query_map(
+        &format!(
+            "SELECT {LOCATION_COLUMNS} FROM events_locations l \
+             ORDER BY l.id DESC LIMIT ? OFFSET ?"
+        ),
+        [limit, offset],
+        location_from_row,
+    )
 }
 
 fn event_query(filter: &str) -> String {
@@ -150,32 +196,39 @@ fn event_query(filter: &str) -> String {
     )
 }
 
-pub fn event(conn: &Connection, id: EventId) -> Result<Option<Event>, rusqlite::Error> {
-    conn.prepare_cached(&event_query("WHERE e.id = ?"))?
-        .query_row([id.to_string()], event_from_row)
-        .optional()
+pub fn event(conn: &Conn, id: EventId) -> Result<Option<Event>, Error> {
+    conn.query_opt(
+        &event_query("WHERE e.id = ?"),
+        [id.to_string()],
+        event_from_row,
+    )
 }
 
 /// The newest event with this exact name.
-pub fn event_by_name(conn: &Connection, name: &str) -> Result<Option<Event>, rusqlite::Error> {
-    conn.prepare_cached(&event_query("WHERE e.name = ? ORDER BY e.id DESC LIMIT 1"))?
-        .query_row([name], event_from_row)
-        .optional()
+pub fn event_by_name(conn: &Conn, name: &str) -> Result<Option<Event>, Error> {
+    conn.query_opt(
+        &event_query("WHERE e.name = ? ORDER BY e.id DESC LIMIT 1"),
+        [name],
+        event_from_row,
+    )
 }
 
 /// Newest first.
-pub fn events(conn: &Connection, limit: i64, offset: i64) -> Result<Vec<Event>, rusqlite::Error> {
-    conn.prepare_cached(&event_query("ORDER BY e.id DESC LIMIT ? OFFSET ?"))?
-        .query_map([limit, offset], event_from_row)?
-        .collect()
+pub fn events(conn: &Conn, limit: i64, offset: i64) -> Result<Vec<Event>, Error> {
+    conn.query_map(
+        &event_query("ORDER BY e.id DESC LIMIT ? OFFSET ?"),
+        [limit, offset],
+        event_from_row,
+    )
 }
 
-fn location_from_row(row: &Row<'_>) -> Result<Location, rusqlite::Error> {
+fn location_from_row(row: &Row<'_>) -> Result<Location, Error> {
     let id: String = row.get("location_id")?;
     let halls: String = row.get("halls")?;
-    let halls: Vec<StoredHall> = serde_json::from_str(&halls).map_err(|e| corrupt("halls", e))?;
+    let halls: Vec<StoredHall> =
+        serde_json::from_str(&halls).map_err(|e| Error::corrupt("halls", e))?;
     Ok(Location {
-        id: LocationId::parse(&id).ok_or_else(|| corrupt("location_id", &id))?,
+        id: LocationId::parse(&id).ok_or_else(|| Error::corrupt("location_id", &id))?,
         name: row.get("location_name")?,
         address: row.get("address")?,
         country: row.get("country")?,
@@ -192,10 +245,10 @@ fn location_from_row(row: &Row<'_>) -> Result<Location, rusqlite::Error> {
     })
 }
 
-fn event_from_row(row: &Row<'_>) -> Result<Event, rusqlite::Error> {
+fn event_from_row(row: &Row<'_>) -> Result<Event, Error> {
     let id: String = row.get("id")?;
     Ok(Event {
-        id: EventId::parse(&id).ok_or_else(|| corrupt("id", &id))?,
+        id: EventId::parse(&id).ok_or_else(|| Error::corrupt("id", &id))?,
         name: row.get("name")?,
         start_date: row.get("start_date")?,
         end_date: row.get("end_date")?,

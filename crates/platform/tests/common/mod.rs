@@ -5,11 +5,11 @@
 #![allow(dead_code)]
 
 use platform::conformance::{Ping, MIGRATIONS};
+use platform::sql::FromValue;
 use platform::{
     ConsumerOptions, Database, HandlerError, Incoming, RetryPolicy, StoreError, Subscription,
     UnitOfWork,
 };
-use rusqlite::types::FromSql;
 use std::time::{Duration, Instant};
 
 pub async fn open_at(dir: &tempfile::TempDir) -> Database {
@@ -25,8 +25,8 @@ pub async fn open() -> (Database, tempfile::TempDir) {
     (open_at(&dir).await, dir)
 }
 
-pub async fn scalar<T: FromSql + Send + 'static>(db: &Database, sql: &'static str) -> T {
-    db.read(move |conn| Ok::<_, StoreError>(conn.query_row(sql, [], |row| row.get(0))?))
+pub async fn scalar<T: FromValue + Send + 'static>(db: &Database, sql: &'static str) -> T {
+    db.read(move |conn| Ok::<_, StoreError>(conn.scalar(sql, ())?))
         .await
         .expect(sql)
 }

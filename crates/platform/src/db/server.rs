@@ -1,0 +1,409 @@
+//! PostgreSQL and MySQL/MariaDB: a pool of writer threads over one queue.
+//!
+//! Each writer has its own connection and takes up to `MAX_BATCH` queued units into one
+//! transaction, a savepoint per unit; between two units `RELEASE SAVEPOINT unit; SAVEPOINT
+//! unit` goes as one round trip. PostgreSQL keeps the subtransactions of a transaction in a
+//! per-backend cache of 64: a batch never holds more. The units' messages are appended at the
+//! end of the batch, positions taken from the log's counter row (see `log::append_numbered`),
+//! whose row lock orders the appending batches' commits. A commit is durable when the server
+//! answers it, so a batch is reported at once.
+//!
+//! The watcher wakes this process's consumers for other processes' commits: on PostgreSQL a
+//! listener thread receives the `NOTIFY` each appending batch sends; on MySQL, which has no
+//! notifications, a thread polls the counter row, often while the log moves and less often
+//! while it rests.
+
+use super::{
+    apply, run_unit, spawn_thread, Command, Finish, Inner, Job, Migration, Outgoing, Ran, Readers,
+    StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
+};
+use crate::log;
+use crate::sql::{self, Backend, Conn, ServerUrl};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Writer threads, each with its own connection.
+const WRITERS: usize = 4;
+/// The most units in one transaction: PostgreSQL caches 64 subtransactions per backend.
+const MAX_BATCH: usize = 64;
+/// The pause before trying a failed connection or `BEGIN` again; it doubles up to `MAX_PAUSE`.
+const PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+/// How long the PostgreSQL listener waits for a notification before it looks for a stop.
+const LISTEN_WAIT: Duration = Duration::from_millis(100);
+/// The MySQL poller's interval: the shortest right after the log moved, doubling while it
+/// rests, up to the longest.
+const POLL_FAST: Duration = Duration::from_millis(5);
+const POLL_SLOW: Duration = Duration::from_millis(40);
+/// Keys of the lock that serialises schema changes across processes.
+const PG_SCHEMA_LOCK: i64 = 0x636f_6e76_6579;
+const MYSQL_SCHEMA_LOCK: &str = "conveyor_schema";
+
+pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
+    let open_error = |source| StoreError::Open {
+        path: format!("{server:?}"),
+        source,
+    };
+    let setup = server.connect().map_err(open_error)?;
+    locked(&setup, || {
+        Ok(setup.execute_batch(log::schema(server.backend))?)
+    })?;
+    let head = log::head(&setup)?;
+
+    let connect = server.clone();
+    let readers = Readers::start(Box::new(move || connect.connect())).map_err(open_error)?;
+    let writers = (0..WRITERS)
+        .map(|_| Ok(UnitOfWork::new(server.connect()?, Arc::default())))
+        .collect::<Result<Vec<_>, sql::Error>>()
+        .map_err(open_error)?;
+
+    let (commands, queue) = mpsc::channel(WRITE_QUEUE);
+    let queue = Arc::new(Mutex::new(queue));
+    let head = Arc::new(watch::Sender::new(head));
+    let (_fatal, fatal) = watch::channel(None);
+    let stopped_tx = Arc::new(watch::Sender::new(0));
+    let stopped = stopped_tx.subscribe();
+    let stopping = Arc::new(AtomicBool::new(false));
+    for (index, uow) in writers.into_iter().enumerate() {
+        let writer = Writer {
+            uow,
+            server: server.clone(),
+            head: head.clone(),
+            stopping: stopping.clone(),
+        };
+        let (queue, stopped) = (queue.clone(), stopped_tx.clone());
+        spawn_thread(&format!("conveyor-writer-{index}"), move || {
+            writer.run(&queue);
+            stopped.send_modify(|count| *count += 1);
+        })?;
+    }
+    let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();
+    let head_rx = head.subscribe();
+    let watched = server.clone();
+    match server.backend {
+        Backend::Postgres => spawn_thread("conveyor-listener", move || {
+            listen(&watched, &head, &watcher_stopped);
+        })?,
+        _ => spawn_thread("conveyor-watcher", move || {
+            poll(setup, &watched, &head, &watcher_stopped);
+        })?,
+    }
+    Ok(Inner {
+        backend: server.backend,
+        commands,
+        readers: Arc::new(readers),
+        head: head_rx,
+        fatal,
+        stopped,
+        writers: WRITERS,
+        stop_watcher: Mutex::new(Some(stop_watcher)),
+        stopping,
+        server: Some(server),
+    })
+}
+
+/// Applies the migrations not yet applied, one at a time, holding the schema lock so that
+/// processes starting together do not both apply one. PostgreSQL runs each migration in a
+/// transaction; MySQL commits each DDL statement on its own, so a migration interrupted
+/// there must be written to run again (`IF NOT EXISTS`).
+pub(super) fn migrate(server: &ServerUrl, migrations: &[Migration]) -> Result<(), StoreError> {
+    let conn = server.connect()?;
+    locked(&conn, || {
+        for migration in migrations {
+            match conn.backend() {
+                Backend::Postgres => {
+                    conn.execute_batch("BEGIN")?;
+                    apply(&conn, migration)?;
+                    conn.execute_batch("COMMIT")?;
+                }
+                _ => apply(&conn, migration)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `work` holding the schema lock: a session lock, released however `work` ends.
+fn locked<T>(conn: &Conn, work: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    match conn.backend() {
+        Backend::Postgres => {
+            conn.execute_batch(&format!("SELECT pg_advisory_lock({PG_SCHEMA_LOCK})"))?
+        }
+        _ => {
+            let taken: Option<i64> = conn.scalar("SELECT GET_LOCK(?, 60)", (MYSQL_SCHEMA_LOCK,))?;
+            if taken != Some(1) {
+                return Err(StoreError::Commit(
+                    "another process held the schema lock for a minute".to_owned(),
+                ));
+            }
+        }
+    }
+    let result = work();
+    let unlocked = match conn.backend() {
+        Backend::Postgres => {
+            conn.execute_batch(&format!("SELECT pg_advisory_unlock({PG_SCHEMA_LOCK})"))
+        }
+        _ => conn
+            .execute("SELECT RELEASE_LOCK(?)", (MYSQL_SCHEMA_LOCK,))
+            .map(drop),
+    };
+    let value = result?;
+    unlocked?;
+    Ok(value)
+}
+
+struct Writer {
+    uow: UnitOfWork,
+    server: ServerUrl,
+    head: Arc<watch::Sender<i64>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, queue: &Mutex<mpsc::Receiver<Command>>) {
+        let metrics = WriterMetrics::register();
+        let mut failures = 0;
+        // Units that had not run yet when their batch could not go on.
+        let mut carried: Vec<Job> = Vec::new();
+        loop {
+            let batch = if carried.is_empty() {
+                match take(queue) {
+                    Some(batch) => batch,
+                    None => break,
+                }
+            } else {
+                std::mem::take(&mut carried)
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            metrics.batch_units.record(batch.len() as f64);
+            let started = Instant::now();
+            let end = run_batch(&mut self.uow, batch);
+            metrics.commit_seconds.record(started.elapsed());
+            if let Some(position) = end.committed_position {
+                self.head.send_if_modified(|head| {
+                    let moved = position > *head;
+                    *head = (*head).max(position);
+                    moved
+                });
+            }
+            carried = end.not_run;
+            if end.failed {
+                failures += 1;
+                if self.stopping.load(Ordering::Acquire) {
+                    tracing::error!(
+                        units = carried.len(),
+                        "stopping with the database failing; abandoning what is queued"
+                    );
+                    carried.clear();
+                    continue;
+                }
+                self.recover(failures);
+            } else {
+                failures = 0;
+            }
+        }
+    }
+
+    /// After a failed batch: waits, and replaces the connection if the server closed it.
+    fn recover(&mut self, failures: u32) {
+        let pause = PAUSE
+            .saturating_mul(2_u32.saturating_pow(failures.saturating_sub(1)))
+            .min(MAX_PAUSE);
+        std::thread::sleep(pause);
+        if self.uow.conn.is_broken() {
+            match self.server.connect() {
+                Ok(conn) => self.uow.conn = conn,
+                Err(error) => tracing::error!(%error, "cannot reconnect to the database"),
+            }
+        }
+    }
+}
+
+/// The next batch from the queue: waits for one unit, then takes what else is queued. None
+/// once the queue is closed and empty.
+fn take(queue: &Mutex<mpsc::Receiver<Command>>) -> Option<Vec<Job>> {
+    let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut next = Some(queue.blocking_recv()?);
+    let mut batch = Vec::new();
+    while let Some(command) = next {
+        match command {
+            Command::Run(job) => batch.push(job),
+            // What was queued before the stop still runs; then every writer's wait ends.
+            Command::Stop => queue.close(),
+        }
+        next = if batch.len() < MAX_BATCH {
+            queue.try_recv().ok()
+        } else {
+            None
+        };
+    }
+    Some(batch)
+}
+
+/// How a batch ended. Every unit that ran has been told.
+struct BatchEnd {
+    /// The last position the batch appended, once committed.
+    committed_position: Option<i64>,
+    /// The units that never ran because the transaction could not begin.
+    not_run: Vec<Job>,
+    failed: bool,
+}
+
+/// Runs a batch of units in one transaction, each in a savepoint, appends their messages
+/// and commits. A failed step fails every unit that ran: nothing is reported committed that
+/// is not.
+fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
+    if let Err(error) = uow.conn.execute_batch("BEGIN; SAVEPOINT unit") {
+        tracing::error!(%error, "cannot begin a write transaction; will try again");
+        let _ = uow.conn.execute_batch("ROLLBACK");
+        return BatchEnd {
+            committed_position: None,
+            not_run: batch,
+            failed: true,
+        };
+    }
+    let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
+    let mut outbox: Vec<Outgoing> = Vec::new();
+    let mut jobs = batch.into_iter().peekable();
+    let outcome = loop {
+        let Some(job) = jobs.next() else {
+            break commit(&uow.conn, &outbox);
+        };
+        let (ran, emitted) = run_unit(uow, job);
+        // Each finish joins the batch's before the step, so a failing step tells it.
+        let step = match ran {
+            Ran::Commit(finish) => {
+                finishes.push(finish);
+                outbox.extend(emitted);
+                if jobs.peek().is_some() {
+                    "RELEASE SAVEPOINT unit; SAVEPOINT unit"
+                } else {
+                    "RELEASE SAVEPOINT unit"
+                }
+            }
+            Ran::RollBack(finish) => {
+                finishes.extend(finish);
+                "ROLLBACK TO SAVEPOINT unit"
+            }
+        };
+        if let Err(error) = uow.conn.execute_batch(step) {
+            break Err(error);
+        }
+    };
+    match outcome {
+        Ok(position) => {
+            for finish in finishes {
+                finish(Ok(()));
+            }
+            BatchEnd {
+                committed_position: position,
+                not_run: Vec::new(),
+                failed: false,
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "group commit failed; the batch is rolled back");
+            let _ = uow.conn.execute_batch("ROLLBACK");
+            let reason = error.to_string();
+            for finish in finishes {
+                finish(Err(StoreError::Commit(reason.clone())));
+            }
+            // Units not run yet go to the next batch; none was started.
+            BatchEnd {
+                committed_position: None,
+                not_run: jobs.collect(),
+                failed: true,
+            }
+        }
+    }
+}
+
+/// Appends the batch's messages, then commits; the last position appended, if any.
+fn commit(conn: &Conn, outbox: &[Outgoing]) -> Result<Option<i64>, sql::Error> {
+    let position = log::append_numbered(conn, outbox)?;
+    conn.execute_batch("COMMIT")?;
+    Ok(position)
+}
+
+/// Has `close` asked the watcher to stop?
+fn stopped(stop: &Receiver<()>) -> bool {
+    matches!(stop.try_recv(), Err(TryRecvError::Disconnected) | Ok(()))
+}
+
+fn advance(head: &watch::Sender<i64>, position: i64) {
+    head.send_if_modified(|head| {
+        let moved = position > *head;
+        *head = (*head).max(position);
+        moved
+    });
+}
+
+/// PostgreSQL: moves the head on every `NOTIFY conveyor_log`, whose payload is the last
+/// position the notifying batch appended. On (re)connecting it reads the head, for what was
+/// notified while it was away.
+fn listen(server: &ServerUrl, head: &watch::Sender<i64>, stop: &Receiver<()>) {
+    let mut listening: Option<Conn> = None;
+    while !stopped(stop) {
+        let Some(conn) = &listening else {
+            match subscribe(server, head) {
+                Ok(conn) => listening = Some(conn),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for commits; will try again");
+                    std::thread::sleep(MAX_PAUSE);
+                }
+            }
+            continue;
+        };
+        match conn.postgres_notifications(LISTEN_WAIT) {
+            Ok(payloads) => {
+                if let Some(position) = payloads.iter().filter_map(|p| p.parse().ok()).max() {
+                    advance(head, position);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "lost the connection listening for commits");
+                listening = None;
+            }
+        }
+    }
+}
+
+fn subscribe(server: &ServerUrl, head: &watch::Sender<i64>) -> Result<Conn, StoreError> {
+    let conn = server.connect()?;
+    conn.execute_batch(&format!("LISTEN {}", log::CHANNEL))?;
+    advance(head, log::head(&conn)?);
+    Ok(conn)
+}
+
+/// MySQL: reads the counter row, every `POLL_FAST` while it moves, slowing to `POLL_SLOW`
+/// while it rests.
+fn poll(mut conn: Conn, server: &ServerUrl, head: &watch::Sender<i64>, stop: &Receiver<()>) {
+    let mut interval = POLL_FAST;
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        match log::head(&conn) {
+            Ok(position) => {
+                let moved = position > *head.borrow();
+                advance(head, position);
+                interval = if moved {
+                    POLL_FAST
+                } else {
+                    (interval * 2).min(POLL_SLOW)
+                };
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the log head");
+                interval = MAX_PAUSE;
+                if conn.is_broken() {
+                    if let Ok(fresh) = server.connect() {
+                        conn = fresh;
+                    }
+                }
+            }
+        }
+    }
+}

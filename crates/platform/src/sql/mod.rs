@@ -1,0 +1,623 @@
+//! The SQL every store speaks: one connection type over SQLite, PostgreSQL and MySQL/MariaDB.
+//!
+//! Stores, use cases and handlers write their statements once, in a portable subset (see
+//! `docs/architecture.md`, "Portable storage"): `?` placeholders, `INSERT … ON CONFLICT (…)
+//! DO NOTHING` and `ON CONFLICT (…) DO UPDATE SET c = excluded.c`, identifiers that need
+//! quoting in double quotes. Each backend's module turns that subset into its own dialect,
+//! once per statement, and caches the prepared result: PostgreSQL numbers the placeholders,
+//! MySQL spells the conflict clauses its way. That translation is the only place dialects
+//! differ; what cannot be translated (DDL, the log's counter) is chosen by `Backend`.
+//!
+//! The SQLite arm is rusqlite itself, with its statement cache: nothing new runs per
+//! statement there, so the embedded default is as fast as it was.
+
+mod mysql;
+mod postgres;
+
+use std::cell::RefCell;
+use std::fmt;
+
+pub(crate) use self::mysql::MysqlSession;
+pub(crate) use self::postgres::PgSession;
+
+/// Which database a connection talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    Mysql,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+            Backend::Mysql => "MySQL",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Postgres(#[from] ::postgres::Error),
+    #[error(transparent)]
+    Mysql(#[from] ::mysql::Error),
+    #[error("the query returned no row")]
+    NoRow,
+    /// A stored value that is not what its column should hold: the data is corrupt (or was
+    /// written by a newer version), not the query.
+    #[error("column {column}: {message}")]
+    Column { column: String, message: String },
+    #[error("cannot encode {what}: {message}")]
+    Encode { what: &'static str, message: String },
+}
+
+impl Error {
+    /// A stored value that does not decode.
+    pub fn corrupt(column: &str, error: impl fmt::Display) -> Error {
+        Error::Column {
+            column: column.to_owned(),
+            message: error.to_string(),
+        }
+    }
+
+    /// Is this a failure of the database itself (full, busy, unreachable, deadlocked) rather
+    /// than of the statement? Such failures say nothing about the work: trying it again once
+    /// the database recovers will do.
+    pub fn is_infrastructure(&self) -> bool {
+        match self {
+            Error::Sqlite(error) => {
+                use rusqlite::ErrorCode;
+                matches!(
+                    error.sqlite_error_code(),
+                    Some(
+                        ErrorCode::DiskFull
+                            | ErrorCode::DatabaseBusy
+                            | ErrorCode::DatabaseLocked
+                            | ErrorCode::SystemIoFailure
+                            | ErrorCode::CannotOpen
+                            | ErrorCode::OutOfMemory
+                            | ErrorCode::ReadOnly
+                    )
+                )
+            }
+            Error::Postgres(error) => postgres::is_infrastructure(error),
+            Error::Mysql(error) => mysql::is_infrastructure(error),
+            Error::NoRow | Error::Column { .. } | Error::Encode { .. } => false,
+        }
+    }
+}
+
+/// A value bound to a statement's placeholder, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub enum Value<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+/// A type that binds to a placeholder.
+pub trait ToValue {
+    fn to_value(&self) -> Value<'_>;
+}
+
+macro_rules! int_to_value {
+    ($($int:ty),*) => {$(
+        impl ToValue for $int {
+            fn to_value(&self) -> Value<'_> {
+                Value::Int(i64::from(*self))
+            }
+        }
+    )*};
+}
+int_to_value!(i64, i32, u32, i16, u16, u8, bool);
+
+impl ToValue for f64 {
+    fn to_value(&self) -> Value<'_> {
+        Value::Real(*self)
+    }
+}
+
+impl ToValue for str {
+    fn to_value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+
+impl ToValue for String {
+    fn to_value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+
+impl ToValue for [u8] {
+    fn to_value(&self) -> Value<'_> {
+        Value::Blob(self)
+    }
+}
+
+impl ToValue for Vec<u8> {
+    fn to_value(&self) -> Value<'_> {
+        Value::Blob(self)
+    }
+}
+
+impl ToValue for std::sync::Arc<str> {
+    fn to_value(&self) -> Value<'_> {
+        Value::Text(self)
+    }
+}
+
+impl<T: ToValue> ToValue for Option<T> {
+    fn to_value(&self) -> Value<'_> {
+        self.as_ref().map_or(Value::Null, ToValue::to_value)
+    }
+}
+
+impl<T: ToValue + ?Sized> ToValue for &T {
+    fn to_value(&self) -> Value<'_> {
+        (**self).to_value()
+    }
+}
+
+/// The values of a statement's placeholders, in order: a tuple, an array or a slice.
+pub trait Params {
+    fn values(&self) -> Vec<Value<'_>>;
+}
+
+impl Params for () {
+    fn values(&self) -> Vec<Value<'_>> {
+        Vec::new()
+    }
+}
+
+impl<T: ToValue, const N: usize> Params for [T; N] {
+    fn values(&self) -> Vec<Value<'_>> {
+        self.iter().map(ToValue::to_value).collect()
+    }
+}
+
+impl Params for &[&dyn ToValue] {
+    fn values(&self) -> Vec<Value<'_>> {
+        self.iter().map(|value| value.to_value()).collect()
+    }
+}
+
+macro_rules! tuple_params {
+    ($($name:ident),+) => {
+        impl<$($name: ToValue),+> Params for ($($name,)+) {
+            #[allow(non_snake_case)]
+            fn values(&self) -> Vec<Value<'_>> {
+                let ($($name,)+) = self;
+                vec![$($name.to_value()),+]
+            }
+        }
+    };
+}
+tuple_params!(A);
+tuple_params!(A, B);
+tuple_params!(A, B, C);
+tuple_params!(A, B, C, D);
+tuple_params!(A, B, C, D, E);
+tuple_params!(A, B, C, D, E, F);
+tuple_params!(A, B, C, D, E, F, G);
+tuple_params!(A, B, C, D, E, F, G, H);
+tuple_params!(A, B, C, D, E, F, G, H, I);
+tuple_params!(A, B, C, D, E, F, G, H, I, J);
+tuple_params!(A, B, C, D, E, F, G, H, I, J, K);
+tuple_params!(A, B, C, D, E, F, G, H, I, J, K, L);
+
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Value::Null => ValueRef::Null,
+            Value::Int(value) => ValueRef::Integer(value),
+            Value::Real(value) => ValueRef::Real(value),
+            Value::Text(value) => ValueRef::Text(value.as_bytes()),
+            Value::Blob(value) => ValueRef::Blob(value),
+        }))
+    }
+}
+
+/// A value read from a row, borrowed from it.
+#[derive(Debug, Clone, Copy)]
+pub enum ValueRef<'a> {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+/// A type that a column's value converts to.
+pub trait FromValue: Sized {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String>;
+}
+
+impl FromValue for i64 {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Int(value) => Ok(value),
+            // MySQL hands out some sums and decimals as text.
+            ValueRef::Text(text) => text
+                .parse()
+                .map_err(|_| format!("{text:?} is not an integer")),
+            other => Err(format!("expected an integer, found {other:?}")),
+        }
+    }
+}
+
+impl FromValue for i32 {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        let wide = i64::from_value(value)?;
+        i32::try_from(wide).map_err(|_| format!("{wide} is out of range"))
+    }
+}
+
+impl FromValue for u32 {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        let wide = i64::from_value(value)?;
+        u32::try_from(wide).map_err(|_| format!("{wide} is out of range"))
+    }
+}
+
+impl FromValue for bool {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        i64::from_value(value).map(|value| value != 0)
+    }
+}
+
+impl FromValue for f64 {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Real(value) => Ok(value),
+            ValueRef::Int(value) => Ok(value as f64),
+            other => Err(format!("expected a number, found {other:?}")),
+        }
+    }
+}
+
+impl FromValue for String {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Text(text) => Ok(text.to_owned()),
+            ValueRef::Blob(bytes) => {
+                String::from_utf8(bytes.to_vec()).map_err(|error| format!("not UTF-8: {error}"))
+            }
+            other => Err(format!("expected text, found {other:?}")),
+        }
+    }
+}
+
+impl FromValue for Vec<u8> {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Blob(bytes) => Ok(bytes.to_vec()),
+            ValueRef::Text(text) => Ok(text.as_bytes().to_vec()),
+            other => Err(format!("expected bytes, found {other:?}")),
+        }
+    }
+}
+
+impl<T: FromValue> FromValue for Option<T> {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        match value {
+            ValueRef::Null => Ok(None),
+            value => T::from_value(value).map(Some),
+        }
+    }
+}
+
+/// A column of a row, by position or by name.
+pub trait Column: rusqlite::RowIndex + fmt::Display + Copy {
+    /// Where the column is among `names`, the row's `len` columns.
+    fn index_of<S: AsRef<str>>(
+        self,
+        names: impl IntoIterator<Item = S>,
+        len: usize,
+    ) -> Option<usize>;
+}
+
+impl Column for usize {
+    fn index_of<S: AsRef<str>>(self, _: impl IntoIterator<Item = S>, len: usize) -> Option<usize> {
+        (self < len).then_some(self)
+    }
+}
+
+impl Column for &str {
+    fn index_of<S: AsRef<str>>(
+        self,
+        names: impl IntoIterator<Item = S>,
+        _: usize,
+    ) -> Option<usize> {
+        names.into_iter().position(|name| name.as_ref() == self)
+    }
+}
+
+/// One row of a result.
+pub struct Row<'a>(RowKind<'a>);
+
+enum RowKind<'a> {
+    Sqlite(&'a rusqlite::Row<'a>),
+    Postgres(&'a ::postgres::Row),
+    Mysql(&'a ::mysql::Row),
+}
+
+impl Row<'_> {
+    /// The value of `column`, converted; a value that does not convert is `Error::Column`.
+    pub fn get<T: FromValue>(&self, column: impl Column) -> Result<T, Error> {
+        let converted = match &self.0 {
+            RowKind::Sqlite(row) => T::from_value(sqlite_value(row.get_ref(column)?)?),
+            RowKind::Postgres(row) => T::from_value(postgres::value(row, column)?),
+            RowKind::Mysql(row) => T::from_value(mysql::value(row, column)?),
+        };
+        converted.map_err(|message| Error::Column {
+            column: column.to_string(),
+            message,
+        })
+    }
+}
+
+fn sqlite_value(value: rusqlite::types::ValueRef<'_>) -> Result<ValueRef<'_>, Error> {
+    use rusqlite::types::ValueRef as Sqlite;
+    Ok(match value {
+        Sqlite::Null => ValueRef::Null,
+        Sqlite::Integer(value) => ValueRef::Int(value),
+        Sqlite::Real(value) => ValueRef::Real(value),
+        Sqlite::Text(bytes) => ValueRef::Text(
+            std::str::from_utf8(bytes).map_err(|error| Error::corrupt("text", error))?,
+        ),
+        Sqlite::Blob(bytes) => ValueRef::Blob(bytes),
+    })
+}
+
+/// A connection, or the open transaction of a unit of work: what stores run statements on.
+pub struct Conn(ConnKind);
+
+enum ConnKind {
+    Sqlite(rusqlite::Connection),
+    // Boxed: a server session is several times a SQLite connection's size.
+    Postgres(Box<RefCell<PgSession>>),
+    Mysql(Box<RefCell<MysqlSession>>),
+}
+
+impl Conn {
+    pub(crate) fn sqlite(conn: rusqlite::Connection) -> Conn {
+        Conn(ConnKind::Sqlite(conn))
+    }
+
+    pub(crate) fn postgres(session: PgSession) -> Conn {
+        Conn(ConnKind::Postgres(Box::new(RefCell::new(session))))
+    }
+
+    pub(crate) fn mysql(session: MysqlSession) -> Conn {
+        Conn(ConnKind::Mysql(Box::new(RefCell::new(session))))
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.0 {
+            ConnKind::Sqlite(_) => Backend::Sqlite,
+            ConnKind::Postgres(_) => Backend::Postgres,
+            ConnKind::Mysql(_) => Backend::Mysql,
+        }
+    }
+
+    /// The SQLite connection underneath, for what only SQLite has (its pragmas, hooks).
+    pub(crate) fn as_sqlite(&self) -> Option<&rusqlite::Connection> {
+        match &self.0 {
+            ConnKind::Sqlite(conn) => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// Runs one statement; returns how many rows it changed (on MySQL: matched).
+    pub fn execute(&self, sql: &str, params: impl Params) -> Result<u64, Error> {
+        let values = params.values();
+        match &self.0 {
+            ConnKind::Sqlite(conn) => {
+                let changed = conn
+                    .prepare_cached(sql)?
+                    .execute(rusqlite::params_from_iter(values.iter()))?;
+                Ok(changed as u64)
+            }
+            ConnKind::Postgres(session) => session.borrow_mut().execute(sql, &values),
+            ConnKind::Mysql(session) => session.borrow_mut().execute(sql, &values),
+        }
+    }
+
+    /// Runs statements that take no parameters, separated by semicolons, in one round trip.
+    pub fn execute_batch(&self, sql: &str) -> Result<(), Error> {
+        match &self.0 {
+            ConnKind::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
+            ConnKind::Postgres(session) => session.borrow_mut().execute_batch(sql),
+            ConnKind::Mysql(session) => session.borrow_mut().execute_batch(sql),
+        }
+    }
+
+    /// Every row of a query, each converted by `row`.
+    pub fn query_map<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        mut row: impl FnMut(&Row<'_>) -> Result<T, Error>,
+    ) -> Result<Vec<T>, Error> {
+        let values = params.values();
+        match &self.0 {
+            ConnKind::Sqlite(conn) => {
+                let mut statement = conn.prepare_cached(sql)?;
+                let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
+                let mut converted = Vec::new();
+                while let Some(found) = rows.next()? {
+                    converted.push(row(&Row(RowKind::Sqlite(found)))?);
+                }
+                Ok(converted)
+            }
+            ConnKind::Postgres(session) => session
+                .borrow_mut()
+                .query(sql, &values)?
+                .iter()
+                .map(|found| row(&Row(RowKind::Postgres(found))))
+                .collect(),
+            ConnKind::Mysql(session) => session
+                .borrow_mut()
+                .query(sql, &values)?
+                .iter()
+                .map(|found| row(&Row(RowKind::Mysql(found))))
+                .collect(),
+        }
+    }
+
+    /// The first row of a query, if there is one.
+    pub fn query_opt<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        row: impl FnOnce(&Row<'_>) -> Result<T, Error>,
+    ) -> Result<Option<T>, Error> {
+        let values = params.values();
+        match &self.0 {
+            ConnKind::Sqlite(conn) => {
+                let mut statement = conn.prepare_cached(sql)?;
+                let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
+                rows.next()?
+                    .map(|found| row(&Row(RowKind::Sqlite(found))))
+                    .transpose()
+            }
+            ConnKind::Postgres(session) => session
+                .borrow_mut()
+                .query(sql, &values)?
+                .first()
+                .map(|found| row(&Row(RowKind::Postgres(found))))
+                .transpose(),
+            ConnKind::Mysql(session) => session
+                .borrow_mut()
+                .query(sql, &values)?
+                .first()
+                .map(|found| row(&Row(RowKind::Mysql(found))))
+                .transpose(),
+        }
+    }
+
+    /// The first row of a query; `Error::NoRow` when there is none.
+    pub fn query_row<T>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        row: impl FnOnce(&Row<'_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.query_opt(sql, params, row)?.ok_or(Error::NoRow)
+    }
+
+    /// The first column of the first row.
+    pub fn scalar<T: FromValue>(&self, sql: &str, params: impl Params) -> Result<T, Error> {
+        self.query_row(sql, params, |row| row.get(0))
+    }
+
+    /// Runs `reads` in one read-only transaction, so every query in it sees the same
+    /// committed state. On a unit of work's connection, use the unit itself instead.
+    pub fn snapshot<T, E: From<Error>>(
+        &self,
+        reads: impl FnOnce(&Conn) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let begin = match self.backend() {
+            Backend::Sqlite => "BEGIN",
+            Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            Backend::Mysql => "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+        };
+        self.execute_batch(begin)?;
+        let result = reads(self);
+        // Nothing was written: ending the snapshot either way is the same.
+        let ended = self.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        let value = result?;
+        ended?;
+        Ok(value)
+    }
+
+    /// Is the connection outside a transaction? Only SQLite can tell without a round trip;
+    /// a server's connection reports an abandoned transaction through its next statement.
+    pub(crate) fn is_autocommit(&self) -> bool {
+        self.as_sqlite()
+            .is_some_and(rusqlite::Connection::is_autocommit)
+    }
+
+    /// Is the connection gone for good (the server closed it), so that a new one is needed?
+    pub(crate) fn is_broken(&self) -> bool {
+        match &self.0 {
+            ConnKind::Sqlite(_) => false,
+            ConnKind::Postgres(session) => session.borrow().is_broken(),
+            ConnKind::Mysql(session) => session.borrow_mut().is_broken(),
+        }
+    }
+
+    /// SQLite's rowid of the last row inserted on this connection.
+    pub(crate) fn last_insert_rowid(&self) -> Option<i64> {
+        self.as_sqlite()
+            .map(rusqlite::Connection::last_insert_rowid)
+    }
+
+    /// MySQL's own idea of the last auto-increment value, as set by `LAST_INSERT_ID(expr)`.
+    pub(crate) fn mysql_last_insert_id(&self) -> Option<u64> {
+        match &self.0 {
+            ConnKind::Mysql(session) => Some(session.borrow().last_insert_id()),
+            _ => None,
+        }
+    }
+
+    /// Takes the notifications PostgreSQL delivered to this connection, waiting up to
+    /// `wait` for the first; the payloads.
+    pub(crate) fn postgres_notifications(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<Vec<String>, Error> {
+        match &self.0 {
+            ConnKind::Postgres(session) => session.borrow_mut().notifications(wait),
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Where a server database is, parsed from a `postgres://` or `mysql://` URL.
+#[derive(Clone)]
+pub(crate) struct ServerUrl {
+    pub backend: Backend,
+    pub url: String,
+}
+
+impl ServerUrl {
+    pub(crate) fn parse(url: &str) -> Option<ServerUrl> {
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Backend::Mysql
+        } else {
+            return None;
+        };
+        Some(ServerUrl {
+            backend,
+            url: url.to_owned(),
+        })
+    }
+
+    /// A new connection, set up the way every connection of the platform is.
+    pub(crate) fn connect(&self) -> Result<Conn, Error> {
+        match self.backend {
+            Backend::Postgres => PgSession::connect(&self.url).map(Conn::postgres),
+            Backend::Mysql => MysqlSession::connect(&self.url).map(Conn::mysql),
+            Backend::Sqlite => unreachable!("a server URL is never SQLite"),
+        }
+    }
+}
+
+impl fmt::Debug for ServerUrl {
+    /// Never the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} database", self.backend)
+    }
+}

@@ -1,0 +1,178 @@
+//! The MySQL/MariaDB arm: the portable conflict clauses become MySQL's (`INSERT IGNORE`,
+//! `ON DUPLICATE KEY UPDATE c = VALUES(c)`), double quotes quote identifiers (the session runs
+//! with `ANSI_QUOTES`), and affected rows count the rows a statement matched, as SQLite and
+//! PostgreSQL count them (`CLIENT_FOUND_ROWS`): an acknowledgement that leaves an offset where
+//! it was still proves the partition is owned.
+
+use super::{Column, Error, Value, ValueRef};
+use mysql::consts::CapabilityFlags;
+use mysql::prelude::Queryable;
+use mysql::{Opts, OptsBuilder, Row};
+use std::borrow::Cow;
+
+/// Prepared statements a connection keeps.
+const STATEMENT_CACHE: usize = 256;
+
+pub(crate) struct MysqlSession {
+    conn: mysql::Conn,
+}
+
+impl MysqlSession {
+    pub(crate) fn connect(url: &str) -> Result<MysqlSession, Error> {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let opts = Opts::from_url(&url).map_err(mysql::Error::UrlError)?;
+        let opts = OptsBuilder::from_opts(opts)
+            .stmt_cache_size(STATEMENT_CACHE)
+            .additional_capabilities(CapabilityFlags::CLIENT_FOUND_ROWS)
+            .init(vec![
+                "SET SESSION sql_mode = \
+                 CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'ANSI_QUOTES', 'STRICT_ALL_TABLES')",
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            ]);
+        Ok(MysqlSession {
+            conn: mysql::Conn::new(opts)?,
+        })
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, values: &[Value<'_>]) -> Result<u64, Error> {
+        self.conn.exec_drop(translated(sql), params(values))?;
+        Ok(self.conn.affected_rows())
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, values: &[Value<'_>]) -> Result<Vec<Row>, Error> {
+        Ok(self.conn.exec(translated(sql), params(values))?)
+    }
+
+    pub(crate) fn execute_batch(&mut self, sql: &str) -> Result<(), Error> {
+        Ok(self.conn.query_drop(translated(sql))?)
+    }
+
+    pub(crate) fn last_insert_id(&self) -> u64 {
+        self.conn.last_insert_id()
+    }
+
+    pub(crate) fn is_broken(&mut self) -> bool {
+        self.conn.ping().is_err()
+    }
+}
+
+fn params(values: &[Value<'_>]) -> mysql::Params {
+    if values.is_empty() {
+        return mysql::Params::Empty;
+    }
+    mysql::Params::Positional(
+        values
+            .iter()
+            .map(|value| match *value {
+                Value::Null => mysql::Value::NULL,
+                Value::Int(value) => mysql::Value::Int(value),
+                Value::Real(value) => mysql::Value::Double(value),
+                Value::Text(value) => mysql::Value::Bytes(value.as_bytes().to_vec()),
+                Value::Blob(value) => mysql::Value::Bytes(value.to_vec()),
+            })
+            .collect(),
+    )
+}
+
+/// The portable conflict clauses in MySQL's spelling; any other statement as it is.
+fn translated(sql: &str) -> Cow<'_, str> {
+    const CONFLICT: &str = " ON CONFLICT (";
+    let Some(start) = sql.find(CONFLICT) else {
+        return Cow::Borrowed(sql);
+    };
+    let Some(close) = sql[start..].find(')') else {
+        return Cow::Borrowed(sql);
+    };
+    let (head, action) = (&sql[..start], sql[start + close + 1..].trim_start());
+    if let Some(rest) = action.strip_prefix("DO NOTHING") {
+        return Cow::Owned(format!(
+            "{}{rest}",
+            head.replacen("INSERT ", "INSERT IGNORE ", 1)
+        ));
+    }
+    if let Some(assignments) = action.strip_prefix("DO UPDATE SET ") {
+        let mut updates = String::with_capacity(assignments.len() + 16);
+        let mut rest = assignments;
+        while let Some(at) = rest.find("excluded.") {
+            updates.push_str(&rest[..at]);
+            let column = &rest[at + "excluded.".len()..];
+            let end = column
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(column.len());
+            updates.push_str(&format!("VALUES({})", &column[..end]));
+            rest = &column[end..];
+        }
+        updates.push_str(rest);
+        return Cow::Owned(format!("{head} ON DUPLICATE KEY UPDATE {updates}"));
+    }
+    Cow::Borrowed(sql)
+}
+
+pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a>, Error> {
+    let names = row.columns_ref().iter().map(|column| column.name_str());
+    let index = column
+        .index_of(names, row.len())
+        .ok_or_else(|| Error::corrupt(&column.to_string(), "no such column"))?;
+    Ok(match row.as_ref(index) {
+        None | Some(mysql::Value::NULL) => ValueRef::Null,
+        Some(mysql::Value::Int(value)) => ValueRef::Int(*value),
+        Some(mysql::Value::UInt(value)) => ValueRef::Int(
+            i64::try_from(*value).map_err(|error| Error::corrupt(&column.to_string(), error))?,
+        ),
+        Some(mysql::Value::Float(value)) => ValueRef::Real(f64::from(*value)),
+        Some(mysql::Value::Double(value)) => ValueRef::Real(*value),
+        // Text and blobs both arrive as bytes.
+        Some(mysql::Value::Bytes(bytes)) => match std::str::from_utf8(bytes) {
+            Ok(text) => ValueRef::Text(text),
+            Err(_) => ValueRef::Blob(bytes),
+        },
+        Some(other) => {
+            return Err(Error::corrupt(
+                &column.to_string(),
+                format!("{other:?} is not a value the platform reads"),
+            ))
+        }
+    })
+}
+
+/// Connection loss, a server going away, a full disk or table, lock waits and deadlocks.
+pub(super) fn is_infrastructure(error: &mysql::Error) -> bool {
+    use mysql::{DriverError, Error as E};
+    match error {
+        E::IoError(_) | E::CodecError(_) => true,
+        E::DriverError(driver) => matches!(
+            driver,
+            DriverError::ConnectTimeout
+                | DriverError::CouldNotConnect(_)
+                | DriverError::Timeout
+                | DriverError::PacketOutOfSync
+        ),
+        // Lock wait timeout, deadlock, table full, disk full, too many connections,
+        // server shutting down, connection killed.
+        E::MySqlError(server) => {
+            matches!(server.code, 1205 | 1213 | 1114 | 1021 | 1040 | 1053 | 1927)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::translated;
+
+    #[test]
+    fn conflict_clauses_are_spelt_the_mysql_way() {
+        assert_eq!(
+            translated("INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO NOTHING"),
+            "INSERT IGNORE INTO t (a, b) VALUES (?, ?)"
+        );
+        assert_eq!(
+            translated(
+                "INSERT INTO t (a, b, c) VALUES (?, ?, ?) \
+                 ON CONFLICT (a) DO UPDATE SET b = excluded.b, c = excluded.c"
+            ),
+            "INSERT INTO t (a, b, c) VALUES (?, ?, ?) ON DUPLICATE KEY UPDATE b = VALUES(b), c = VALUES(c)"
+        );
+        assert_eq!(translated("SELECT 1"), "SELECT 1");
+    }
+}

@@ -1,0 +1,152 @@
+//! Fresh databases for tests: a temporary SQLite file, or a database of its own on the
+//! PostgreSQL or MySQL/MariaDB server the environment names, so that tests run in parallel.
+//!
+//! The servers are found at `CONVEYOR_TEST_POSTGRES` and `CONVEYOR_TEST_MYSQL` (URLs of a
+//! user that may create databases), by default the loopback servers `scripts/services.sh`
+//! starts. A server that does not answer fails the test: it is never skipped.
+
+use crate::db::Database;
+use crate::sql::{Backend, ServerUrl};
+use std::path::PathBuf;
+
+pub const POSTGRES_ENV: &str = "CONVEYOR_TEST_POSTGRES";
+pub const MYSQL_ENV: &str = "CONVEYOR_TEST_MYSQL";
+const POSTGRES_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const MYSQL_DEFAULT: &str = "mysql://root@127.0.0.1:3306/mysql";
+/// Test databases are named with this prefix, so that leftovers can be found and dropped.
+pub const PREFIX: &str = "conveyor_test_";
+
+/// A database that exists for one test and is dropped after it.
+pub struct Scratch {
+    backend: Backend,
+    url: String,
+    dir: Option<tempfile::TempDir>,
+    /// The server's admin URL and the database's name, to drop it.
+    server: Option<(ServerUrl, String)>,
+}
+
+impl Scratch {
+    pub async fn new(backend: Backend) -> Scratch {
+        if backend == Backend::Sqlite {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("conveyor.db");
+            return Scratch {
+                backend,
+                url: format!("sqlite:{}", path.display()),
+                dir: Some(dir),
+                server: None,
+            };
+        }
+        let (variable, default) = match backend {
+            Backend::Postgres => (POSTGRES_ENV, POSTGRES_DEFAULT),
+            _ => (MYSQL_ENV, MYSQL_DEFAULT),
+        };
+        let admin_url = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
+        let admin = ServerUrl::parse(&admin_url)
+            .unwrap_or_else(|| panic!("{variable}={admin_url} is not a database URL"));
+        let name = format!("{PREFIX}{}", uuid::Uuid::now_v7().simple());
+        let create = match backend {
+            Backend::Postgres => format!("CREATE DATABASE {name}"),
+            _ => format!("CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
+        };
+        let on = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = on.connect().unwrap_or_else(|error| {
+                panic!(
+                    "the {backend} server at {variable} (default {default}) does not answer: \
+                     {error}; start it with scripts/services.sh"
+                )
+            });
+            conn.execute_batch(&create).expect("create a test database");
+        })
+        .await
+        .expect("create a test database");
+        Scratch {
+            backend,
+            url: with_database(&admin_url, &name),
+            dir: None,
+            server: Some((admin, name)),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// `sqlite:PATH` or the server database's URL: what `--db` takes.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The SQLite file, for tests that look at it directly.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|dir| dir.path().join("conveyor.db"))
+    }
+
+    pub async fn open(&self) -> Database {
+        match self.sqlite_path() {
+            Some(path) => Database::open(&path).await,
+            None => Database::connect(&self.url).await,
+        }
+        .expect("open the test database")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.server.take() else {
+            return;
+        };
+        let drop = match self.backend {
+            Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            _ => format!("DROP DATABASE IF EXISTS {name}"),
+        };
+        // The synchronous PostgreSQL client must not run on a runtime's thread.
+        let dropped = std::thread::spawn(move || {
+            admin
+                .connect()
+                .and_then(|conn| conn.execute_batch(&drop))
+                .map_err(|error| error.to_string())
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("cannot drop test database {}: {error}", self.url);
+        }
+    }
+}
+
+/// `url` naming database `name` instead of its own.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let authority = base.find("://").map_or(0, |at| at + 3);
+    let path = base[authority..]
+        .find('/')
+        .map_or(base.len(), |at| authority + at);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{}/{name}{query}", &base[..path])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced() {
+        assert_eq!(
+            with_database("postgres://u@h:5432/postgres", "t"),
+            "postgres://u@h:5432/t"
+        );
+        assert_eq!(
+            with_database("mysql://root@h:3306", "t"),
+            "mysql://root@h:3306/t"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/db?sslmode=disable", "t"),
+            "postgres://u@h/t?sslmode=disable"
+        );
+    }
+}
