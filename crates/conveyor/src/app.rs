@@ -1,6 +1,6 @@
 //! A running process: the services of its settings, composed.
 
-use crate::config::{Role, Settings};
+use crate::config::{DatabaseAt, Role, Settings};
 use anyhow::Context;
 use edge::{HttpOptions, ServiceModule};
 use platform::{Bus, Consumer, Database, SqlLog};
@@ -135,7 +135,10 @@ impl Application {
 /// Opens the database and applies the selected services' migrations.
 pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     settings.prepare_data_dir()?;
-    let db = Database::open(&settings.database).await?;
+    let db = match &settings.database {
+        DatabaseAt::Sqlite(file) => Database::open(file).await?,
+        DatabaseAt::Server(url) => Database::connect(url).await?,
+    };
     for service in &settings.services {
         db.migrate(service.migrations)
             .await

@@ -63,7 +63,8 @@ pub struct SettingsArgs {
     /// Directory for the embedded database. [default: ./data]
     #[arg(long, env = "CONVEYOR_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Database URL. [default: sqlite:<data>/conveyor.db]
+    /// Database URL: sqlite:PATH, postgres://USER[:PASSWORD]@HOST[:PORT]/DB or
+    /// mysql://USER[:PASSWORD]@HOST[:PORT]/DB (MySQL 8 or MariaDB). [default: sqlite:<data>/conveyor.db]
     #[arg(long, env = "CONVEYOR_DB", value_name = "URL")]
     pub db: Option<String>,
     /// Message bus. [default: sql-log, the embedded log in the database]
@@ -129,8 +130,7 @@ struct FileSettings {
 pub struct Settings {
     pub http: Vec<SocketAddr>,
     pub data_dir: PathBuf,
-    /// The SQLite file.
-    pub database: PathBuf,
+    pub database: DatabaseAt,
     pub services: Vec<&'static ServiceModule>,
     pub role: Role,
     pub log_format: LogFormat,
@@ -152,8 +152,8 @@ impl SettingsArgs {
             .or(file.data)
             .unwrap_or_else(|| DEFAULT_DATA.into());
         let database = match self.db.or(file.db) {
-            Some(url) => sqlite_path(&url)?,
-            None => data_dir.join(DATABASE_FILE),
+            Some(url) => DatabaseAt::parse(&url)?,
+            None => DatabaseAt::Sqlite(data_dir.join(DATABASE_FILE)),
         };
         let bus = self.bus.or(file.bus).unwrap_or_else(|| SQL_LOG.to_owned());
         if bus != SQL_LOG {
@@ -261,14 +261,45 @@ fn parse_addr(addr: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| config_error(format!("--http {addr}: not an address like 127.0.0.1:8080")))
 }
 
+/// Where the database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseAt {
+    /// The embedded SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL or MySQL/MariaDB server's URL, password included.
+    Server(String),
+}
+
+impl DatabaseAt {
+    fn parse(url: &str) -> Result<DatabaseAt, ConfigError> {
+        if url.starts_with("sqlite:") {
+            return sqlite_path(url).map(DatabaseAt::Sqlite);
+        }
+        let scheme = url.split(':').next().unwrap_or(url);
+        match scheme {
+            "postgres" | "postgresql" | "mysql" | "mariadb" if url.contains("://") => {
+                Ok(DatabaseAt::Server(url.to_owned()))
+            }
+            _ => Err(config_error(format!(
+                "--db {}: unsupported database `{scheme}`; use sqlite:PATH, postgres://… or mysql://…",
+                mask_secrets(url)
+            ))),
+        }
+    }
+
+    /// The URL, its password masked: what may be shown and logged.
+    pub fn describe(&self) -> String {
+        match self {
+            DatabaseAt::Sqlite(path) => format!("sqlite:{}", path.display()),
+            DatabaseAt::Server(url) => mask_secrets(url),
+        }
+    }
+}
+
 /// `sqlite:PATH`, `sqlite://PATH` or `sqlite:///ABSOLUTE/PATH`.
 fn sqlite_path(url: &str) -> Result<PathBuf, ConfigError> {
     let Some(rest) = url.strip_prefix("sqlite:") else {
-        let scheme = url.split(':').next().unwrap_or(url);
-        return Err(config_error(format!(
-            "--db {}: unsupported database `{scheme}`; this build supports sqlite:PATH",
-            mask_secrets(url)
-        )));
+        return Err(config_error(format!("--db {url}: not a sqlite: URL")));
     };
     let path = rest.strip_prefix("//").unwrap_or(rest);
     let path = path.split('?').next().unwrap_or(path);
@@ -319,10 +350,12 @@ pub fn mask_secrets(url: &str) -> String {
 }
 
 impl Settings {
-    /// Creates the data directory and checks it is writable.
+    /// Creates the embedded database's directory and checks it is writable.
     pub fn prepare_data_dir(&self) -> Result<(), ConfigError> {
-        let dir = self
-            .database
+        let DatabaseAt::Sqlite(file) = &self.database else {
+            return Ok(());
+        };
+        let dir = file
             .parent()
             .filter(|parent| !parent.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
@@ -354,7 +387,7 @@ impl Settings {
                 list(self.http.iter().map(ToString::to_string).collect())
             ),
             format!("data = {:?}", self.data_dir.display().to_string()),
-            format!("db = {:?}", format!("sqlite:{}", self.database.display())),
+            format!("db = {:?}", self.database.describe()),
             format!("bus = {SQL_LOG:?}"),
             format!(
                 "services = {}",
@@ -411,7 +444,10 @@ mod tests {
             settings.http,
             vec!["127.0.0.1:8080".parse::<SocketAddr>().unwrap()]
         );
-        assert_eq!(settings.database, PathBuf::from("./data/conveyor.db"));
+        assert_eq!(
+            settings.database,
+            DatabaseAt::Sqlite(PathBuf::from("./data/conveyor.db"))
+        );
         assert_eq!(settings.services.len(), 2);
         assert_eq!(settings.role, Role::All);
         assert_eq!(settings.body_limit, 1024 * 1024);
@@ -454,15 +490,25 @@ mod tests {
         });
         assert!(addr.unwrap_err().0.contains("--http localhost"));
         let db = resolve(SettingsArgs {
-            db: Some("postgres://u:hunter2@h/db".into()),
+            db: Some("oracle://u:hunter2@h/db".into()),
             ..Default::default()
         });
         let message = db.unwrap_err().0;
         assert!(
-            message.contains("unsupported database `postgres`"),
+            message.contains("unsupported database `oracle`"),
             "{message}"
         );
         assert!(!message.contains("hunter2"), "{message}");
+        let server = resolve(SettingsArgs {
+            db: Some("postgres://u:hunter2@h/db".into()),
+            ..Default::default()
+        })
+        .expect("a PostgreSQL URL");
+        assert_eq!(
+            server.database,
+            DatabaseAt::Server("postgres://u:hunter2@h/db".into())
+        );
+        assert!(!server.render().contains("hunter2"));
         let bus = resolve(SettingsArgs {
             bus: Some("amqp://x".into()),
             ..Default::default()

@@ -88,7 +88,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let names: Vec<_> = settings.services.iter().map(|s| s.name).collect();
             println!(
                 "migrated {} ({})",
-                settings.database.display(),
+                settings.database.describe(),
                 names.join(", ")
             );
             Ok(())

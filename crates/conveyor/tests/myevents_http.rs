@@ -1,4 +1,5 @@
-//! MyEvents' REST contract through real HTTP against the real application.
+//! MyEvents' REST contract through real HTTP against the real application, on SQLite,
+//! PostgreSQL and MariaDB.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,7 +8,30 @@ mod common;
 use common::{problem, seed_event, spawn_app, spawn_app_on, spawn_app_with};
 use serde_json::{json, Value};
 
-#[tokio::test]
+// The SQLite-only test at the end reproduces a database SQLite migrated from its first schema.
+on_every_backend!(
+    creating_the_seed_event_returns_it_with_ids_and_a_location_header,
+    an_event_is_found_by_id_by_the_search_form_and_by_name,
+    unknown_events_and_locations_are_404_problems,
+    events_are_listed_newest_first_with_limit_and_offset,
+    invalid_events_are_400_problems_naming_the_field,
+    keys_match_whatever_their_case_and_the_content_type_is_ignored,
+    an_event_can_reuse_a_known_location,
+    bookings_learns_events_and_sells_seats_until_none_are_left,
+    bad_bookings_are_400_and_unknown_events_404,
+    bodies_over_the_limit_are_413_problems,
+    the_default_body_limit_is_one_mebibyte,
+    browsers_on_other_origins_may_call,
+    cors_origins_can_be_restricted,
+    health_metrics_openapi_and_request_ids,
+    the_openapi_document_declares_problem_json_for_every_error,
+    the_docs_page_loads_nothing_from_elsewhere,
+    paths_that_do_not_decode_are_400_problems,
+    integers_written_with_a_zero_fraction_are_integers,
+    wrong_methods_are_405_problems,
+    the_api_and_the_workers_can_run_as_separate_roles_on_one_database,
+);
+
 async fn creating_the_seed_event_returns_it_with_ids_and_a_location_header() {
     let app = spawn_app().await;
     let response = app.post("/events", &seed_event("best", 150)).await;
@@ -31,7 +55,6 @@ async fn creating_the_seed_event_returns_it_with_ids_and_a_location_header() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn an_event_is_found_by_id_by_the_search_form_and_by_name() {
     let app = spawn_app().await;
     let id = app.create_event("jazz night", 10).await;
@@ -49,7 +72,6 @@ async fn an_event_is_found_by_id_by_the_search_form_and_by_name() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn unknown_events_and_locations_are_404_problems() {
     let app = spawn_app().await;
     for path in [
@@ -66,7 +88,6 @@ async fn unknown_events_and_locations_are_404_problems() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn events_are_listed_newest_first_with_limit_and_offset() {
     let app = spawn_app().await;
     for name in ["first", "second", "third"] {
@@ -92,7 +113,6 @@ async fn events_are_listed_newest_first_with_limit_and_offset() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn invalid_events_are_400_problems_naming_the_field() {
     let app = spawn_app().await;
     type Breakage = Box<dyn Fn(&mut Value)>;
@@ -145,7 +165,6 @@ async fn invalid_events_are_400_problems_naming_the_field() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn keys_match_whatever_their_case_and_the_content_type_is_ignored() {
     let app = spawn_app().await;
     let pascal = json!({
@@ -174,7 +193,6 @@ async fn keys_match_whatever_their_case_and_the_content_type_is_ignored() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn an_event_can_reuse_a_known_location() {
     let app = spawn_app().await;
     let location = json!({ "name": "Arena", "address": "1 Main St", "country": "nl",
@@ -219,7 +237,6 @@ async fn an_event_can_reuse_a_known_location() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn bookings_learns_events_and_sells_seats_until_none_are_left() {
     let app = spawn_app().await;
     let id = app.create_event("small", 3).await;
@@ -250,7 +267,6 @@ async fn bookings_learns_events_and_sells_seats_until_none_are_left() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn bad_bookings_are_400_and_unknown_events_404() {
     let app = spawn_app().await;
     let id = app.create_event("strict", 3).await;
@@ -277,7 +293,6 @@ async fn bad_bookings_are_400_and_unknown_events_404() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn bodies_over_the_limit_are_413_problems() {
     let app = spawn_app_with(&["--body-limit", "2048"]).await;
     let mut event = seed_event("big", 1);
@@ -297,7 +312,6 @@ async fn bodies_over_the_limit_are_413_problems() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn the_default_body_limit_is_one_mebibyte() {
     let app = spawn_app().await;
     let mut event = seed_event("huge", 1);
@@ -306,7 +320,6 @@ async fn the_default_body_limit_is_one_mebibyte() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn browsers_on_other_origins_may_call() {
     let app = spawn_app().await;
     let response = app
@@ -335,7 +348,6 @@ async fn browsers_on_other_origins_may_call() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn cors_origins_can_be_restricted() {
     let app = spawn_app_with(&["--cors-origins", "http://kiosk.example"]).await;
     let allowed = app
@@ -360,7 +372,6 @@ async fn cors_origins_can_be_restricted() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn health_metrics_openapi_and_request_ids() {
     let app = spawn_app().await;
     assert_eq!(app.get("/health/live").await.status(), 200);
@@ -415,7 +426,6 @@ async fn health_metrics_openapi_and_request_ids() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn the_openapi_document_declares_problem_json_for_every_error() {
     let app = spawn_app().await;
     let openapi: Value = app.get("/openapi.json").await.json().await.unwrap();
@@ -458,7 +468,6 @@ async fn the_openapi_document_declares_problem_json_for_every_error() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn the_docs_page_loads_nothing_from_elsewhere() {
     let app = spawn_app().await;
     let page = app.get("/docs").await;
@@ -506,7 +515,6 @@ async fn the_docs_page_loads_nothing_from_elsewhere() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn paths_that_do_not_decode_are_400_problems() {
     let app = spawn_app().await;
     for path in [
@@ -528,7 +536,6 @@ async fn paths_that_do_not_decode_are_400_problems() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn integers_written_with_a_zero_fraction_are_integers() {
     let app = spawn_app().await;
     let mut event = seed_event("whole", 1);
@@ -547,7 +554,6 @@ async fn integers_written_with_a_zero_fraction_are_integers() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn wrong_methods_are_405_problems() {
     let app = spawn_app().await;
     problem(
@@ -558,7 +564,6 @@ async fn wrong_methods_are_405_problems() {
     app.stop().await;
 }
 
-#[tokio::test]
 async fn the_api_and_the_workers_can_run_as_separate_roles_on_one_database() {
     let api = common::spawn_app_with(&["--role", "api"]).await;
     let id = api.create_event("split roles", 5).await;
@@ -567,8 +572,7 @@ async fn the_api_and_the_workers_can_run_as_separate_roles_on_one_database() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     problem(api.get(&path).await, 404).await;
 
-    let data = api.dir.as_ref().expect("data dir").path().to_owned();
-    let workers = common::spawn_app_on(&data, &["--role", "workers"]).await;
+    let workers = common::spawn_app_beside(&api, &["--role", "workers"]).await;
     problem(workers.get("/events").await, 404).await;
     assert_eq!(workers.get("/health/ready").await.status(), 200);
     api.wait_until_bookable(&id).await;

@@ -478,7 +478,7 @@ fn configuration_errors_are_one_line_and_exit_code_2() {
             "--http not-an-address",
         ),
         (
-            vec!["serve", "--data", &data, "--db", "postgres://u:secret@h/db"],
+            vec!["serve", "--data", &data, "--db", "oracle://u:secret@h/db"],
             "unsupported database",
         ),
         (

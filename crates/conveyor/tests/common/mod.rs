@@ -1,10 +1,13 @@
-//! Test helpers: the real application on port 0 with its own data directory.
+//! Test helpers: the real application on port 0 with a database of its own: a SQLite file, or
+//! a fresh database on PostgreSQL or MariaDB for the tests `on_every_backend!` runs there.
 
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use clap::Parser;
 use conveyor::{Application, SettingsArgs, SERVICES};
+use platform::testing::Scratch;
+use platform::Backend;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -16,27 +19,79 @@ struct Args {
     settings: SettingsArgs,
 }
 
+tokio::task_local! {
+    /// The database the tests of one `on_every_backend!` module run on.
+    pub static BACKEND: Backend;
+}
+
+/// Generates, for each test function named, one `#[tokio::test]` per backend, in modules
+/// `sqlite`, `postgres` and `mariadb`; `spawn_app*` then start the app on that backend.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_every_backend!(@backend sqlite, platform::Backend::Sqlite; $($name),*);
+        $crate::on_every_backend!(@backend postgres, platform::Backend::Postgres; $($name),*);
+        $crate::on_every_backend!(@backend mariadb, platform::Backend::Mysql; $($name),*);
+    };
+    (@backend $module:ident, $backend:expr; $($name:ident),*) => {
+        mod $module {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::common::BACKEND.scope($backend, super::$name()).await;
+            }
+        )*}
+    };
+}
+
+/// The backend of the running test: SQLite outside `on_every_backend!`.
+pub fn backend() -> Backend {
+    BACKEND
+        .try_with(|backend| *backend)
+        .unwrap_or(Backend::Sqlite)
+}
+
 pub struct TestApp {
     pub address: SocketAddr,
     pub client: reqwest::Client,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    /// The data directory, when the app owns it.
-    pub dir: Option<tempfile::TempDir>,
+    /// The database, shared with any other process started beside this one.
+    pub database: std::sync::Arc<Scratch>,
+    /// The data directory.
+    pub data: std::path::PathBuf,
 }
 
-/// Starts the whole process (all services, embedded defaults) with `extra` flags.
+/// Starts the whole process (all services) on a fresh database with `extra` flags.
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut app = spawn_app_on(dir.path(), extra).await;
-    app.dir = Some(dir);
-    app
+    let database = std::sync::Arc::new(Scratch::new(backend()).await);
+    let data = match database.sqlite_path() {
+        Some(file) => file.parent().expect("the file's directory").to_owned(),
+        None => std::env::temp_dir(),
+    };
+    start(database, data, extra).await
+}
+
+/// Starts a second process on `app`'s database.
+pub async fn spawn_app_beside(app: &TestApp, extra: &[&str]) -> TestApp {
+    start(app.database.clone(), app.data.clone(), extra).await
 }
 
 /// Starts a process on an existing data directory, as a second process on the same files.
 pub async fn spawn_app_on(data: &std::path::Path, extra: &[&str]) -> TestApp {
-    let data = data.display().to_string();
-    let mut argv = vec!["conveyor", "--http", "127.0.0.1:0", "--data", &data];
+    let database = std::sync::Arc::new(Scratch::new(Backend::Sqlite).await);
+    start(database, data.to_owned(), extra).await
+}
+
+async fn start(
+    database: std::sync::Arc<Scratch>,
+    data: std::path::PathBuf,
+    extra: &[&str],
+) -> TestApp {
+    let data_arg = data.display().to_string();
+    let mut argv = vec!["conveyor", "--http", "127.0.0.1:0", "--data", &data_arg];
+    if database.backend() != Backend::Sqlite {
+        argv.extend(["--db", database.url()]);
+    }
     argv.extend_from_slice(extra);
     let settings = Args::parse_from(argv)
         .settings
@@ -51,7 +106,8 @@ pub async fn spawn_app_on(data: &std::path::Path, extra: &[&str]) -> TestApp {
         client: reqwest::Client::new(),
         shutdown,
         task,
-        dir: None,
+        database,
+        data,
     }
 }
 

@@ -63,7 +63,10 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
     let (commands, queue) = mpsc::channel(WRITE_QUEUE);
     let queue = Arc::new(Mutex::new(queue));
     let head = Arc::new(watch::Sender::new(head));
-    let (_fatal, fatal) = watch::channel(None);
+    // A server makes its commits durable itself: nothing here is ever fatal, but `failed`
+    // resolves once every writer (each holding the sender) has stopped.
+    let (fatal_tx, fatal) = watch::channel(None);
+    let fatal_tx = Arc::new(fatal_tx);
     let stopped_tx = Arc::new(watch::Sender::new(0));
     let stopped = stopped_tx.subscribe();
     let stopping = Arc::new(AtomicBool::new(false));
@@ -74,10 +77,11 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
             head: head.clone(),
             stopping: stopping.clone(),
         };
-        let (queue, stopped) = (queue.clone(), stopped_tx.clone());
+        let (queue, stopped, fatal) = (queue.clone(), stopped_tx.clone(), fatal_tx.clone());
         spawn_thread(&format!("conveyor-writer-{index}"), move || {
             writer.run(&queue);
             stopped.send_modify(|count| *count += 1);
+            drop(fatal);
         })?;
     }
     let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Makes sure the database servers the tests use answer on loopback: PostgreSQL on
+# 127.0.0.1:5432 (user postgres, no password) and MariaDB on 127.0.0.1:3306 (user root, no
+# password). A server that already answers is left alone; one that does not is installed
+# from Debian's packages (as root, no systemd needed) and started with loopback-only,
+# trust-authentication settings meant for a test machine, never for production.
+#
+#   scripts/services.sh [postgres] [mariadb]      (default: both)
+#
+# Logs go to $SERVICES_DIR (default /tmp/conveyor-services). Exits non-zero if a server
+# cannot be made to answer, naming it.
+set -euo pipefail
+
+SERVICES_DIR=${SERVICES_DIR:-/tmp/conveyor-services}
+WAIT_SECONDS=${WAIT_SECONDS:-120}
+export DEBIAN_FRONTEND=noninteractive
+
+say() { echo "[services] $*" >&2; }
+fail() { say "ERROR: $*"; exit 1; }
+answers() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+# Waits until "$@" succeeds, up to WAIT_SECONDS.
+wait_until() {
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+# Installs the Debian packages named that are missing, without letting their scripts start
+# daemons with stock settings.
+install_missing() {
+    local missing=() package
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' ||
+            missing+=("$package")
+    done
+    ((${#missing[@]})) || return 0
+    [ "$(id -u)" = 0 ] || fail "installing ${missing[*]} needs root"
+    say "installing ${missing[*]}"
+    local policy=/usr/sbin/policy-rc.d placed=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && placed=1
+    fi
+    apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    ((placed)) && rm -f "$policy"
+    return 0
+}
+
+start_postgres() {
+    answers 5432 && return 0
+    install_missing postgresql
+    local version config
+    version=$(ls /usr/lib/postgresql | sort -V | tail -n1)
+    config=/etc/postgresql/$version/main
+    pg_lsclusters -h | awk '{print $1, $2}' | grep -qx "$version main" ||
+        pg_createcluster "$version" main >&2
+    printf "listen_addresses = '127.0.0.1'\nport = 5432\n" >"$config/conf.d/conveyor-tests.conf"
+    printf 'local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n' \
+        >"$config/pg_hba.conf"
+    chown postgres:postgres "$config/conf.d/conveyor-tests.conf" "$config/pg_hba.conf"
+    install -d -o postgres -g postgres -m 2775 /var/run/postgresql
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2 ||
+        fail "PostgreSQL did not start; see /var/log/postgresql/postgresql-$version-main.log"
+    wait_until pg_isready -q -h 127.0.0.1 -p 5432 || fail "PostgreSQL does not answer on 5432"
+}
+
+start_mariadb() {
+    answers 3306 && return 0
+    install_missing mariadb-server mariadb-client
+    mkdir -p "$SERVICES_DIR"
+    local log=$SERVICES_DIR/mariadb.err
+    touch "$log" && chown mysql:mysql "$log"
+    printf '[mysqld]\nbind-address = 127.0.0.1\nport = 3306\nskip-name-resolve\nlog-error = %s\n' \
+        "$log" >/etc/mysql/mariadb.conf.d/99-conveyor-tests.cnf
+    install -d -o mysql -g mysql -m 0755 /run/mysqld
+    [ -d /var/lib/mysql/mysql ] ||
+        mariadb-install-db --user=mysql --datadir=/var/lib/mysql --skip-test-db >"$SERVICES_DIR/mariadb-install.log" 2>&1
+    start-stop-daemon --start --quiet --background --oknodo --exec /usr/sbin/mariadbd \
+        --output "$SERVICES_DIR/mariadb.out" -- --user=mysql
+    wait_until mariadb-admin --protocol=socket -u root ping || fail "MariaDB did not start; see $log"
+    # Root over TCP with no password, as the tests connect.
+    mariadb -u root <<'SQL'
+CREATE USER IF NOT EXISTS 'root'@'127.0.0.1' IDENTIFIED BY '';
+GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+SQL
+    wait_until answers 3306 || fail "MariaDB does not answer on 3306"
+}
+
+services=("$@")
+((${#services[@]})) || services=(postgres mariadb)
+for service in "${services[@]}"; do
+    case $service in
+    postgres) start_postgres ;;
+    mariadb) start_mariadb ;;
+    *) fail "unknown service $service (postgres or mariadb)" ;;
+    esac
+    say "$service answers"
+done
