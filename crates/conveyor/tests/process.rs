@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+use platform::testing::Scratch;
+use platform::Backend;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +27,11 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Server {
+        Server::start_on(data, None)
+    }
+
+    /// `conveyor serve` with its data in `data`, on the server database `db` if given.
+    fn start_on(data: &Path, db: Option<&str>) -> Server {
         let port = free_port();
         let mut command = Command::new(BINARY);
         command
@@ -32,6 +39,9 @@ impl Server {
             .arg(data)
             .env("RUST_LOG", "warn")
             .stderr(Stdio::inherit());
+        if let Some(db) = db {
+            command.args(["--db", db]);
+        }
         Server::spawn(command, port)
     }
 
@@ -98,11 +108,34 @@ fn seed(name: &str) -> String {
     .to_string()
 }
 
+/// A fresh database of `backend`, and the `--db` to give for it (none for SQLite, which
+/// lives in the data directory).
+fn database(backend: Backend) -> (Scratch, Option<String>) {
+    let scratch = reqwest::runtime().block_on(Scratch::new(backend));
+    let db = (backend != Backend::Sqlite).then(|| scratch.url().to_owned());
+    (scratch, db)
+}
+
 #[test]
 fn events_created_before_a_sigkill_survive_it_and_bookings_learns_them_all() {
+    sigkill_mid_load(Backend::Sqlite);
+}
+
+#[test]
+fn on_postgres_events_created_before_a_sigkill_survive_it_and_are_learned_once() {
+    sigkill_mid_load(Backend::Postgres);
+}
+
+#[test]
+fn on_mariadb_events_created_before_a_sigkill_survive_it_and_are_learned_once() {
+    sigkill_mid_load(Backend::Mysql);
+}
+
+fn sigkill_mid_load(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let (scratch, db) = database(backend);
     let runtime = reqwest::runtime();
-    let server = Server::start(dir.path());
+    let server = Server::start_on(dir.path(), db.as_deref());
     let client = ::reqwest::Client::new();
 
     // Create events concurrently and kill the process while requests are still in flight.
@@ -157,7 +190,7 @@ fn events_created_before_a_sigkill_survive_it_and_bookings_learns_them_all() {
         created.len()
     );
 
-    let restarted = Server::start(dir.path());
+    let restarted = Server::start_on(dir.path(), db.as_deref());
     runtime.block_on(async {
         for id in &created {
             let event = client
@@ -169,6 +202,110 @@ fn events_created_before_a_sigkill_survive_it_and_bookings_learns_them_all() {
         }
         wait_until_bookable(&client, &restarted.base, &created).await;
     });
+    drop(restarted);
+    // Every event committed was published once and handled once, whatever the kill cut off.
+    let (events, published, learned) = runtime.block_on(async {
+        let db = scratch_database(&scratch, dir.path()).await;
+        let count = |sql: &'static str| {
+            let db = db.clone();
+            async move {
+                db.read(move |conn| Ok::<i64, platform::StoreError>(conn.scalar(sql, ())?))
+                    .await
+                    .unwrap()
+            }
+        };
+        let counts = (
+            count("SELECT COUNT(*) FROM events_events").await,
+            count("SELECT COUNT(*) FROM conveyor_log WHERE name = 'events.EventCreated'").await,
+            count("SELECT COUNT(*) FROM conveyor_inbox WHERE group_name = 'bookings.learn-events'")
+                .await,
+        );
+        db.close().await;
+        counts
+    });
+    assert_eq!(published, events, "an event and its message did not commit together");
+    assert_eq!(learned, events, "an event was not learned exactly once");
+}
+
+/// The database a test's servers used: the scratch database, or the data directory's file.
+async fn scratch_database(scratch: &Scratch, data: &Path) -> platform::Database {
+    match scratch.backend() {
+        Backend::Sqlite => platform::Database::open(&data.join("conveyor.db"))
+            .await
+            .unwrap(),
+        _ => scratch.open().await,
+    }
+}
+
+#[test]
+fn two_processes_on_one_postgres_database_sell_exactly_the_seats() {
+    two_processes_sell_exactly_the_seats(Backend::Postgres);
+}
+
+#[test]
+fn two_processes_on_one_mariadb_database_sell_exactly_the_seats() {
+    two_processes_sell_exactly_the_seats(Backend::Mysql);
+}
+
+#[test]
+fn two_processes_on_one_sqlite_file_sell_exactly_the_seats() {
+    two_processes_sell_exactly_the_seats(Backend::Sqlite);
+}
+
+/// 300 concurrent one-seat bookings of a 100-seat event, half through each of two
+/// `conveyor serve` processes on one database: exactly 100 succeed, the rest are sold out.
+fn two_processes_sell_exactly_the_seats(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_scratch, db) = database(backend);
+    let first = Server::start_on(dir.path(), db.as_deref());
+    let second = Server::start_on(dir.path(), db.as_deref());
+    let client = ::reqwest::Client::new();
+    let runtime = reqwest::runtime();
+    let (booked, sold_out, summary) = runtime.block_on(async {
+        let event = serde_json::json!({
+            "name": "a hundred seats", "startdate": 1, "enddate": 2, "duration": 60,
+            "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": 100 }] }
+        });
+        let created: Value = client
+            .post(format!("{}/events", first.base))
+            .body(event.to_string())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["ID"].as_str().unwrap().to_owned();
+        wait_until_bookable(&client, &first.base, std::slice::from_ref(&id)).await;
+        wait_until_bookable(&client, &second.base, std::slice::from_ref(&id)).await;
+        let bookings: Vec<_> = (0..300)
+            .map(|n| {
+                let base = if n % 2 == 0 { &first.base } else { &second.base };
+                let request = client
+                    .post(format!("{base}/events/{id}/bookings"))
+                    .body(r#"{"seats": 1}"#)
+                    .send();
+                tokio::spawn(async move { request.await.unwrap().status().as_u16() })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for booking in bookings {
+            statuses.push(booking.await.unwrap());
+        }
+        let summary: Value = client
+            .get(format!("{}/events/{id}/bookings", second.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let count = |status| statuses.iter().filter(|s| **s == status).count();
+        (count(201), count(409), summary)
+    });
+    assert_eq!((booked, sold_out), (100, 200), "201s and 409s");
+    assert_eq!(summary["Booked"], 100, "{summary}");
+    assert_eq!(summary["Bookings"].as_array().unwrap().len(), 100);
 }
 
 /// Waits (up to 20 s) until bookings has learned every event of `ids`.
