@@ -223,7 +223,10 @@ fn sigkill_mid_load(backend: Backend) {
         db.close().await;
         counts
     });
-    assert_eq!(published, events, "an event and its message did not commit together");
+    assert_eq!(
+        published, events,
+        "an event and its message did not commit together"
+    );
     assert_eq!(learned, events, "an event was not learned exactly once");
 }
 

@@ -5,8 +5,9 @@
 //! user that may create databases), by default the loopback servers `scripts/services.sh`
 //! starts. A server that does not answer fails the test: it is never skipped.
 
-use crate::db::Database;
-use crate::sql::{Backend, ServerUrl};
+use crate::db::{Database, Outgoing};
+use crate::envelope::{Envelope, Kind};
+use crate::sql::{self, Backend, Conn, ServerUrl};
 use std::path::PathBuf;
 
 pub const POSTGRES_ENV: &str = "CONVEYOR_TEST_POSTGRES";
@@ -83,6 +84,16 @@ impl Scratch {
         self.dir.as_ref().map(|dir| dir.path().join("conveyor.db"))
     }
 
+    /// A connection of its own to the server database, as the platform sets one up; for
+    /// tests that drive transactions by hand. Use it on a thread of its own, not a
+    /// runtime's (see `sql::postgres`).
+    pub fn connect(&self) -> Conn {
+        ServerUrl::parse(&self.url)
+            .expect("a server database")
+            .connect()
+            .expect("connect to the test database")
+    }
+
     pub async fn open(&self) -> Database {
         match self.sqlite_path() {
             Some(path) => Database::open(&path).await,
@@ -113,6 +124,27 @@ impl Drop for Scratch {
             eprintln!("cannot drop test database {}: {error}", self.url);
         }
     }
+}
+
+/// Appends `count` messages to the log inside `conn`'s open transaction, numbered as a
+/// server's appending batch numbers them (`log::append_numbered`); the last position.
+pub fn append_numbered(conn: &Conn, count: usize) -> Result<Option<i64>, sql::Error> {
+    let messages: Vec<Outgoing> = (0..count)
+        .map(|seq| Outgoing {
+            envelope: Envelope {
+                id: uuid::Uuid::now_v7(),
+                kind: Kind::Event,
+                name: "test.Appended".to_owned(),
+                topic: "test.appended".to_owned(),
+                key: format!("key-{seq}"),
+                payload: b"{}".to_vec(),
+                headers: Default::default(),
+                occurred_at: crate::envelope::now_millis(),
+            },
+            only_group: None,
+        })
+        .collect();
+    crate::log::append_numbered(conn, &messages)
 }
 
 /// `url` naming database `name` instead of its own.
