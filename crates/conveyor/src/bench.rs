@@ -1,8 +1,10 @@
-//! `conveyor bench myevents`: MyEvents' throughput and latency on the embedded default, each
-//! figure beside a baseline measured in the same run on the same machine.
+//! `conveyor bench myevents`: MyEvents' throughput and latency on the embedded default or on
+//! a PostgreSQL or MySQL/MariaDB server, each figure beside a baseline measured in the same
+//! run on the same machine.
 //!
 //! The server under test is this binary's own `serve`, in a child process on a fresh data
-//! directory; the load comes from this process over loopback.
+//! directory (and, with `--db`, a fresh database created on that server and dropped after);
+//! the load comes from this process over loopback.
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -40,6 +42,12 @@ pub struct BenchArgs {
     /// Events timed from creation to bookable.
     #[arg(long, default_value_t = 300)]
     pub samples: usize,
+    /// Run on this PostgreSQL or MySQL/MariaDB server (postgres://… or mysql://…, as a user
+    /// that may create databases) instead of the embedded SQLite; the bench creates a fresh
+    /// database there and drops it after. POST is then compared with bare single-row insert
+    /// transactions through the same driver, from as many connections as HTTP clients.
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
 }
 
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -56,9 +64,33 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
 
+    let database = match &args.db {
+        Some(url) => {
+            let url = url.clone();
+            progress("creating a fresh database on the server");
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    platform::sql::TemporaryDatabase::create(&url, "conveyor_bench_")
+                })
+                .await??,
+            )
+        }
+        None => None,
+    };
+    let on_server: Vec<&str> = match &database {
+        Some(database) => vec!["--db", database.url()],
+        None => Vec::new(),
+    };
+    let with = |flags: &[&'static str]| -> Vec<&str> {
+        on_server
+            .iter()
+            .copied()
+            .chain(flags.iter().copied())
+            .collect()
+    };
     progress("starting `conveyor serve` (default settings) on a fresh data directory");
     let data = dir.path().join("data");
-    let server = Server::start(&data, &[], None).await?;
+    let server = Server::start(&data, &with(&[]), None).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_rss = server.rss_bytes()?;
 
@@ -98,15 +130,34 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
     // The two log levels alternate, twice each, on two live servers: back to back, runs on
     // this VM differ by about 10 %, as much as the difference looked for.
     progress("GET /events/{id} at the default log level and at RUST_LOG=warn, alternating");
-    let quiet = Server::start(&data, &[], Some("warn")).await?;
+    let quiet = Server::start(&data, &with(&[]), Some("warn")).await?;
     let mut logged_rate = get_rate;
     let mut quiet_rate = load.rate(quiet.address, get(&event_path)).await?;
     logged_rate += load.rate(server.address, get(&event_path)).await?;
     quiet_rate += load.rate(quiet.address, get(&event_path)).await?;
     drop(quiet);
 
-    progress("baseline: bare single-row SQLite transactions (WAL, synchronous=FULL)");
-    let sqlite_rate = bare_sqlite(&dir.path().join("bare.db"), duration).await?;
+    let (bare_label, bare_rate_tx) = match &database {
+        Some(database) => {
+            progress(&format!(
+                "baseline: bare single-row insert transactions from {} connections",
+                args.concurrency
+            ));
+            let rate = bare_server(database.url(), args.concurrency, duration).await?;
+            (
+                format!(
+                    "POST /events (req/s) vs bare tx/s, {} conns",
+                    args.concurrency
+                ),
+                rate,
+            )
+        }
+        None => {
+            progress("baseline: bare single-row SQLite transactions (WAL, synchronous=FULL)");
+            let rate = bare_sqlite(&dir.path().join("bare.db"), duration).await?;
+            ("POST /events (req/s) vs bare SQLite tx/s".to_owned(), rate)
+        }
+    };
 
     progress("POST /events");
     let template = seed_event(NAME_SLOT);
@@ -135,15 +186,19 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         "--role api and --role workers on one data dir: {} events from POST to bookable",
         args.samples
     ));
-    let api = Server::start(&data, &["--role", "api"], None).await?;
-    let workers = Server::start(&data, &["--role", "workers"], None).await?;
+    let api = Server::start(&data, &with(&["--role", "api"]), None).await?;
+    let workers = Server::start(&data, &with(&["--role", "workers"]), None).await?;
     let (split_p50, split_p99) = propagation(&client, &api, args.samples).await?;
     progress("idle CPU of the api and workers processes");
     let split_idle_cpu = idle_cpu_share(&[&api, &workers]).await?;
     drop((api, workers));
 
+    let on = match &args.db {
+        Some(url) => crate::config::mask_secrets(url),
+        None => "the embedded default".to_owned(),
+    };
     println!(
-        "MyEvents on the embedded default ({} s per rate, {} clients)",
+        "MyEvents on {on} ({} s per rate, {} clients)",
         args.seconds, args.concurrency
     );
     println!(
@@ -162,12 +217,7 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         quiet_rate / 2.0,
         ">= 0.90",
     );
-    row(
-        "POST /events (req/s) vs bare SQLite tx/s",
-        post_rate,
-        sqlite_rate,
-        ">= 1.00",
-    );
+    row(&bare_label, post_rate, bare_rate_tx, ">= 1.00");
     println!(
         "{:<44} {:>9.2} ms",
         "propagation p50, POST to bookable",
@@ -469,6 +519,47 @@ async fn bare_sqlite(path: &Path, duration: Duration) -> anyhow::Result<f64> {
             count += 1;
         }
         Ok(count as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
+}
+
+/// Single-row insert transactions per second (`BEGIN`, `INSERT`, `COMMIT`) from `clients`
+/// connections at once, each on a thread of its own, through the platform's driver.
+async fn bare_server(url: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        platform::sql::connect(&url)?
+            .execute_batch("CREATE TABLE bench_rows (id BIGINT PRIMARY KEY, body TEXT NOT NULL)")?;
+        let body = seed_event("bare");
+        let next = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let (url, body, next) = (url.clone(), body.clone(), next.clone());
+                std::thread::spawn(move || -> anyhow::Result<u64> {
+                    let conn = platform::sql::connect(&url)?;
+                    let mut count = 0;
+                    while started.elapsed() < duration {
+                        let id = next.fetch_add(1, Ordering::Relaxed) as i64;
+                        conn.execute_batch("BEGIN")?;
+                        conn.execute(
+                            "INSERT INTO bench_rows (id, body) VALUES (?, ?)",
+                            (id, &body),
+                        )?;
+                        conn.execute_batch("COMMIT")?;
+                        count += 1;
+                    }
+                    Ok(count)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for thread in threads {
+            total += thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("a baseline client panicked"))??;
+        }
+        Ok(total as f64 / started.elapsed().as_secs_f64())
     })
     .await?
 }

@@ -7,7 +7,7 @@
 
 use crate::db::{Database, Outgoing};
 use crate::envelope::{Envelope, Kind};
-use crate::sql::{self, Backend, Conn, ServerUrl};
+use crate::sql::{self, Backend, Conn, ServerUrl, TemporaryDatabase};
 use std::path::PathBuf;
 
 pub const POSTGRES_ENV: &str = "CONVEYOR_TEST_POSTGRES";
@@ -22,8 +22,8 @@ pub struct Scratch {
     backend: Backend,
     url: String,
     dir: Option<tempfile::TempDir>,
-    /// The server's admin URL and the database's name, to drop it.
-    server: Option<(ServerUrl, String)>,
+    /// Dropped with the scratch, dropping the server's database.
+    _server: Option<TemporaryDatabase>,
 }
 
 impl Scratch {
@@ -35,7 +35,7 @@ impl Scratch {
                 backend,
                 url: format!("sqlite:{}", path.display()),
                 dir: Some(dir),
-                server: None,
+                _server: None,
             };
         }
         let (variable, default) = match backend {
@@ -43,30 +43,21 @@ impl Scratch {
             _ => (MYSQL_ENV, MYSQL_DEFAULT),
         };
         let admin_url = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
-        let admin = ServerUrl::parse(&admin_url)
-            .unwrap_or_else(|| panic!("{variable}={admin_url} is not a database URL"));
-        let name = format!("{PREFIX}{}", uuid::Uuid::now_v7().simple());
-        let create = match backend {
-            Backend::Postgres => format!("CREATE DATABASE {name}"),
-            _ => format!("CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
-        };
-        let on = admin.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = on.connect().unwrap_or_else(|error| {
+        let database = tokio::task::spawn_blocking(move || {
+            TemporaryDatabase::create(&admin_url, PREFIX).unwrap_or_else(|error| {
                 panic!(
-                    "the {backend} server at {variable} (default {default}) does not answer: \
-                     {error}; start it with scripts/services.sh"
+                    "the {backend} server at {variable} (default {default}) does not answer \
+                     or refused a new database: {error}; start it with scripts/services.sh"
                 )
-            });
-            conn.execute_batch(&create).expect("create a test database");
+            })
         })
         .await
         .expect("create a test database");
         Scratch {
             backend,
-            url: with_database(&admin_url, &name),
+            url: database.url().to_owned(),
             dir: None,
-            server: Some((admin, name)),
+            _server: Some(database),
         }
     }
 
@@ -103,29 +94,6 @@ impl Scratch {
     }
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let Some((admin, name)) = self.server.take() else {
-            return;
-        };
-        let drop = match self.backend {
-            Backend::Postgres => format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-            _ => format!("DROP DATABASE IF EXISTS {name}"),
-        };
-        // The synchronous PostgreSQL client must not run on a runtime's thread.
-        let dropped = std::thread::spawn(move || {
-            admin
-                .connect()
-                .and_then(|conn| conn.execute_batch(&drop))
-                .map_err(|error| error.to_string())
-        })
-        .join();
-        if let Ok(Err(error)) = dropped {
-            eprintln!("cannot drop test database {}: {error}", self.url);
-        }
-    }
-}
-
 /// Appends `count` messages to the log inside `conn`'s open transaction, numbered as a
 /// server's appending batch numbers them (`log::append_numbered`); the last position.
 pub fn append_numbered(conn: &Conn, count: usize) -> Result<Option<i64>, sql::Error> {
@@ -145,40 +113,4 @@ pub fn append_numbered(conn: &Conn, count: usize) -> Result<Option<i64>, sql::Er
         })
         .collect();
     crate::log::append_numbered(conn, &messages)
-}
-
-/// `url` naming database `name` instead of its own.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let authority = base.find("://").map_or(0, |at| at + 3);
-    let path = base[authority..]
-        .find('/')
-        .map_or(base.len(), |at| authority + at);
-    let query = if query.is_empty() {
-        String::new()
-    } else {
-        format!("?{query}")
-    };
-    format!("{}/{name}{query}", &base[..path])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    #[test]
-    fn the_database_of_a_url_is_replaced() {
-        assert_eq!(
-            with_database("postgres://u@h:5432/postgres", "t"),
-            "postgres://u@h:5432/t"
-        );
-        assert_eq!(
-            with_database("mysql://root@h:3306", "t"),
-            "mysql://root@h:3306/t"
-        );
-        assert_eq!(
-            with_database("postgres://u@h/db?sslmode=disable", "t"),
-            "postgres://u@h/t?sslmode=disable"
-        );
-    }
 }

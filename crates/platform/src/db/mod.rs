@@ -1,22 +1,3 @@
-//! The database behind every unit of work: an embedded SQLite file in WAL mode.
-//!
-//! All writes go through one writer thread that owns the only write connection. It takes
-//! whatever units of work are queued, runs each inside a savepoint of one transaction and
-//! commits them together (group commit). Units of work are plain functions run on that
-//! thread, so each statement is a function call, not a hop to another thread. Because there
-//! is only one writer, log positions are assigned and committed in the same order, so a
-//! consumer reading "everything after position N" never skips a row that commits late.
-//!
-//! A committed batch is reported to its callers only once it is on disk, but the writer does
-//! not wait for the disk: a syncer thread flushes the write-ahead log (one `fdatasync` for
-//! every batch committed since the last one) while the writer runs the next batch. This is
-//! exactly the sync SQLite's `synchronous=FULL` does after each commit, moved off the
-//! writer's path. The log head, which wakes consumers, also moves only after the flush.
-//!
-//! Reads go to a small pool of read-only connections on blocking threads and never wait for
-//! the writer. A watcher thread notices commits of other processes on the same file and moves
-//! the log head for them too, so their messages wake this process's consumers.
-
 //! The database behind every unit of work: an embedded SQLite file (`sqlite`), or a
 //! PostgreSQL or MySQL/MariaDB server (`server`), behind one interface.
 //!

@@ -13,12 +13,14 @@
 
 mod mysql;
 mod postgres;
+mod temporary;
 
 use std::cell::RefCell;
 use std::fmt;
 
 pub(crate) use self::mysql::MysqlSession;
 pub(crate) use self::postgres::PgSession;
+pub use self::temporary::TemporaryDatabase;
 
 /// Which database a connection talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +56,16 @@ pub enum Error {
     Column { column: String, message: String },
     #[error("cannot encode {what}: {message}")]
     Encode { what: &'static str, message: String },
+    /// Only the scheme: a URL may carry a password.
+    #[error("unsupported database `{0}`: expected postgres://… or mysql://…")]
+    Url(String),
 }
 
 impl Error {
+    fn url(url: &str) -> Error {
+        Error::Url(url.split(':').next().unwrap_or_default().to_owned())
+    }
+
     /// A stored value that does not decode.
     pub fn corrupt(column: &str, error: impl fmt::Display) -> Error {
         Error::Column {
@@ -87,7 +96,7 @@ impl Error {
             }
             Error::Postgres(error) => postgres::is_infrastructure(error),
             Error::Mysql(error) => mysql::is_infrastructure(error),
-            Error::NoRow | Error::Column { .. } | Error::Encode { .. } => false,
+            Error::NoRow | Error::Column { .. } | Error::Encode { .. } | Error::Url(_) => false,
         }
     }
 }
@@ -529,7 +538,11 @@ impl Conn {
         let begin = match self.backend() {
             Backend::Sqlite => "BEGIN",
             Backend::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-            Backend::Mysql => "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+            // The session reads committed; the next transaction alone repeats its reads.
+            Backend::Mysql => {
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; \
+                 START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
+            }
         };
         self.execute_batch(begin)?;
         let result = reads(self);
@@ -581,6 +594,14 @@ impl Conn {
             _ => Ok(Vec::new()),
         }
     }
+}
+
+/// A connection of its own to the PostgreSQL or MySQL/MariaDB database at `url`, set up as
+/// the platform sets up its own. Blocks: use it off the runtime.
+pub fn connect(url: &str) -> Result<Conn, Error> {
+    ServerUrl::parse(url)
+        .ok_or_else(|| Error::url(url))?
+        .connect()
 }
 
 /// Where a server database is, parsed from a `postgres://` or `mysql://` URL.

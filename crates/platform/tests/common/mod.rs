@@ -70,7 +70,7 @@ pub fn recording(group: &'static str) -> Subscription {
     Subscription::new(group).with_options(impatient()).on(
         move |incoming: Incoming<Ping>, uow: &mut UnitOfWork| -> Result<(), HandlerError> {
             uow.conn().execute(
-                "INSERT INTO conformance_handled (group_name, consumer, message_id, key, seq) \
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
                  VALUES (?, 'c', ?, ?, ?)",
                 (
                     group,
