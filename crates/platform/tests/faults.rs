@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use platform::conformance::Ping;
-use platform::retention::{self, Retention};
 use platform::{
     dead_letter, Bus, BusError, ConsumerOptions, Database, HandlerError, Incoming, SqlLog,
     StoreError, Subscription, UnitOfWork,
