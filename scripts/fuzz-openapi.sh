@@ -64,6 +64,7 @@ TOML
 (
     cd "$work"
     SCHEMATHESIS_HOOKS="$repo/scripts/fuzz_hooks.py" CONVEYOR_FUZZ_LOCATION="$location" \
+        CONVEYOR_FUZZ_URL="$url" \
         "$repo/.venv/bin/st" --config-file "$work/schemathesis.toml" --no-color run \
         "$url/openapi.json" --checks all \
         --max-examples "$examples" "${seed_option[@]}"

@@ -11,13 +11,23 @@ Schemathesis generates bodies from the schema alone, so about half of the bodies
 break the first rule and all those with an id break the second. These hooks make the bodies it
 generates as valid follow both, and leave the ones it generates as invalid alone: the server
 must still reject those, whatever these rules say.
+
+An event's bookings exist once bookings has learned the event from its message, a moment after
+`POST /events` answered (the document says so). After each event created, the hooks wait, as a
+client would, until its bookings answer, up to two seconds: a stateful scenario that goes on to
+its bookings then tests them, not the race.
 """
 
 import os
+import time
+import urllib.error
+import urllib.request
 
 import schemathesis
 
 KNOWN_LOCATION = os.environ["CONVEYOR_FUZZ_LOCATION"]
+BASE_URL = os.environ["CONVEYOR_FUZZ_URL"]
+LEARNING_TIME = 2.0
 
 
 def _is_number(value):
@@ -40,3 +50,23 @@ def map_case(context, case):
     if isinstance(location, dict) and isinstance(location.get("id"), str):
         location["id"] = KNOWN_LOCATION
     return case
+
+
+@schemathesis.hook
+def after_call(context, case, response):
+    if case.operation.method.upper() != "POST" or case.operation.path != "/events":
+        return
+    if response.status_code != 201:
+        return
+    event_id = response.json().get("ID")
+    if not isinstance(event_id, str):
+        return
+    deadline = time.monotonic() + LEARNING_TIME
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{BASE_URL}/events/{event_id}/bookings", timeout=1):
+                return
+        except urllib.error.HTTPError as error:
+            if error.code != 404:
+                return
+        time.sleep(0.01)
