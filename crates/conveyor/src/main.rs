@@ -44,6 +44,19 @@ enum Command {
     },
 }
 
+/// The error and its causes, each once: most errors here already say their cause, and the
+/// drivers' errors repeat their own.
+fn describe(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    message
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -56,7 +69,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("conveyor: {error:#}");
+            eprintln!("conveyor: {}", describe(&error));
             if error.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(2)
             } else {

@@ -785,3 +785,22 @@ fn migrate_creates_the_tables_once_and_can_run_again() {
     }
     assert!(dir.path().join("conveyor.db").exists());
 }
+
+#[test]
+fn an_unreachable_database_server_is_a_one_line_error_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let port = free_port().to_string();
+    for url in [
+        format!("postgres://conveyor:hunter2@127.0.0.1:{port}/db"),
+        format!("mysql://conveyor:hunter2@127.0.0.1:{port}/db"),
+    ] {
+        let output = conveyor(&["serve", "--data", &data, "--db", &url]);
+        assert_eq!(output.status.code(), Some(1), "{url}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("cannot open the database"), "{stderr}");
+        assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+}

@@ -51,7 +51,7 @@ pub enum StoreError {
     Unresponsive(Duration),
     #[error("cannot decode stored data: {0}")]
     Undecodable(String),
-    #[error("cannot open database {path}: {source}")]
+    #[error("cannot open the database {path}: {source}")]
     Open { path: String, source: sql::Error },
     #[error("cannot open the database's write-ahead log {path}: {source}")]
     OpenWal {

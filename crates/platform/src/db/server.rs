@@ -51,7 +51,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
     };
     let setup = server.connect().map_err(open_error)?;
     locked(&setup, || {
-        Ok(setup.execute_batch(log::schema(server.backend))?)
+        Ok(setup.execute_batch(log::schema(server.backend()))?)
     })?;
     let head = log::head(&setup)?;
 
@@ -89,7 +89,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
     let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();
     let head_rx = head.subscribe();
     let watched = server.clone();
-    match server.backend {
+    match server.backend() {
         Backend::Postgres => spawn_thread("conveyor-listener", move || {
             listen(&watched, &head, &watcher_stopped);
         })?,
@@ -98,7 +98,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         })?,
     }
     Ok(Inner {
-        backend: server.backend,
+        backend: server.backend(),
         commands,
         readers: Arc::new(readers),
         head: head_rx,

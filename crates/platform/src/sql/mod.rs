@@ -607,38 +607,81 @@ pub fn connect(url: &str) -> Result<Conn, Error> {
 /// Where a server database is, parsed from a `postgres://` or `mysql://` URL.
 #[derive(Clone)]
 pub(crate) struct ServerUrl {
-    pub backend: Backend,
-    pub url: String,
+    server: Server,
+    url: String,
 }
+
+#[derive(Debug, Clone, Copy)]
+enum Server {
+    Postgres,
+    Mysql,
+}
+
+/// How long connecting to a server may take before it counts as unreachable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ServerUrl {
     pub(crate) fn parse(url: &str) -> Option<ServerUrl> {
-        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
+        let server = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Server::Postgres
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            Backend::Mysql
+            Server::Mysql
         } else {
             return None;
         };
         Some(ServerUrl {
-            backend,
+            server,
             url: url.to_owned(),
         })
     }
 
+    pub(crate) fn backend(&self) -> Backend {
+        match self.server {
+            Server::Postgres => Backend::Postgres,
+            Server::Mysql => Backend::Mysql,
+        }
+    }
+
     /// A new connection, set up the way every connection of the platform is.
     pub(crate) fn connect(&self) -> Result<Conn, Error> {
-        match self.backend {
-            Backend::Postgres => PgSession::connect(&self.url).map(Conn::postgres),
-            Backend::Mysql => MysqlSession::connect(&self.url).map(Conn::mysql),
-            Backend::Sqlite => unreachable!("a server URL is never SQLite"),
+        match self.server {
+            Server::Postgres => PgSession::connect(&self.url, CONNECT_TIMEOUT).map(Conn::postgres),
+            Server::Mysql => MysqlSession::connect(&self.url, CONNECT_TIMEOUT).map(Conn::mysql),
         }
     }
 }
 
 impl fmt::Debug for ServerUrl {
-    /// Never the password.
+    /// The URL with its password masked.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} database", self.backend)
+        let (scheme, rest) = self.url.split_once("://").unwrap_or(("", &self.url));
+        match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let masked = if user.len() < userinfo.len() {
+                    ":***"
+                } else {
+                    ""
+                };
+                write!(f, "{scheme}://{user}{masked}@{host}")
+            }
+            None => f.write_str(&self.url),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerUrl;
+
+    #[test]
+    fn a_server_url_shows_without_its_password() {
+        let shown = |url| format!("{:?}", ServerUrl::parse(url).expect("a server URL"));
+        assert_eq!(
+            shown("postgres://u:hunter2@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(shown("mysql://root@h/db"), "mysql://root@h/db");
+        assert_eq!(shown("mysql://h/db"), "mysql://h/db");
     }
 }

@@ -9,6 +9,7 @@ use mysql::consts::CapabilityFlags;
 use mysql::prelude::Queryable;
 use mysql::{Opts, OptsBuilder, Row};
 use std::borrow::Cow;
+use std::time::Duration;
 
 /// Prepared statements a connection keeps.
 const STATEMENT_CACHE: usize = 256;
@@ -18,10 +19,12 @@ pub(crate) struct MysqlSession {
 }
 
 impl MysqlSession {
-    pub(crate) fn connect(url: &str) -> Result<MysqlSession, Error> {
+    pub(crate) fn connect(url: &str, timeout: Duration) -> Result<MysqlSession, Error> {
         let url = url.replacen("mariadb://", "mysql://", 1);
         let opts = Opts::from_url(&url).map_err(mysql::Error::UrlError)?;
+        let connect_timeout = opts.get_tcp_connect_timeout().or(Some(timeout));
         let opts = OptsBuilder::from_opts(opts)
+            .tcp_connect_timeout(connect_timeout)
             .stmt_cache_size(STATEMENT_CACHE)
             .additional_capabilities(CapabilityFlags::CLIENT_FOUND_ROWS)
             .init(vec![

@@ -11,6 +11,7 @@ use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Row, Statement};
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -23,8 +24,12 @@ pub(crate) struct PgSession {
 }
 
 impl PgSession {
-    pub(crate) fn connect(url: &str) -> Result<PgSession, Error> {
-        let mut client = Client::connect(url, NoTls)?;
+    pub(crate) fn connect(url: &str, timeout: Duration) -> Result<PgSession, Error> {
+        let mut config: postgres::Config = url.parse()?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(timeout);
+        }
+        let mut client = config.connect(NoTls)?;
         // READ COMMITTED is PostgreSQL's default; said here because the platform's
         // conditional updates are written for it.
         client.batch_execute(

@@ -14,7 +14,7 @@ impl TemporaryDatabase {
     pub fn create(admin_url: &str, prefix: &str) -> Result<TemporaryDatabase, Error> {
         let admin = ServerUrl::parse(admin_url).ok_or_else(|| Error::url(admin_url))?;
         let name = format!("{prefix}{}", uuid::Uuid::now_v7().simple());
-        let create = match admin.backend {
+        let create = match admin.backend() {
             Backend::Postgres => format!("CREATE DATABASE {name}"),
             _ => format!("CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
         };
@@ -34,7 +34,7 @@ impl TemporaryDatabase {
 
 impl Drop for TemporaryDatabase {
     fn drop(&mut self) {
-        let drop = match self.admin.backend {
+        let drop = match self.admin.backend() {
             Backend::Postgres => format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
             _ => format!("DROP DATABASE IF EXISTS {}", self.name),
         };
