@@ -31,9 +31,11 @@ impl PgSession {
         }
         let mut client = config.connect(NoTls)?;
         // READ COMMITTED is PostgreSQL's default; said here because the platform's
-        // conditional updates are written for it.
+        // conditional updates are written for it. Notices ("relation already exists,
+        // skipping" on every start) would be logged line by line.
         client.batch_execute(
-            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+             SET client_min_messages = warning",
         )?;
         Ok(PgSession {
             client,
