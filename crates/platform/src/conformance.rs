@@ -236,7 +236,7 @@ async fn handled(db: &Database, group: &str) -> Vec<Handled> {
         let rows = conn.query_map(
             "SELECT consumer, message_id, \"key\", seq FROM conformance_handled \
              WHERE group_name = ? ORDER BY row_id",
-            [group],
+            [&group],
             |row| {
                 Ok(Handled {
                     consumer: row.get(0)?,

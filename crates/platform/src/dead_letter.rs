@@ -102,7 +102,7 @@ pub async fn list(
 ) -> Result<Vec<DeadLetter>, StoreError> {
     let group = group.map(str::to_owned);
     db.read(move |conn| {
-        let letters = match group {
+        let letters = match &group {
             Some(group) => conn.query_map(
                 &format!(
                     "SELECT {COLUMNS}, {ENVELOPE_COLUMNS} FROM conveyor_dead_letters \

@@ -286,6 +286,11 @@ impl Readers {
         }
     }
 
+    /// A new connection, for one the server closed.
+    fn connect(&self) -> Result<Conn, sql::Error> {
+        (self.connect)()
+    }
+
     fn put_back(&self, conn: Conn) {
         self.idle
             .lock()
@@ -410,12 +415,14 @@ impl Database {
     }
 
     /// Runs `query` on a read-only connection, on a blocking thread. It sees every committed
-    /// unit of work, never an uncommitted one.
+    /// unit of work, never an uncommitted one. A query that failed because its (pooled)
+    /// connection had been closed by the server runs once more, on a new connection: reads
+    /// can run twice, which is why `query` is `Fn`.
     pub async fn read<T, E, F>(&self, query: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
-        F: FnOnce(&Conn) -> Result<T, E> + Send + 'static,
+        F: Fn(&Conn) -> Result<T, E> + Send + 'static,
     {
         // The permit goes with the blocking task: a caller that gives up does not free the
         // connection while a query still runs on it.
@@ -434,7 +441,13 @@ impl Database {
             let result = query(&conn);
             if result.is_ok() || !conn.is_broken() {
                 readers.put_back(conn);
+                return result;
             }
+            tracing::warn!("a read connection was closed by the server; reading on a new one");
+            close_off_runtime(vec![conn]);
+            let fresh = readers.connect().map_err(StoreError::from)?;
+            let result = query(&fresh);
+            readers.put_back(fresh);
             result
         })
         .await
