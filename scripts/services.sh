@@ -72,13 +72,13 @@ start_mariadb() {
     mkdir -p "$SERVICES_DIR"
     local log=$SERVICES_DIR/mariadb.err
     touch "$log" && chown mysql:mysql "$log"
-    printf '[mysqld]\nbind-address = 127.0.0.1\nport = 3306\nskip-name-resolve\nlog-error = %s\n' \
-        "$log" >/etc/mysql/mariadb.conf.d/99-conveyor-tests.cnf
     install -d -o mysql -g mysql -m 0755 /run/mysqld
     [ -d /var/lib/mysql/mysql ] ||
         mariadb-install-db --user=mysql --datadir=/var/lib/mysql --skip-test-db >"$SERVICES_DIR/mariadb-install.log" 2>&1
+    # Loopback only, whatever the installed configuration says: flags override it.
     start-stop-daemon --start --quiet --background --oknodo --exec /usr/sbin/mariadbd \
-        --output "$SERVICES_DIR/mariadb.out" -- --user=mysql
+        --output "$SERVICES_DIR/mariadb.out" -- --user=mysql --bind-address=127.0.0.1 \
+        --port=3306 --skip-name-resolve --log-error="$log"
     wait_until mariadb-admin --protocol=socket -u root ping || fail "MariaDB did not start; see $log"
     # Root over TCP with no password, as the tests connect.
     mariadb -u root <<'SQL'
