@@ -20,6 +20,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 
+/// The longest request id carried into the messages a request emits.
+const MAX_CORRELATION_ID: usize = 200;
+
 /// HTTP metric names, labelled by `route` (the matched template, or `unmatched`) and
 /// `status` (its class: `2xx`, `4xx`, ...).
 pub mod metric {
@@ -128,9 +131,12 @@ where
         let started = Instant::now();
         let route = request.extensions().get::<MatchedPath>().cloned();
         let id = request.headers().get(REQUEST_ID).cloned();
+        // A client's id becomes the messages' correlation id, stored with each: a long one
+        // is not carried into them.
         let text = id
             .as_ref()
             .and_then(|id| id.to_str().ok())
+            .filter(|id| id.len() <= MAX_CORRELATION_ID)
             .map(str::to_owned);
         let causal = CausalContext {
             correlation_id: text.clone(),

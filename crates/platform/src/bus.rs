@@ -8,6 +8,13 @@ use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// A statement that failed is the store's failure.
+impl From<crate::sql::Error> for BusError {
+    fn from(error: crate::sql::Error) -> Self {
+        BusError::Store(error.into())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error(transparent)]

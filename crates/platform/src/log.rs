@@ -190,8 +190,9 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
 );
 "#;
 
-/// The same tables on MySQL/MariaDB: keys are `VARCHAR` (MySQL indexes no `TEXT`), text
-/// compares byte for byte (`utf8mb4_bin`) as it does on the other two.
+/// The same tables on MySQL/MariaDB: keys are `VARCHAR` (MySQL indexes no `TEXT`), values
+/// that are unbounded elsewhere `LONGTEXT`/`LONGBLOB` (`TEXT` stops at 64 KiB, and a strict
+/// session refuses more), text compares by its bytes (`utf8mb4_bin`; trailing spaces aside).
 const MYSQL_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS conveyor_migrations (
     service    VARCHAR(255) NOT NULL,
@@ -210,10 +211,10 @@ CREATE TABLE IF NOT EXISTS conveyor_log (
     kind        VARCHAR(32) NOT NULL,
     name        VARCHAR(255) NOT NULL,
     topic       VARCHAR(255) NOT NULL,
-    "key"       TEXT NOT NULL,
+    "key"       LONGTEXT NOT NULL,
     key_hash    BIGINT NOT NULL,
     payload     LONGBLOB NOT NULL,
-    headers     TEXT NOT NULL,
+    headers     LONGTEXT NOT NULL,
     occurred_at BIGINT NOT NULL,
     only_group  VARCHAR(255),
     INDEX conveyor_log_topic (topic, position)
@@ -260,11 +261,11 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
     kind        VARCHAR(32) NOT NULL,
     name        VARCHAR(255) NOT NULL,
     topic       VARCHAR(255) NOT NULL,
-    "key"       TEXT NOT NULL,
+    "key"       LONGTEXT NOT NULL,
     payload     LONGBLOB NOT NULL,
-    headers     TEXT NOT NULL,
+    headers     LONGTEXT NOT NULL,
     occurred_at BIGINT NOT NULL,
-    error       TEXT NOT NULL,
+    error       LONGTEXT NOT NULL,
     attempts    BIGINT NOT NULL,
     failed_at   BIGINT NOT NULL,
     UNIQUE KEY conveyor_dead_letters_message (group_name, message_id)
@@ -359,10 +360,13 @@ pub(crate) fn append_numbered(conn: &Conn, messages: &[Outgoing]) -> Result<Opti
             (count,),
         )?,
         _ => {
-            conn.execute(
+            let bumped = conn.execute(
                 "UPDATE conveyor_log_head SET position = LAST_INSERT_ID(position + ?) WHERE id = 1",
                 (count,),
             )?;
+            if bumped != 1 {
+                return Err(Error::NoRow);
+            }
             let last = conn.mysql_last_insert_id().unwrap_or_default();
             i64::try_from(last).map_err(|error| Error::corrupt("position", error))?
         }

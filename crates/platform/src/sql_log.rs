@@ -142,13 +142,20 @@ impl std::fmt::Display for Agreement {
 async fn join(shared: &Arc<Shared>) -> Result<(), BusError> {
     let deadline = tokio::time::Instant::now() + shared.lease;
     loop {
-        match try_join(shared).await? {
+        match try_join(shared).await {
             Ok(()) => return Ok(()),
             Err(refused @ BusError::SubscriptionMismatch { .. })
                 if tokio::time::Instant::now() < deadline =>
             {
                 tracing::warn!(error = %refused, "waiting for the group's other members to leave or time out");
                 tokio::time::sleep((shared.lease / 10).max(MIN_TICK)).await;
+            }
+            // A deadlock or a lost connection says nothing about the group: try again.
+            Err(BusError::Store(error))
+                if error.is_infrastructure() && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(%error, "cannot join the group yet; will try again");
+                tokio::time::sleep(MIN_TICK).await;
             }
             Err(refused) => return Err(refused),
         }
@@ -176,8 +183,8 @@ fn renew_membership(conn: &Conn, shared: &Shared, now: i64) -> Result<(), sql::E
     Ok(())
 }
 
-/// One try at `join`: the outer error is the store's, the inner the group's refusal.
-async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreError> {
+/// One try at `join`. A refusal rolls its unit back, like a store error.
+async fn try_join(shared: &Arc<Shared>) -> Result<(), BusError> {
     let shared = shared.clone();
     let db = shared.db().clone();
     db.write(move |uow| {
@@ -185,11 +192,14 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
         let group = &*shared.group;
         let now = now_millis();
         let mine = Agreement::of(&shared);
-        let recorded: Option<(i64, String)> = conn.query_opt(
-            "SELECT partitions, agreement FROM conveyor_groups WHERE group_name = ?",
-            [group],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
+        lock_group(conn, group)?;
+        let recorded: Option<(i64, String)> = conn
+            .query_opt(
+                "SELECT partitions, agreement FROM conveyor_groups WHERE group_name = ?",
+                [group],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?
+            .filter(|(_, agreement): &(i64, String)| !agreement.is_empty());
         // Groups from before the agreement was recorded have only their partitions.
         let partitions: i64 = match &recorded {
             Some((partitions, _)) => *partitions,
@@ -199,11 +209,11 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
             )?,
         };
         if partitions != 0 && partitions != shared.partitions {
-            return Ok(Err(BusError::PartitionMismatch {
+            return Err(BusError::PartitionMismatch {
                 group: group.to_owned(),
                 existing: partitions,
                 requested: shared.partitions,
-            }));
+            });
         }
         let live: i64 = conn.scalar(
             "SELECT COUNT(*) FROM conveyor_members \
@@ -212,20 +222,19 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
         )?;
         let theirs = recorded.and_then(|(_, text)| serde_json::from_str::<Agreement>(&text).ok());
         if let Some(theirs) = theirs.filter(|theirs| *theirs != mine && live > 0) {
-            return Ok(Err(BusError::SubscriptionMismatch {
+            return Err(BusError::SubscriptionMismatch {
                 group: group.to_owned(),
                 live: theirs.to_string(),
                 requested: mine.to_string(),
-            }));
+            });
         }
         let agreement = serde_json::to_string(&mine).map_err(|error| sql::Error::Encode {
             what: "the group's agreement",
             message: error.to_string(),
         })?;
         conn.execute(
-            "INSERT INTO conveyor_groups (group_name, partitions, agreement) VALUES (?, ?, ?) \
-             ON CONFLICT (group_name) DO UPDATE SET agreement = excluded.agreement",
-            (group, shared.partitions, &agreement),
+            "UPDATE conveyor_groups SET partitions = ?, agreement = ? WHERE group_name = ?",
+            (shared.partitions, &agreement, group),
         )?;
         conn.execute(
             "DELETE FROM conveyor_group_topics WHERE group_name = ?",
@@ -245,9 +254,25 @@ async fn try_join(shared: &Arc<Shared>) -> Result<Result<(), BusError>, StoreErr
             )?;
         }
         renew_membership(conn, &shared, now)?;
-        Ok(Ok(()))
+        Ok(())
     })
     .await
+}
+
+/// Makes the joins of `group` wait for each other, on every backend: the group's row (a
+/// placeholder with no agreement on first use, which the join fills in or rolls back) is
+/// locked until the joining unit ends. A server's transactions do not serialise as SQLite's
+/// do: without it, two differing members joining at once could both see no live member.
+///
+/// One statement that inserts or locks: an insert-or-ignore followed by an update would take
+/// a shared lock and then ask for an exclusive one, which two joins deadlock on in InnoDB.
+fn lock_group(conn: &Conn, group: &str) -> Result<(), sql::Error> {
+    conn.execute(
+        "INSERT INTO conveyor_groups (group_name, partitions, agreement) VALUES (?, 0, '') \
+         ON CONFLICT (group_name) DO UPDATE SET partitions = conveyor_groups.partitions",
+        [group],
+    )?;
+    Ok(())
 }
 
 /// Every series of the group from the start, at zero: its handlers' counters and each

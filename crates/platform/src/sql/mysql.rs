@@ -13,6 +13,10 @@ use std::time::Duration;
 
 /// Prepared statements a connection keeps.
 const STATEMENT_CACHE: usize = 256;
+/// TCP keepalive: idle time before the first probe, then probes and their interval.
+const KEEPALIVE_MS: u32 = 30_000;
+const KEEPALIVE_PROBE_SECONDS: u32 = 10;
+const KEEPALIVE_PROBES: u32 = 3;
 
 pub(crate) struct MysqlSession {
     conn: mysql::Conn,
@@ -25,6 +29,11 @@ impl MysqlSession {
         let connect_timeout = opts.get_tcp_connect_timeout().or(Some(timeout));
         let opts = OptsBuilder::from_opts(opts)
             .tcp_connect_timeout(connect_timeout)
+            // A half-open connection (a partition, a vanished host) fails in a minute or
+            // so, instead of holding a writer until the kernel gives up.
+            .tcp_keepalive_time_ms(Some(KEEPALIVE_MS))
+            .tcp_keepalive_probe_interval_secs(Some(KEEPALIVE_PROBE_SECONDS))
+            .tcp_keepalive_probe_count(Some(KEEPALIVE_PROBES))
             .stmt_cache_size(STATEMENT_CACHE)
             .additional_capabilities(CapabilityFlags::CLIENT_FOUND_ROWS)
             .init(vec![
@@ -46,8 +55,16 @@ impl MysqlSession {
         Ok(self.conn.exec(translated(sql), params(values))?)
     }
 
+    /// Every statement's outcome is read: the server stops at the first that fails, and
+    /// its error arrives with that statement's result, not the first one's.
     pub(crate) fn execute_batch(&mut self, sql: &str) -> Result<(), Error> {
-        Ok(self.conn.query_drop(translated(sql))?)
+        let mut results = self.conn.query_iter(translated(sql))?;
+        while let Some(result) = results.iter() {
+            for row in result {
+                row?;
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn last_insert_id(&self) -> u64 {

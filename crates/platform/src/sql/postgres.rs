@@ -29,6 +29,14 @@ impl PgSession {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout);
         }
+        // A half-open connection (a partition, a vanished host) fails in a minute or so,
+        // instead of holding a writer until the kernel gives up.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3)
+            .tcp_user_timeout(Duration::from_secs(60));
         let mut client = config.connect(NoTls)?;
         // READ COMMITTED is PostgreSQL's default; said here because the platform's
         // conditional updates are written for it. Notices ("relation already exists,
