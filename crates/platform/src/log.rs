@@ -192,7 +192,8 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
 
 /// The same tables on MySQL/MariaDB: keys are `VARCHAR` (MySQL indexes no `TEXT`), values
 /// that are unbounded elsewhere `LONGTEXT`/`LONGBLOB` (`TEXT` stops at 64 KiB, and a strict
-/// session refuses more), text compares by its bytes (`utf8mb4_bin`; trailing spaces aside).
+/// session refuses more), text compares by its bytes (`utf8mb4_bin`, which `sql/mysql.rs` makes
+/// the server's no-pad binary collation).
 const MYSQL_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS conveyor_migrations (
     service    VARCHAR(255) NOT NULL,

@@ -62,6 +62,7 @@ macro_rules! storage_suite {
                 a_unit_may_emit_many_messages_and_they_keep_their_order,
                 migrations_apply_once_however_often_they_run,
                 a_write_is_read_back_as_soon_as_it_returns,
+                text_compares_by_its_bytes,
                 a_lease_shorter_than_two_handler_timeouts_is_refused);
         }
     )*};
@@ -174,6 +175,28 @@ async fn a_write_is_read_back_as_soon_as_it_returns(scratch: Scratch) {
         );
         assert_eq!(*db.head().borrow(), i64::from(seq / 2 + 1));
     }
+}
+
+async fn text_compares_by_its_bytes(scratch: Scratch) {
+    let db = open(&scratch).await;
+    db.write(|uow| {
+        for key in ["Concert", "Concert ", "concert"] {
+            uow.conn().execute(
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+                 VALUES ('g', 'c', 'm', ?, 0)",
+                [key],
+            )?;
+        }
+        Ok::<_, StoreError>(())
+    })
+    .await
+    .expect("insert");
+    let same: Vec<i64> = column(
+        &db,
+        "SELECT COUNT(*) FROM conformance_handled WHERE \"key\" = 'Concert'",
+    )
+    .await;
+    assert_eq!(same, [1], "neither case nor trailing spaces are ignored");
 }
 
 async fn a_lease_shorter_than_two_handler_timeouts_is_refused(scratch: Scratch) {

@@ -191,11 +191,11 @@ impl Writer {
             let end = run_batch(&mut self.uow, batch);
             metrics.commit_seconds.record(started.elapsed());
             if let Some(position) = end.committed_position {
-                self.head.send_if_modified(|head| {
-                    let moved = position > *head;
-                    *head = (*head).max(position);
-                    moved
-                });
+                advance(&self.head, position);
+            }
+            // Told after the head moved: a caller that hears Ok finds its messages counted.
+            for finish in end.committed {
+                finish(Ok(()));
             }
             carried = end.not_run;
             if end.failed {
@@ -251,10 +251,12 @@ fn take(queue: &Mutex<mpsc::Receiver<Command>>) -> Option<Vec<Job>> {
     Some(batch)
 }
 
-/// How a batch ended. Every unit that ran has been told.
+/// How a batch ended. Every unit that ran and failed has been told.
 struct BatchEnd {
     /// The last position the batch appended, once committed.
     committed_position: Option<i64>,
+    /// The units of a batch that committed, still to be told.
+    committed: Vec<Finish>,
     /// The units that never ran because the transaction could not begin.
     not_run: Vec<Job>,
     failed: bool,
@@ -269,6 +271,7 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
         let _ = uow.conn.execute_batch("ROLLBACK");
         return BatchEnd {
             committed_position: None,
+            committed: Vec::new(),
             not_run: batch,
             failed: true,
         };
@@ -302,16 +305,12 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
         }
     };
     match outcome {
-        Ok(position) => {
-            for finish in finishes {
-                finish(Ok(()));
-            }
-            BatchEnd {
-                committed_position: position,
-                not_run: Vec::new(),
-                failed: false,
-            }
-        }
+        Ok(position) => BatchEnd {
+            committed_position: position,
+            committed: finishes,
+            not_run: Vec::new(),
+            failed: false,
+        },
         Err(error) => {
             tracing::error!(%error, "group commit failed; the batch is rolled back");
             let _ = uow.conn.execute_batch("ROLLBACK");
@@ -322,6 +321,7 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
             // Units not run yet go to the next batch; none was started.
             BatchEnd {
                 committed_position: None,
+                committed: Vec::new(),
                 not_run: jobs.collect(),
                 failed: true,
             }

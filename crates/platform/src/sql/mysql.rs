@@ -20,6 +20,9 @@ const KEEPALIVE_PROBES: u32 = 3;
 
 pub(crate) struct MysqlSession {
     conn: mysql::Conn,
+    /// The server's binary collation that does not pad with spaces, which DDL written with
+    /// `utf8mb4_bin` gets instead, so that `'a'` and `'a '` differ as on the other backends.
+    no_pad_collation: &'static str,
 }
 
 impl MysqlSession {
@@ -41,8 +44,16 @@ impl MysqlSession {
                  CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'ANSI_QUOTES', 'STRICT_ALL_TABLES')",
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
             ]);
+        let mut conn = mysql::Conn::new(opts)?;
+        let version: String = conn.query_first("SELECT VERSION()")?.unwrap_or_default();
+        let no_pad_collation = if version.contains("MariaDB") {
+            "utf8mb4_nopad_bin"
+        } else {
+            "utf8mb4_0900_bin"
+        };
         Ok(MysqlSession {
-            conn: mysql::Conn::new(opts)?,
+            conn,
+            no_pad_collation,
         })
     }
 
@@ -58,7 +69,8 @@ impl MysqlSession {
     /// Every statement's outcome is read: the server stops at the first that fails, and
     /// its error arrives with that statement's result, not the first one's.
     pub(crate) fn execute_batch(&mut self, sql: &str) -> Result<(), Error> {
-        let mut results = self.conn.query_iter(translated(sql))?;
+        let sql = translated(sql).replace("utf8mb4_bin", self.no_pad_collation);
+        let mut results = self.conn.query_iter(sql)?;
         while let Some(result) = results.iter() {
             for row in result {
                 row?;
