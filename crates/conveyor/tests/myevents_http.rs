@@ -607,7 +607,7 @@ async fn events_stored_before_the_tables_were_keyed_by_id_are_still_served() {
     );
     let rows = (location.clone(), older.clone(), newer.clone());
     db.write(move |uow| {
-        let (location, older, newer) = rows;
+        let (location, older, newer) = rows.clone();
         uow.conn().execute(
             "INSERT INTO events_locations (id, name, address, country, open_time, close_time, halls) \
              VALUES (?, 'Old hall', 'Somewhere', 'fr', 9, 17, '[]')",

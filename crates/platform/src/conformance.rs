@@ -137,7 +137,7 @@ impl Fixture for SqlLogFixture {
                 .write(move |uow| {
                     uow.conn().execute(
                         "UPDATE conveyor_partitions SET position = 0 WHERE group_name = ?",
-                        [group],
+                        [&group],
                     )?;
                     Ok::<_, crate::StoreError>(())
                 })

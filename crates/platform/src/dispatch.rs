@@ -68,7 +68,7 @@ impl Dispatcher {
     /// one, with retries.
     pub async fn deliver_batch<A>(&self, batch: &[Arc<Envelope>], acknowledge: A) -> BatchOutcome
     where
-        A: FnOnce(&mut UnitOfWork) -> Result<bool, StoreError> + Send + 'static,
+        A: Fn(&mut UnitOfWork) -> Result<bool, StoreError> + Send + Sync + 'static,
     {
         let routed: Vec<(usize, Arc<dyn Route>, Arc<Envelope>)> = batch
             .iter()
@@ -92,15 +92,19 @@ impl Dispatcher {
                 // first handler has all of it, so only a later one is ever cut short by the
                 // batch rather than by its own limit.
                 let batch_ends = Instant::now() + timeout;
-                for (nth, (index, route, envelope)) in routed.into_iter().enumerate() {
-                    let span = message_span(&group, &envelope);
+                for (nth, (index, route, envelope)) in routed.iter().enumerate() {
+                    let span = message_span(&group, envelope);
                     let _entered = span.enter();
                     let limit = TimeLimit {
                         per_handler: timeout,
                         batch_ends: (nth > 0).then_some(batch_ends),
                     };
-                    handle_in(&group, route.as_ref(), envelope, uow, limit)
-                        .map_err(|error| BatchError::Handler { index, error })?;
+                    handle_in(&group, route.as_ref(), envelope.clone(), uow, limit).map_err(
+                        |error| BatchError::Handler {
+                            index: *index,
+                            error,
+                        },
+                    )?;
                 }
                 // A consumer that lost the partition must not commit the effects either.
                 if acknowledge(uow)? {
@@ -208,7 +212,7 @@ impl Dispatcher {
             batch_ends: None,
         };
         self.db
-            .write(move |uow| handle_in(&group, route.as_ref(), envelope, uow, limit))
+            .write(move |uow| handle_in(&group, route.as_ref(), envelope.clone(), uow, limit))
             .await
     }
 

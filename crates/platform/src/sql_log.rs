@@ -465,7 +465,7 @@ async fn release(shared: &Arc<Shared>, partitions: Vec<i64>) -> Result<(), Store
     let shared = shared.clone();
     let db = shared.db().clone();
     db.write(move |uow| {
-        for partition in partitions {
+        for partition in &partitions {
             uow.conn().execute(
                 "UPDATE conveyor_partitions SET owner = NULL, lease_until = 0 \
                  WHERE group_name = ? AND \"partition\" = ? AND owner = ?",
@@ -814,7 +814,7 @@ fn acknowledge(
     shared: Arc<Shared>,
     partition: i64,
     position: i64,
-) -> impl FnOnce(&mut UnitOfWork) -> Result<bool, StoreError> + Send + 'static {
+) -> impl Fn(&mut UnitOfWork) -> Result<bool, StoreError> + Send + Sync + 'static {
     move |uow: &mut UnitOfWork| {
         let updated = uow.conn().execute(
             "UPDATE conveyor_partitions \

@@ -270,7 +270,7 @@ async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_to
     let db = open(&scratch).await;
     // A write that would run for minutes. SQLite rolls the whole transaction back when a
     // write statement is interrupted, taking the other units of the batch with it.
-    let _consumer = run_past_time_limit(&db, "endless-writer", |conn| {
+    let consumer = run_past_time_limit(&db, "endless-writer", |conn| {
         conn.execute(
             "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
@@ -316,6 +316,8 @@ async fn a_write_interrupted_at_its_time_limit_leaves_every_unit_committed_or_to
     )
     .await;
     assert_eq!(endless_rows, [0], "the interrupted write left rows behind");
+    // The pings written meanwhile keep the endless handler busy; without it, writes commit.
+    consumer.stop().await;
     write(db.clone(), 1_000_000)
         .await
         .expect("the writer goes on");

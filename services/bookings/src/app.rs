@@ -74,7 +74,7 @@ impl Bookings {
                     id: BookingId::new(),
                     event_id,
                     seats: request.seats,
-                    user: request.user,
+                    user: request.user.clone(),
                     date: platform::envelope::now_millis() / 1000,
                 };
                 store::insert_booking(uow, &booking)?;

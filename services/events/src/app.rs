@@ -82,7 +82,7 @@ impl Events {
                     end_date,
                     duration,
                     venue,
-                } = new;
+                } = new.clone();
                 let location = match venue {
                     Venue::Known(id) => {
                         store::location(uow.conn(), id)?.ok_or(EventsError::UnknownLocation(id))?
@@ -114,7 +114,7 @@ impl Events {
             .write(move |uow| {
                 store::insert_location(uow, &location)?;
                 uow.emit(&location_created(&location))?;
-                Ok(location)
+                Ok(location.clone())
             })
             .await
     }

@@ -51,6 +51,8 @@ pub enum StoreError {
     Unresponsive(Duration),
     #[error("cannot decode stored data: {0}")]
     Undecodable(String),
+    #[error("the unit of work kept losing races for row locks: {0}")]
+    Conflict(String),
     #[error("cannot open the database {path}: {source}")]
     Open { path: String, source: sql::Error },
     #[error("cannot open the database's write-ahead log {path}: {source}")]
@@ -71,6 +73,7 @@ impl StoreError {
             StoreError::Database(error) => error.is_infrastructure(),
             StoreError::Abandoned
             | StoreError::Commit(_)
+            | StoreError::Conflict(_)
             | StoreError::Unresponsive(_)
             | StoreError::Open { .. }
             | StoreError::OpenWal { .. } => true,
@@ -108,6 +111,20 @@ impl Migration {
             Backend::Mysql => self.mysql,
         }
     }
+}
+
+/// How many times a unit that keeps losing lock races runs before its caller hears so.
+const CONFLICT_ATTEMPTS: u32 = 20;
+/// The pause before the second run of such a unit; it doubles with each run up to
+/// `CONFLICT_MAX_PAUSE`, jittered (about 3 s in all before giving up).
+const CONFLICT_PAUSE: Duration = Duration::from_millis(5);
+const CONFLICT_MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// What one run of a unit of work came to.
+enum Attempt<T, E> {
+    Done(Result<T, E>),
+    /// It lost a race for a row lock and rolled back: worth running again.
+    Conflicted(String),
 }
 
 /// Told whether the batch holding a unit of work committed, once that is known.
@@ -375,16 +392,51 @@ impl Database {
     /// An `Err` from `work` rolls back everything it did, messages included, and is returned
     /// only once the batch it ran in committed: if the batch rolled back instead, the caller
     /// hears the commit error, never an answer decided on state that did not survive. The
-    /// messages it emitted are durable when this returns `Ok`. Dropping the returned future before `work`
-    /// starts cancels it. Work runs on the single writer thread: keep it to database work.
+    /// messages it emitted are durable when this returns `Ok`. Dropping the returned future
+    /// before `work` starts cancels it. Work runs on a writer thread: keep it to database work.
+    ///
+    /// On a server, a unit that lost a race for a row lock (a deadlock between two batches,
+    /// a lock wait past its limit) runs again, up to `CONFLICT_ATTEMPTS` times in all: `work`
+    /// is `Fn` because it may run more than once, each time in a fresh savepoint.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
-        F: FnOnce(&mut UnitOfWork) -> Result<T, E> + Send + 'static,
+        F: Fn(&mut UnitOfWork) -> Result<T, E> + Send + Sync + 'static,
     {
-        let (reply, result) = oneshot::channel::<Result<T, E>>();
+        let work = Arc::new(work);
         let context = context::current();
+        let mut attempt = 1;
+        loop {
+            match self.write_once(work.clone(), context.clone()).await? {
+                Attempt::Done(result) => return result,
+                Attempt::Conflicted(reason) if attempt >= CONFLICT_ATTEMPTS => {
+                    return Err(E::from(StoreError::Conflict(reason)));
+                }
+                Attempt::Conflicted(reason) => {
+                    tracing::debug!(%reason, attempt, "a unit lost a lock race; running it again");
+                    let pause = CONFLICT_PAUSE
+                        .saturating_mul(2_u32.saturating_pow(attempt - 1))
+                        .min(CONFLICT_MAX_PAUSE);
+                    tokio::time::sleep(pause.mul_f64(0.5 + fastrand::f64())).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One run of a unit of work.
+    async fn write_once<T, E, F>(
+        &self,
+        work: Arc<F>,
+        context: CausalContext,
+    ) -> Result<Attempt<T, E>, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: Fn(&mut UnitOfWork) -> Result<T, E> + Send + Sync + 'static,
+    {
+        let (reply, result) = oneshot::channel::<Attempt<T, E>>();
         let span = tracing::Span::current();
         let job: Job = Box::new(move |uow| {
             if reply.is_closed() {
@@ -394,14 +446,25 @@ impl Database {
             uow.context = context;
             match std::panic::catch_unwind(AssertUnwindSafe(|| work(uow))) {
                 Ok(Ok(value)) => Ran::Commit(Box::new(move |batch: Result<(), StoreError>| {
-                    let _ = reply.send(batch.map(|()| value).map_err(E::from));
+                    let _ = reply.send(match batch {
+                        Ok(()) => Attempt::Done(Ok(value)),
+                        Err(StoreError::Conflict(reason)) => Attempt::Conflicted(reason),
+                        Err(error) => Attempt::Done(Err(E::from(error))),
+                    });
                 })),
+                Ok(Err(_)) if uow.conn.had_conflict() => {
+                    Ran::RollBack(Some(Box::new(move |_batch| {
+                        let _ = reply.send(Attempt::Conflicted(
+                            "a statement lost a race for a row lock".to_owned(),
+                        ));
+                    })))
+                }
                 Ok(Err(error)) => Ran::RollBack(Some(Box::new(move |batch| {
-                    let _ = reply.send(Err(batch.map_or_else(E::from, |()| error)));
+                    let _ = reply.send(Attempt::Done(Err(batch.map_or_else(E::from, |()| error))));
                 }))),
                 Err(_) => {
                     tracing::error!("a unit of work panicked; rolled back");
-                    let _ = reply.send(Err(E::from(StoreError::Panicked)));
+                    let _ = reply.send(Attempt::Done(Err(E::from(StoreError::Panicked))));
                     Ran::RollBack(None)
                 }
             }
@@ -411,7 +474,9 @@ impl Database {
             .send(Command::Run(job))
             .await
             .map_err(|_| E::from(StoreError::Abandoned))?;
-        result.await.unwrap_or(Err(E::from(StoreError::Abandoned)))
+        Ok(result
+            .await
+            .unwrap_or(Attempt::Done(Err(E::from(StoreError::Abandoned)))))
     }
 
     /// Runs `query` on a read-only connection, on a blocking thread. It sees every committed
@@ -578,6 +643,7 @@ fn spawn_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), S
 /// Runs one unit of work; returns how it ended and the messages it emitted.
 fn run_unit(uow: &mut UnitOfWork, job: Job) -> (Ran, Vec<Outgoing>) {
     uow.outbox.clear();
+    uow.conn.reset_conflict();
     let ran = job(uow);
     // A unit that panicked inside `within` left its deadline set.
     uow.set_deadline(None);

@@ -58,7 +58,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
     let connect = server.clone();
     let readers = Readers::start(Box::new(move || connect.connect())).map_err(open_error)?;
     let writers = (0..WRITERS)
-        .map(|_| Ok(UnitOfWork::new(server.connect()?, Arc::default())))
+        .map(|_| Ok(UnitOfWork::new(connect_writer(&server)?, Arc::default())))
         .collect::<Result<Vec<_>, sql::Error>>()
         .map_err(open_error)?;
 
@@ -222,12 +222,24 @@ impl Writer {
             .min(MAX_PAUSE);
         std::thread::sleep(pause);
         if self.uow.conn.is_broken() {
-            match self.server.connect() {
+            match connect_writer(&self.server) {
                 Ok(conn) => self.uow.conn = conn,
                 Err(error) => tracing::error!(%error, "cannot reconnect to the database"),
             }
         }
     }
+}
+
+/// A writer's connection: one that gives up waiting for a row lock soon, so that two batches
+/// waiting on each other's rows (a deadlock the server would take a second or more to see)
+/// fail one unit fast, and `Database::write` runs it again.
+fn connect_writer(server: &ServerUrl) -> Result<Conn, sql::Error> {
+    let conn = server.connect()?;
+    conn.execute_batch(match server.backend() {
+        Backend::Postgres => "SET lock_timeout = '25ms'",
+        _ => "SET SESSION innodb_lock_wait_timeout = 2",
+    })?;
+    Ok(conn)
 }
 
 /// The next batch from the queue: waits for one unit, then takes what else is queued. None
@@ -279,11 +291,15 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
     let mut finishes: Vec<Finish> = Vec::with_capacity(batch.len());
     let mut outbox: Vec<Outgoing> = Vec::new();
     let mut jobs = batch.into_iter().peekable();
+    // Whether a unit lost a lock race: MySQL then rolls the whole transaction back, and the
+    // step after the unit fails for that reason.
+    let mut conflicted = false;
     let outcome = loop {
         let Some(job) = jobs.next() else {
             break commit(&uow.conn, &outbox);
         };
         let (ran, emitted) = run_unit(uow, job);
+        conflicted |= uow.conn.had_conflict();
         // Each finish joins the batch's before the step, so a failing step tells it.
         let step = match ran {
             Ran::Commit(finish) => {
@@ -315,8 +331,13 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
             tracing::error!(%error, "group commit failed; the batch is rolled back");
             let _ = uow.conn.execute_batch("ROLLBACK");
             let reason = error.to_string();
+            let conflict = conflicted || error.is_conflict();
             for finish in finishes {
-                finish(Err(StoreError::Commit(reason.clone())));
+                finish(Err(if conflict {
+                    StoreError::Conflict(reason.clone())
+                } else {
+                    StoreError::Commit(reason.clone())
+                }));
             }
             // Units not run yet go to the next batch; none was started.
             BatchEnd {

@@ -15,7 +15,7 @@ mod mysql;
 mod postgres;
 mod temporary;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 
 pub(crate) use self::mysql::MysqlSession;
@@ -71,6 +71,16 @@ impl Error {
         Error::Column {
             column: column.to_owned(),
             message: error.to_string(),
+        }
+    }
+
+    /// Did the statement lose a race for a row lock (a deadlock, a serialization failure, a
+    /// lock wait that timed out)? Nothing is wrong with the work: running it again will do.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::Postgres(error) => postgres::is_conflict(error),
+            Error::Mysql(error) => mysql::is_conflict(error),
+            _ => false,
         }
     }
 
@@ -388,7 +398,12 @@ fn sqlite_value(value: rusqlite::types::ValueRef<'_>) -> Result<ValueRef<'_>, Er
 }
 
 /// A connection, or the open transaction of a unit of work: what stores run statements on.
-pub struct Conn(ConnKind);
+pub struct Conn {
+    kind: ConnKind,
+    /// Set when a statement failed on a lock conflict (a deadlock, a lock wait that timed
+    /// out): the unit that ran it is worth running again.
+    conflicted: Cell<bool>,
+}
 
 enum ConnKind {
     Sqlite(rusqlite::Connection),
@@ -398,20 +413,44 @@ enum ConnKind {
 }
 
 impl Conn {
+    fn of(kind: ConnKind) -> Conn {
+        Conn {
+            kind,
+            conflicted: Cell::new(false),
+        }
+    }
+
+    /// Notes a lock conflict, for `take_conflict`.
+    fn noted<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if result.as_ref().is_err_and(Error::is_conflict) {
+            self.conflicted.set(true);
+        }
+        result
+    }
+
+    /// Did a statement fail on a lock conflict since `reset_conflict`?
+    pub(crate) fn had_conflict(&self) -> bool {
+        self.conflicted.get()
+    }
+
+    pub(crate) fn reset_conflict(&self) {
+        self.conflicted.set(false);
+    }
+
     pub(crate) fn sqlite(conn: rusqlite::Connection) -> Conn {
-        Conn(ConnKind::Sqlite(conn))
+        Conn::of(ConnKind::Sqlite(conn))
     }
 
     pub(crate) fn postgres(session: PgSession) -> Conn {
-        Conn(ConnKind::Postgres(Box::new(RefCell::new(session))))
+        Conn::of(ConnKind::Postgres(Box::new(RefCell::new(session))))
     }
 
     pub(crate) fn mysql(session: MysqlSession) -> Conn {
-        Conn(ConnKind::Mysql(Box::new(RefCell::new(session))))
+        Conn::of(ConnKind::Mysql(Box::new(RefCell::new(session))))
     }
 
     pub fn backend(&self) -> Backend {
-        match self.0 {
+        match self.kind {
             ConnKind::Sqlite(_) => Backend::Sqlite,
             ConnKind::Postgres(_) => Backend::Postgres,
             ConnKind::Mysql(_) => Backend::Mysql,
@@ -420,7 +459,7 @@ impl Conn {
 
     /// The SQLite connection underneath, for what only SQLite has (its pragmas, hooks).
     pub(crate) fn as_sqlite(&self) -> Option<&rusqlite::Connection> {
-        match &self.0 {
+        match &self.kind {
             ConnKind::Sqlite(conn) => Some(conn),
             _ => None,
         }
@@ -429,24 +468,24 @@ impl Conn {
     /// Runs one statement; returns how many rows it changed (on MySQL: matched).
     pub fn execute(&self, sql: &str, params: impl Params) -> Result<u64, Error> {
         let values = params.values();
-        match &self.0 {
+        match &self.kind {
             ConnKind::Sqlite(conn) => {
                 let changed = conn
                     .prepare_cached(sql)?
                     .execute(rusqlite::params_from_iter(values.iter()))?;
                 Ok(changed as u64)
             }
-            ConnKind::Postgres(session) => session.borrow_mut().execute(sql, &values),
-            ConnKind::Mysql(session) => session.borrow_mut().execute(sql, &values),
+            ConnKind::Postgres(session) => self.noted(session.borrow_mut().execute(sql, &values)),
+            ConnKind::Mysql(session) => self.noted(session.borrow_mut().execute(sql, &values)),
         }
     }
 
     /// Runs statements that take no parameters, separated by semicolons, in one round trip.
     pub fn execute_batch(&self, sql: &str) -> Result<(), Error> {
-        match &self.0 {
+        match &self.kind {
             ConnKind::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
-            ConnKind::Postgres(session) => session.borrow_mut().execute_batch(sql),
-            ConnKind::Mysql(session) => session.borrow_mut().execute_batch(sql),
+            ConnKind::Postgres(session) => self.noted(session.borrow_mut().execute_batch(sql)),
+            ConnKind::Mysql(session) => self.noted(session.borrow_mut().execute_batch(sql)),
         }
     }
 
@@ -458,7 +497,7 @@ impl Conn {
         mut row: impl FnMut(&Row<'_>) -> Result<T, Error>,
     ) -> Result<Vec<T>, Error> {
         let values = params.values();
-        match &self.0 {
+        match &self.kind {
             ConnKind::Sqlite(conn) => {
                 let mut statement = conn.prepare_cached(sql)?;
                 let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
@@ -468,15 +507,13 @@ impl Conn {
                 }
                 Ok(converted)
             }
-            ConnKind::Postgres(session) => session
-                .borrow_mut()
-                .query(sql, &values)?
+            ConnKind::Postgres(session) => self
+                .noted(session.borrow_mut().query(sql, &values))?
                 .iter()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .collect(),
-            ConnKind::Mysql(session) => session
-                .borrow_mut()
-                .query(sql, &values)?
+            ConnKind::Mysql(session) => self
+                .noted(session.borrow_mut().query(sql, &values))?
                 .iter()
                 .map(|found| row(&Row(RowKind::Mysql(found))))
                 .collect(),
@@ -491,7 +528,7 @@ impl Conn {
         row: impl FnOnce(&Row<'_>) -> Result<T, Error>,
     ) -> Result<Option<T>, Error> {
         let values = params.values();
-        match &self.0 {
+        match &self.kind {
             ConnKind::Sqlite(conn) => {
                 let mut statement = conn.prepare_cached(sql)?;
                 let mut rows = statement.query(rusqlite::params_from_iter(values.iter()))?;
@@ -499,15 +536,13 @@ impl Conn {
                     .map(|found| row(&Row(RowKind::Sqlite(found))))
                     .transpose()
             }
-            ConnKind::Postgres(session) => session
-                .borrow_mut()
-                .query(sql, &values)?
+            ConnKind::Postgres(session) => self
+                .noted(session.borrow_mut().query(sql, &values))?
                 .first()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .transpose(),
-            ConnKind::Mysql(session) => session
-                .borrow_mut()
-                .query(sql, &values)?
+            ConnKind::Mysql(session) => self
+                .noted(session.borrow_mut().query(sql, &values))?
                 .first()
                 .map(|found| row(&Row(RowKind::Mysql(found))))
                 .transpose(),
@@ -562,7 +597,7 @@ impl Conn {
 
     /// Is the connection gone for good (the server closed it), so that a new one is needed?
     pub(crate) fn is_broken(&self) -> bool {
-        match &self.0 {
+        match &self.kind {
             ConnKind::Sqlite(_) => false,
             ConnKind::Postgres(session) => session.borrow().is_broken(),
             ConnKind::Mysql(session) => session.borrow_mut().is_broken(),
@@ -577,7 +612,7 @@ impl Conn {
 
     /// MySQL's own idea of the last auto-increment value, as set by `LAST_INSERT_ID(expr)`.
     pub(crate) fn mysql_last_insert_id(&self) -> Option<u64> {
-        match &self.0 {
+        match &self.kind {
             ConnKind::Mysql(session) => Some(session.borrow().last_insert_id()),
             _ => None,
         }
@@ -589,7 +624,7 @@ impl Conn {
         &self,
         wait: std::time::Duration,
     ) -> Result<Vec<String>, Error> {
-        match &self.0 {
+        match &self.kind {
             ConnKind::Postgres(session) => session.borrow_mut().notifications(wait),
             _ => Ok(Vec::new()),
         }

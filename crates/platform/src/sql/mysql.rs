@@ -167,6 +167,11 @@ pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a
     })
 }
 
+/// Deadlocks and lock waits past `innodb_lock_wait_timeout`.
+pub(super) fn is_conflict(error: &mysql::Error) -> bool {
+    matches!(error, mysql::Error::MySqlError(server) if matches!(server.code, 1205 | 1213))
+}
+
 /// Connection loss, a server going away, a full disk or table, lock waits and deadlocks.
 pub(super) fn is_infrastructure(error: &mysql::Error) -> bool {
     use mysql::{DriverError, Error as E};

@@ -192,6 +192,18 @@ pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a
     Ok(read?.unwrap_or(ValueRef::Null))
 }
 
+/// Deadlocks, serialization failures and lock waits past `lock_timeout`.
+pub(super) fn is_conflict(error: &postgres::Error) -> bool {
+    error.code().is_some_and(|code| {
+        [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::LOCK_NOT_AVAILABLE,
+        ]
+        .contains(code)
+    })
+}
+
 /// Connection loss, a server shutting down, a full disk, lock conflicts and deadlocks.
 pub(super) fn is_infrastructure(error: &postgres::Error) -> bool {
     if error.is_closed() {
