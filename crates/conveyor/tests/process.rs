@@ -246,6 +246,45 @@ fn sigkill_mid_load(backend: Backend) {
     drop(restarted);
 }
 
+/// Creates an event with one hall of `capacity` seats through the server at `base`; its id.
+async fn create_event(client: &::reqwest::Client, base: &str, name: &str, capacity: i64) -> String {
+    let event = serde_json::json!({
+        "name": name, "startdate": 1, "enddate": 2, "duration": 60,
+        "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": capacity }] }
+    });
+    let created: Value = client
+        .post(format!("{base}/events"))
+        .body(event.to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["ID"].as_str().unwrap().to_owned()
+}
+
+/// Books one seat for each `(server, event id)`, all at once; the statuses, in order.
+async fn book_one_seat_each<'a>(
+    client: &::reqwest::Client,
+    targets: impl Iterator<Item = (&'a Server, &'a String)>,
+) -> Vec<u16> {
+    let bookings: Vec<_> = targets
+        .map(|(server, id)| {
+            let request = client
+                .post(format!("{}/events/{id}/bookings", server.base))
+                .body(r#"{"seats": 1}"#)
+                .send();
+            tokio::spawn(async move { request.await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for booking in bookings {
+        statuses.push(booking.await.unwrap());
+    }
+    statuses
+}
+
 /// The database a test's servers used: the scratch database, or the data directory's file.
 async fn scratch_database(scratch: &Scratch, data: &Path) -> platform::Database {
     match scratch.backend() {
@@ -281,36 +320,11 @@ fn two_processes_sell_exactly_the_seats(backend: Backend) {
     let client = ::reqwest::Client::new();
     let runtime = reqwest::runtime();
     let (booked, sold_out, summary) = runtime.block_on(async {
-        let event = serde_json::json!({
-            "name": "a hundred seats", "startdate": 1, "enddate": 2, "duration": 60,
-            "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": 100 }] }
-        });
-        let created: Value = client
-            .post(format!("{}/events", first.base))
-            .body(event.to_string())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["ID"].as_str().unwrap().to_owned();
+        let id = create_event(&client, &first.base, "a hundred seats", 100).await;
         wait_until_bookable(&client, &first.base, std::slice::from_ref(&id)).await;
         wait_until_bookable(&client, &second.base, std::slice::from_ref(&id)).await;
-        let bookings: Vec<_> = (0..300)
-            .map(|n| {
-                let base = if n % 2 == 0 { &first.base } else { &second.base };
-                let request = client
-                    .post(format!("{base}/events/{id}/bookings"))
-                    .body(r#"{"seats": 1}"#)
-                    .send();
-                tokio::spawn(async move { request.await.unwrap().status().as_u16() })
-            })
-            .collect();
-        let mut statuses = Vec::new();
-        for booking in bookings {
-            statuses.push(booking.await.unwrap());
-        }
+        let targets = (0..300).map(|n| (if n % 2 == 0 { &first } else { &second }, &id));
+        let statuses = book_one_seat_each(&client, targets).await;
         let summary: Value = client
             .get(format!("{}/events/{id}/bookings", second.base))
             .send()
@@ -825,41 +839,15 @@ fn bookings_of_two_busy_events_all_succeed(backend: Backend) {
     let second = Server::start_on(dir.path(), db.as_deref());
     let client = ::reqwest::Client::new();
     let statuses = reqwest::runtime().block_on(async {
-        let mut ids = Vec::new();
-        for name in ["one", "two"] {
-            let event = serde_json::json!({
-                "name": name, "startdate": 1, "enddate": 2, "duration": 60,
-                "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": 1000 }] }
-            });
-            let created: Value = client
-                .post(format!("{}/events", first.base))
-                .body(event.to_string())
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            ids.push(created["ID"].as_str().unwrap().to_owned());
-        }
+        let ids = [
+            create_event(&client, &first.base, "one", 1000).await,
+            create_event(&client, &first.base, "two", 1000).await,
+        ];
         wait_until_bookable(&client, &first.base, &ids).await;
         wait_until_bookable(&client, &second.base, &ids).await;
-        let bookings: Vec<_> = (0..400)
-            .map(|n| {
-                let base = if n % 2 == 0 { &first.base } else { &second.base };
-                let id = &ids[(n / 2) % 2];
-                let request = client
-                    .post(format!("{base}/events/{id}/bookings"))
-                    .body(r#"{"seats": 1}"#)
-                    .send();
-                tokio::spawn(async move { request.await.unwrap().status().as_u16() })
-            })
-            .collect();
-        let mut statuses = Vec::new();
-        for booking in bookings {
-            statuses.push(booking.await.unwrap());
-        }
-        statuses
+        let targets =
+            (0..400).map(|n| (if n % 2 == 0 { &first } else { &second }, &ids[(n / 2) % 2]));
+        book_one_seat_each(&client, targets).await
     });
     let failed: Vec<_> = statuses.iter().filter(|status| **status != 201).collect();
     assert!(

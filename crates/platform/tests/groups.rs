@@ -11,29 +11,6 @@ use platform::conformance::MIGRATIONS;
 use platform::testing::Scratch;
 use platform::{Bus, BusError, Incoming, SqlLog, UnitOfWork};
 
-macro_rules! on_every_backend {
-    ($($name:ident),*) => {
-        mod sqlite { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(platform::testing::Scratch::new(platform::Backend::Sqlite).await).await;
-            }
-        )* }
-        mod postgres { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(platform::testing::Scratch::new(platform::Backend::Postgres).await).await;
-            }
-        )* }
-        mod mariadb { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                super::$name(platform::testing::Scratch::new(platform::Backend::Mysql).await).await;
-            }
-        )* }
-    };
-}
-
 on_every_backend!(
     members_that_agree_join_at_once,
     members_that_differ_are_never_admitted_together

@@ -13,35 +13,7 @@ use platform::Bus;
 use platform::SqlLog;
 use std::time::Duration;
 
-mod sqlite {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
-        super::retention_keeps_only_what_a_group_still_needs_or_is_young(
-            platform::testing::Scratch::new(platform::Backend::Sqlite).await,
-        )
-        .await;
-    }
-}
-
-mod postgres {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
-        super::retention_keeps_only_what_a_group_still_needs_or_is_young(
-            platform::testing::Scratch::new(platform::Backend::Postgres).await,
-        )
-        .await;
-    }
-}
-
-mod mariadb {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn retention_keeps_only_what_a_group_still_needs_or_is_young() {
-        super::retention_keeps_only_what_a_group_still_needs_or_is_young(
-            platform::testing::Scratch::new(platform::Backend::Mysql).await,
-        )
-        .await;
-    }
-}
+on_every_backend!(retention_keeps_only_what_a_group_still_needs_or_is_young);
 
 async fn retention_keeps_only_what_a_group_still_needs_or_is_young(scratch: Scratch) {
     let db = scratch.open().await;

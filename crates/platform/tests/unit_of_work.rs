@@ -2,6 +2,8 @@
 //! many share one group commit, on SQLite, PostgreSQL and MariaDB alike. The time-limit
 //! tests at the end are SQLite's: only its statements can be interrupted.
 
+mod common;
+
 use platform::conformance::{Ping, MIGRATIONS};
 use platform::sql::FromValue;
 use platform::testing::Scratch;
@@ -51,30 +53,16 @@ async fn write(db: Database, seq: u32) -> Result<(), Failure> {
     .await
 }
 
-/// One `#[tokio::test]` per clause of the suite, per backend.
-macro_rules! storage_suite {
-    ($($module:ident: $backend:expr),*) => {$(
-        mod $module {
-            storage_suite!(@tests $backend;
-                failing_units_roll_back_alone_and_their_messages_are_never_published,
-                a_lone_failing_unit_rolls_back_and_the_next_one_commits,
-                what_committed_is_there_after_reopening,
-                a_unit_may_emit_many_messages_and_they_keep_their_order,
-                migrations_apply_once_however_often_they_run,
-                a_write_is_read_back_as_soon_as_it_returns,
-                text_compares_by_its_bytes,
-                a_lease_shorter_than_two_handler_timeouts_is_refused);
-        }
-    )*};
-    (@tests $backend:expr; $($name:ident),*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            super::$name(platform::testing::Scratch::new($backend).await).await;
-        }
-    )*};
-}
-
-storage_suite!(sqlite: platform::Backend::Sqlite, postgres: platform::Backend::Postgres, mariadb: platform::Backend::Mysql);
+on_every_backend!(
+    failing_units_roll_back_alone_and_their_messages_are_never_published,
+    a_lone_failing_unit_rolls_back_and_the_next_one_commits,
+    what_committed_is_there_after_reopening,
+    a_unit_may_emit_many_messages_and_they_keep_their_order,
+    migrations_apply_once_however_often_they_run,
+    a_write_is_read_back_as_soon_as_it_returns,
+    text_compares_by_its_bytes,
+    a_lease_shorter_than_two_handler_timeouts_is_refused,
+);
 
 async fn failing_units_roll_back_alone_and_their_messages_are_never_published(scratch: Scratch) {
     let db = open(&scratch).await;

@@ -612,6 +612,23 @@ impl WriterMetrics {
     }
 }
 
+/// Adds `first` and whatever else is queued to `batch`, up to `max` units. A stop closes the
+/// queue: what was queued before it still runs, then every writer's wait for more ends.
+fn gather(queue: &mut mpsc::Receiver<Command>, first: Command, batch: &mut Vec<Job>, max: usize) {
+    let mut next = Some(first);
+    while let Some(command) = next {
+        match command {
+            Command::Run(job) => batch.push(job),
+            Command::Stop => queue.close(),
+        }
+        next = if batch.len() < max {
+            queue.try_recv().ok()
+        } else {
+            None
+        };
+    }
+}
+
 /// Applies `migration` on `conn` unless it already was.
 fn apply(conn: &Conn, migration: &Migration) -> Result<(), StoreError> {
     let applied: bool = conn.scalar(

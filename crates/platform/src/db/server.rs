@@ -14,8 +14,8 @@
 //! while it rests.
 
 use super::{
-    apply, run_unit, spawn_thread, Command, Finish, Inner, Job, Migration, Outgoing, Ran, Readers,
-    StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
+    apply, gather, run_unit, spawn_thread, Command, Finish, Inner, Job, Migration, Outgoing, Ran,
+    Readers, StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
 };
 use crate::log;
 use crate::sql::{self, Backend, Conn, ServerUrl};
@@ -246,20 +246,9 @@ fn connect_writer(server: &ServerUrl) -> Result<Conn, sql::Error> {
 /// once the queue is closed and empty.
 fn take(queue: &Mutex<mpsc::Receiver<Command>>) -> Option<Vec<Job>> {
     let mut queue = queue.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut next = Some(queue.blocking_recv()?);
+    let first = queue.blocking_recv()?;
     let mut batch = Vec::new();
-    while let Some(command) = next {
-        match command {
-            Command::Run(job) => batch.push(job),
-            // What was queued before the stop still runs; then every writer's wait ends.
-            Command::Stop => queue.close(),
-        }
-        next = if batch.len() < MAX_BATCH {
-            queue.try_recv().ok()
-        } else {
-            None
-        };
-    }
+    gather(&mut queue, first, &mut batch, MAX_BATCH);
     Some(batch)
 }
 

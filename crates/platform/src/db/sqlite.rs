@@ -9,8 +9,8 @@
 //! flush.
 
 use super::{
-    run_unit, spawn_thread, Command, Finish, Inner, Job, Outgoing, Ran, Readers, StoreError,
-    UnitOfWork, WriterMetrics, WRITE_QUEUE,
+    gather, run_unit, spawn_thread, Command, Finish, Inner, Job, Outgoing, Ran, Readers,
+    StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
 };
 use crate::log;
 use crate::sql::{self, Backend, Conn};
@@ -241,25 +241,12 @@ fn run_writer(
     // Units that had not run yet when their batch could not go on.
     let mut carried: Vec<Job> = Vec::new();
     loop {
-        let mut next = None;
-        if carried.is_empty() {
+        let mut batch = std::mem::take(&mut carried);
+        if batch.is_empty() {
             match queue.blocking_recv() {
-                Some(command) => next = Some(command),
+                Some(first) => gather(&mut queue, first, &mut batch, MAX_BATCH),
                 None => break,
             }
-        }
-        let mut batch = std::mem::take(&mut carried);
-        while let Some(command) = next {
-            match command {
-                Command::Run(job) => batch.push(job),
-                // What was queued before the stop still runs; then `blocking_recv` ends the loop.
-                Command::Stop => queue.close(),
-            }
-            next = if batch.len() < MAX_BATCH {
-                queue.try_recv().ok()
-            } else {
-                None
-            };
         }
         if fatal.borrow().is_some() {
             // Nothing more may commit: it could become durable while its caller hears it

@@ -12,6 +12,25 @@ use platform::{
 };
 use std::time::{Duration, Instant};
 
+/// Generates, for each `async fn name(scratch: Scratch)` named, one `#[tokio::test]` per
+/// backend, in modules `sqlite`, `postgres` and `mariadb`, each on a fresh database.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_every_backend!(@backend sqlite, platform::Backend::Sqlite; $($name),*);
+        $crate::on_every_backend!(@backend postgres, platform::Backend::Postgres; $($name),*);
+        $crate::on_every_backend!(@backend mariadb, platform::Backend::Mysql; $($name),*);
+    };
+    (@backend $module:ident, $backend:expr; $($name:ident),*) => {
+        mod $module {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(platform::testing::Scratch::new($backend).await).await;
+            }
+        )*}
+    };
+}
+
 pub async fn open_at(dir: &tempfile::TempDir) -> Database {
     let db = Database::open(&dir.path().join("faults.db"))
         .await
