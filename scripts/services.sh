@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Makes sure the database servers the tests use answer on loopback: PostgreSQL on
-# 127.0.0.1:5432 (user postgres, no password) and MariaDB on 127.0.0.1:3306 (user root, no
-# password). A server that already answers is left alone; one that does not is installed
+# Makes sure the servers the tests use answer on loopback: PostgreSQL on 127.0.0.1:5432
+# (user postgres, no password), MariaDB on 127.0.0.1:3306 (user root, no password) and Redis
+# on 127.0.0.1:6379 (keeping nothing on disk). A server that already answers is left alone; one that does not is installed
 # from Debian's packages (as root, no systemd needed) and started with loopback-only,
 # trust-authentication settings meant for a test machine, never for production.
 #
-#   scripts/services.sh [postgres] [mariadb]      (default: both)
+#   scripts/services.sh [postgres] [mariadb] [redis]      (default: all three)
 #
 # Logs go to $SERVICES_DIR (default /tmp/conveyor-services). Exits non-zero if a server
 # cannot be made to answer, naming it.
@@ -88,13 +88,24 @@ SQL
     wait_until answers 3306 || fail "MariaDB does not answer on 3306"
 }
 
+start_redis() {
+    answers 6379 && return 0
+    install_missing redis-server
+    mkdir -p "$SERVICES_DIR/redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --protected-mode yes \
+        --save '' --appendonly no --dir "$SERVICES_DIR/redis" \
+        --logfile "$SERVICES_DIR/redis.log"
+    wait_until answers 6379 || fail "Redis does not answer on 6379; see $SERVICES_DIR/redis.log"
+}
+
 services=("$@")
-((${#services[@]})) || services=(postgres mariadb)
+((${#services[@]})) || services=(postgres mariadb redis)
 for service in "${services[@]}"; do
     case $service in
     postgres) start_postgres ;;
     mariadb) start_mariadb ;;
-    *) fail "unknown service $service (postgres or mariadb)" ;;
+    redis) start_redis ;;
+    *) fail "unknown service $service (postgres, mariadb or redis)" ;;
     esac
     say "$service answers"
 done

@@ -1,8 +1,9 @@
 //! A running process: the services of its settings, composed.
 
-use crate::config::{DatabaseAt, Role, Settings};
+use crate::config::{CacheAt, DatabaseAt, Role, Settings};
 use anyhow::Context;
-use edge::{HttpOptions, ServiceModule};
+use cache::Cache;
+use edge::{HttpOptions, ServiceContext, ServiceModule};
 use platform::{Bus, Consumer, Database, SqlLog};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,11 +15,12 @@ use tokio_util::task::TaskTracker;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every service this binary can run. Nothing else lists them.
-pub static SERVICES: &[ServiceModule] = &[events::MODULE, bookings::MODULE];
+pub static SERVICES: &[ServiceModule] = &[events::MODULE, bookings::MODULE, notes::MODULE];
 
 pub struct Application {
     settings: Settings,
     db: Database,
+    context: ServiceContext,
     listeners: Vec<TcpListener>,
     addresses: Vec<SocketAddr>,
 }
@@ -29,6 +31,11 @@ impl Application {
         // Metrics registered before the recorder exists would go nowhere.
         edge::metrics();
         let db = open_database(&settings).await?;
+        let context = ServiceContext {
+            db: db.clone(),
+            cache: open_cache(&settings).await?,
+            workers: settings.workers.clone(),
+        };
         let mut listeners = Vec::new();
         let mut addresses = Vec::new();
         for address in &settings.http {
@@ -41,6 +48,7 @@ impl Application {
         Ok(Application {
             settings,
             db,
+            context,
             listeners,
             addresses,
         })
@@ -58,7 +66,7 @@ impl Application {
         let consumers = if self.settings.role == Role::Api {
             Vec::new()
         } else {
-            let consumers = start_consumers(&self.settings, &self.db).await?;
+            let consumers = start_consumers(&self.settings, &self.context).await?;
             // After the groups joined, so that retention knows what each of them reads.
             tokio::spawn(platform::retention::run(
                 self.db.clone(),
@@ -73,7 +81,7 @@ impl Application {
             self.settings
                 .services
                 .iter()
-                .map(|service| (service.routes)(self.db.clone()))
+                .map(|service| (service.routes)(&self.context))
                 .collect()
         };
         let options = HttpOptions {
@@ -147,11 +155,22 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     Ok(db)
 }
 
-async fn start_consumers(settings: &Settings, db: &Database) -> anyhow::Result<Vec<Consumer>> {
-    let bus = SqlLog::new(db.clone());
+/// The read cache of the settings; a Redis that does not answer stops the start.
+async fn open_cache(settings: &Settings) -> anyhow::Result<Cache> {
+    Ok(match &settings.cache {
+        CacheAt::Local => Cache::local(settings.cache_ttl),
+        CacheAt::Redis(url) => Cache::redis(url, settings.cache_ttl).await?,
+    })
+}
+
+async fn start_consumers(
+    settings: &Settings,
+    context: &ServiceContext,
+) -> anyhow::Result<Vec<Consumer>> {
+    let bus = SqlLog::new(context.db.clone());
     let mut consumers = Vec::new();
     for service in &settings.services {
-        for subscription in (service.subscriptions)(db.clone()) {
+        for subscription in (service.subscriptions)(context) {
             let group = subscription.group().to_owned();
             let consumer = bus
                 .subscribe(subscription)

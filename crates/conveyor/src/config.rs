@@ -2,7 +2,7 @@
 //! Nothing else in the process reads the environment, but for `RUST_LOG` (the log filter).
 
 use clap::{Args, ValueEnum};
-use edge::ServiceModule;
+use edge::{ServiceModule, WorkerOptions};
 use platform::retention::Retention;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -15,6 +15,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 pub const DATABASE_FILE: &str = "conveyor.db";
 pub const SQL_LOG: &str = "sql-log";
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const LOCAL_CACHE: &str = "local";
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(10);
+/// The most messages `--worker-batch` may ask for in one batch.
+pub const MAX_WORKER_BATCH: u16 = 1000;
 
 /// A configuration the process cannot start with; printed as one line, exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +109,23 @@ pub struct SettingsArgs {
     /// retention, so no redelivery outlives its mark. [default: 30d]
     #[arg(long, env = "CONVEYOR_INBOX_RETENTION", value_name = "DURATION")]
     pub inbox_retention: Option<String>,
+    /// Read cache: `local` (in this process) or redis://HOST[:PORT][/DB], shared by every
+    /// process pointed at it. [default: local]
+    #[arg(long, env = "CONVEYOR_CACHE", value_name = "URL")]
+    pub cache: Option<String>,
+    /// How long a cached read may be served before it is read again; committed writes
+    /// invalidate it sooner. [default: 10s]
+    #[arg(long, env = "CONVEYOR_CACHE_TTL", value_name = "DURATION")]
+    pub cache_ttl: Option<String>,
+    /// Most queued messages a worker writes in one transaction (notes), 1 to 1000. [default: 256]
+    #[arg(long, env = "CONVEYOR_WORKER_BATCH", value_name = "N")]
+    pub worker_batch: Option<u16>,
+    /// How long a worker waits for a batch to fill before writing it, e.g. 10ms. [default: 10ms]
+    #[arg(long, env = "CONVEYOR_WORKER_WAIT", value_name = "DURATION")]
+    pub worker_wait: Option<String>,
+    /// Past this many queued notes the API answers 503 with Retry-After. [default: 100000]
+    #[arg(long, env = "CONVEYOR_QUEUE_LIMIT", value_name = "N")]
+    pub queue_limit: Option<u64>,
 }
 
 /// `conveyor.toml`: the same keys as the flags, in snake case.
@@ -123,6 +144,11 @@ struct FileSettings {
     request_timeout: Option<String>,
     log_retention: Option<String>,
     inbox_retention: Option<String>,
+    cache: Option<String>,
+    cache_ttl: Option<String>,
+    worker_batch: Option<u16>,
+    worker_wait: Option<String>,
+    queue_limit: Option<u64>,
 }
 
 /// The effective configuration.
@@ -138,6 +164,39 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     pub request_timeout: Duration,
     pub retention: Retention,
+    pub cache: CacheAt,
+    pub cache_ttl: Duration,
+    pub workers: WorkerOptions,
+}
+
+/// Where the read cache is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheAt {
+    Local,
+    /// A Redis server's URL, password included.
+    Redis(String),
+}
+
+impl CacheAt {
+    fn parse(url: &str) -> Result<CacheAt, ConfigError> {
+        if url == LOCAL_CACHE {
+            return Ok(CacheAt::Local);
+        }
+        match url.split_once("://") {
+            Some(("redis", _)) => Ok(CacheAt::Redis(url.to_owned())),
+            _ => Err(config_error(format!(
+                "--cache {}: use `{LOCAL_CACHE}` or redis://HOST[:PORT][/DB]",
+                mask_secrets(url)
+            ))),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            CacheAt::Local => LOCAL_CACHE.to_owned(),
+            CacheAt::Redis(url) => mask_secrets(url),
+        }
+    }
 }
 
 impl SettingsArgs {
@@ -189,6 +248,37 @@ impl SettingsArgs {
             self.request_timeout.or(file.request_timeout),
             DEFAULT_REQUEST_TIMEOUT,
         )?;
+        let cache = match self.cache.or(file.cache) {
+            Some(url) => CacheAt::parse(url.trim())?,
+            None => CacheAt::Local,
+        };
+        let cache_ttl = duration(
+            "cache-ttl",
+            self.cache_ttl.or(file.cache_ttl),
+            DEFAULT_CACHE_TTL,
+        )?;
+        let defaults = WorkerOptions::default();
+        let batch = self
+            .worker_batch
+            .or(file.worker_batch)
+            .unwrap_or(defaults.batch);
+        if !(1..=MAX_WORKER_BATCH).contains(&batch) {
+            return Err(config_error(format!(
+                "--worker-batch {batch}: must be from 1 to {MAX_WORKER_BATCH}"
+            )));
+        }
+        let workers = WorkerOptions {
+            batch,
+            wait: match self.worker_wait.or(file.worker_wait) {
+                // Zero is meaningful here: write each read at once.
+                Some(wait) if wait.trim() == "0" => Duration::ZERO,
+                wait => duration("worker-wait", wait, defaults.wait)?,
+            },
+            queue_limit: self
+                .queue_limit
+                .or(file.queue_limit)
+                .unwrap_or(defaults.queue_limit),
+        };
         Ok(Settings {
             http: http
                 .iter()
@@ -208,6 +298,9 @@ impl SettingsArgs {
                 .unwrap_or_default(),
             request_timeout,
             retention,
+            cache,
+            cache_ttl,
+            workers,
         })
     }
 }
@@ -409,6 +502,17 @@ impl Settings {
                 "inbox_retention = \"{}\"",
                 humantime::format_duration(self.retention.inbox)
             ),
+            format!("cache = {:?}", self.cache.describe()),
+            format!(
+                "cache_ttl = \"{}\"",
+                humantime::format_duration(self.cache_ttl)
+            ),
+            format!("worker_batch = {}", self.workers.batch),
+            format!(
+                "worker_wait = \"{}\"",
+                humantime::format_duration(self.workers.wait)
+            ),
+            format!("queue_limit = {}", self.workers.queue_limit),
         ]
         .join("\n")
     }
@@ -543,6 +647,41 @@ mod tests {
             ..Default::default()
         });
         assert!(garbage.unwrap_err().0.contains("--request-timeout soon"));
+    }
+
+    #[test]
+    fn cache_and_worker_settings_are_read_and_checked() {
+        let defaults = resolve(SettingsArgs::default()).expect("defaults");
+        assert_eq!(defaults.cache, CacheAt::Local);
+        assert_eq!(defaults.cache_ttl, Duration::from_secs(10));
+        assert_eq!(defaults.workers.batch, 256);
+        let settings = resolve(SettingsArgs {
+            cache: Some("redis://:hunter2@127.0.0.1:6379/1".into()),
+            cache_ttl: Some("2s".into()),
+            worker_batch: Some(50),
+            worker_wait: Some("0".into()),
+            queue_limit: Some(10),
+            ..Default::default()
+        })
+        .expect("valid");
+        assert_eq!(
+            settings.cache,
+            CacheAt::Redis("redis://:hunter2@127.0.0.1:6379/1".into())
+        );
+        assert!(!settings.render().contains("hunter2"));
+        assert_eq!(settings.workers.batch, 50);
+        assert_eq!(settings.workers.wait, Duration::ZERO);
+        assert_eq!(settings.workers.queue_limit, 10);
+        let memcached = resolve(SettingsArgs {
+            cache: Some("memcached://h".into()),
+            ..Default::default()
+        });
+        assert!(memcached.unwrap_err().0.contains("--cache memcached://h"));
+        let huge = resolve(SettingsArgs {
+            worker_batch: Some(5000),
+            ..Default::default()
+        });
+        assert!(huge.unwrap_err().0.contains("--worker-batch 5000"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ async fn serve(db: platform::Database) -> String {
     }
     let apis = conveyor::SERVICES
         .iter()
-        .map(|service| (service.routes)(db.clone()))
+        .map(|service| (service.routes)(&edge::ServiceContext::new(db.clone())))
         .collect();
     let options = HttpOptions {
         request_timeout: Duration::from_millis(500),

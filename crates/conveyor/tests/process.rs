@@ -563,8 +563,10 @@ fn the_default_log_level_writes_no_line_per_request() {
     let written = std::fs::read_to_string(&log).unwrap();
     assert!(written.contains("serving"), "{written}");
     assert!(written.contains("effective configuration"), "{written}");
+    // The start-up lines (the effective configuration is one line per setting) and the
+    // shutdown's, but nothing near one per request.
     let lines = written.lines().count();
-    assert!(lines < 20, "{lines} lines for 200 requests:\n{written}");
+    assert!(lines < 50, "{lines} lines for 200 requests:\n{written}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use cache::Cache;
 use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use platform::{Database, Migration, Subscription};
@@ -28,9 +29,51 @@ pub struct ServiceModule {
     pub name: &'static str,
     pub migrations: &'static [Migration],
     /// Its HTTP API, documented for the OpenAPI document.
-    pub routes: fn(Database) -> OpenApiRouter,
+    pub routes: fn(&ServiceContext) -> OpenApiRouter,
     /// Its consumer groups.
-    pub subscriptions: fn(Database) -> Vec<Subscription>,
+    pub subscriptions: fn(&ServiceContext) -> Vec<Subscription>,
+}
+
+/// What the process gives each of its services.
+#[derive(Clone)]
+pub struct ServiceContext {
+    pub db: Database,
+    /// The read cache (`--cache`): in the process, or shared in Redis. A service takes a
+    /// namespace of its own with `Cache::scoped`.
+    pub cache: Cache,
+    pub workers: WorkerOptions,
+}
+
+/// How a service's workers take their queue (the notes service's, today).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Most messages one batch handles (`--worker-batch`).
+    pub batch: u16,
+    /// How long a batch waits to fill (`--worker-wait`).
+    pub wait: Duration,
+    /// Past this many queued messages the API refuses new work with 503 (`--queue-limit`).
+    pub queue_limit: u64,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            batch: 256,
+            wait: Duration::from_millis(10),
+            queue_limit: 100_000,
+        }
+    }
+}
+
+impl ServiceContext {
+    /// The defaults of `conveyor serve` on `db`: an in-process cache with a 10 s TTL.
+    pub fn new(db: Database) -> ServiceContext {
+        ServiceContext {
+            db,
+            cache: Cache::local(Duration::from_secs(10)),
+            workers: WorkerOptions::default(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServiceModule {
@@ -85,6 +128,14 @@ pub fn metrics() -> PrometheusHandle {
                     builder.set_buckets_for_metric(
                         metrics_exporter_prometheus::Matcher::Suffix("_units".to_owned()),
                         &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    )
+                })
+                .and_then(|builder| {
+                    builder.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Suffix("_messages".to_owned()),
+                        &[
+                            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1000.0,
+                        ],
                     )
                 });
             match builder.and_then(PrometheusBuilder::install_recorder) {

@@ -14,6 +14,6 @@ pub mod problem;
 mod request_context;
 pub mod schema;
 
-pub use host::{metrics, router, HttpOptions, ServiceModule};
+pub use host::{metrics, router, HttpOptions, ServiceContext, ServiceModule, WorkerOptions};
 pub use json::{AnyJson, CaseInsensitiveJson, Path, Query};
 pub use problem::{FieldError, Problem};

@@ -168,6 +168,7 @@ fn fast_options() -> ConsumerOptions {
             max_delay: Duration::from_secs(1),
         },
         handler_timeout: Duration::from_millis(300),
+        ..ConsumerOptions::default()
     }
 }
 

@@ -25,6 +25,11 @@ pub mod metric {
     /// Labelled by `group` and `partition`: 0 when the partition has caught up with the log,
     /// else how far the log head is past its offset (an upper bound on its backlog).
     pub const CONSUMER_LAG: &str = "conveyor_consumer_lag";
+    /// Labelled by `group`: messages handled by each batch that committed (histogram).
+    pub const BATCH_MESSAGES: &str = "conveyor_handler_batch_messages";
+    /// Labelled by `group`: time from handing a batch to the writer to its commit
+    /// (histogram), the write latency of a worker.
+    pub const BATCH_SECONDS: &str = "conveyor_handler_batch_seconds";
 }
 
 /// How long to wait before trying again to write a dead letter the database refused.
@@ -70,17 +75,10 @@ impl Dispatcher {
     where
         A: Fn(&mut UnitOfWork) -> Result<bool, StoreError> + Send + Sync + 'static,
     {
-        let routed: Vec<(usize, Arc<dyn Route>, Arc<Envelope>)> = batch
+        let runs = runs(batch, &self.routes);
+        let names: Vec<String> = runs
             .iter()
-            .enumerate()
-            .filter_map(|(index, envelope)| {
-                let route = self.routes.get(envelope.name.as_str())?;
-                Some((index, route.clone(), envelope.clone()))
-            })
-            .collect();
-        let names: Vec<String> = routed
-            .iter()
-            .map(|(_, _, envelope)| envelope.name.clone())
+            .flat_map(|run| run.envelopes.iter().map(|envelope| envelope.name.clone()))
             .collect();
         let group = self.group.clone();
         let started = Instant::now();
@@ -92,16 +90,16 @@ impl Dispatcher {
                 // first handler has all of it, so only a later one is ever cut short by the
                 // batch rather than by its own limit.
                 let batch_ends = Instant::now() + timeout;
-                for (nth, (index, route, envelope)) in routed.iter().enumerate() {
-                    let span = message_span(&group, envelope);
+                for (nth, run) in runs.iter().enumerate() {
+                    let span = message_span(&group, &run.envelopes[0]);
                     let _entered = span.enter();
                     let limit = TimeLimit {
                         per_handler: timeout,
                         batch_ends: (nth > 0).then_some(batch_ends),
                     };
-                    handle_in(&group, route.as_ref(), envelope.clone(), uow, limit).map_err(
+                    handle_in(&group, run.route.as_ref(), &run.envelopes, uow, limit).map_err(
                         |error| BatchError::Handler {
-                            index: *index,
+                            index: run.first,
                             error,
                         },
                     )?;
@@ -116,6 +114,9 @@ impl Dispatcher {
             .await;
         match written {
             Ok(()) => {
+                let group = [("group", self.group.to_string())];
+                metrics::histogram!(metric::BATCH_MESSAGES, &group).record(names.len() as f64);
+                metrics::histogram!(metric::BATCH_SECONDS, &group).record(started.elapsed());
                 let each =
                     started.elapsed() / u32::try_from(names.len().max(1)).unwrap_or(u32::MAX);
                 for name in names {
@@ -211,8 +212,9 @@ impl Dispatcher {
             per_handler: self.timeout,
             batch_ends: None,
         };
+        let envelopes = [envelope];
         self.db
-            .write(move |uow| handle_in(&group, route.as_ref(), envelope.clone(), uow, limit))
+            .write(move |uow| handle_in(&group, route.as_ref(), &envelopes, uow, limit))
             .await
     }
 
@@ -303,27 +305,64 @@ fn message_span(group: &str, envelope: &Envelope) -> tracing::Span {
     )
 }
 
-/// Handles one message inside `uow`: claims it in the inbox (skipping it when it was already
-/// handled), then runs its handler, emitting with the message as the cause. The handler's
-/// time limit counts from here, not from when the unit of work was queued.
+/// Consecutive messages of a batch that one handler call takes: one message, or several
+/// of a route that takes batches.
+struct Run {
+    route: Arc<dyn Route>,
+    /// The batch index of its first message.
+    first: usize,
+    envelopes: Vec<Arc<Envelope>>,
+}
+
+/// Cuts a batch into runs, in order, leaving out the messages no route handles.
+fn runs(batch: &[Arc<Envelope>], routes: &HashMap<&'static str, Arc<dyn Route>>) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (index, envelope) in batch.iter().enumerate() {
+        let Some(route) = routes.get(envelope.name.as_str()) else {
+            continue;
+        };
+        match runs.last_mut() {
+            Some(run) if route.takes_batches() && Arc::ptr_eq(&run.route, route) => {
+                run.envelopes.push(envelope.clone());
+            }
+            _ => runs.push(Run {
+                route: route.clone(),
+                first: index,
+                envelopes: vec![envelope.clone()],
+            }),
+        }
+    }
+    runs
+}
+
+/// Handles one run inside `uow`: claims its messages in the inbox (skipping those already
+/// handled), then runs the handler, emitting with the first message as the cause. The
+/// handler's time limit counts from here, not from when the unit of work was queued.
 fn handle_in(
     group: &str,
     route: &dyn Route,
-    envelope: Arc<Envelope>,
+    envelopes: &[Arc<Envelope>],
     uow: &mut UnitOfWork,
     limit: TimeLimit,
 ) -> Result<(), HandlerError> {
-    if !inbox::claim(uow, group, envelope.id)? {
+    let ids: Vec<_> = envelopes.iter().map(|envelope| envelope.id).collect();
+    let claimed = inbox::claim_all(uow, group, &ids)?;
+    let fresh: Vec<Arc<Envelope>> = envelopes
+        .iter()
+        .filter(|envelope| claimed.contains(&envelope.id))
+        .cloned()
+        .collect();
+    let Some(cause) = fresh.first() else {
         tracing::debug!("already handled; skipping");
         return Ok(());
-    }
+    };
     uow.set_context(CausalContext {
         correlation_id: Some(
-            envelope
+            cause
                 .correlation_id()
-                .map_or_else(|| envelope.id.to_string(), str::to_owned),
+                .map_or_else(|| cause.id.to_string(), str::to_owned),
         ),
-        causation_id: Some(envelope.id.to_string()),
+        causation_id: Some(cause.id.to_string()),
     });
     let timeout = limit.per_handler;
     let batch_left = limit
@@ -331,7 +370,7 @@ fn handle_in(
         .map(|end| end.saturating_duration_since(Instant::now()))
         .filter(|left| *left < timeout);
     match uow.within(batch_left.unwrap_or(timeout), |uow| {
-        route.handle(envelope, uow)
+        route.handle(fresh, uow)
     }) {
         (handled, false) => handled,
         (_, true) if batch_left.is_some() => Err(HandlerError::Infrastructure(format!(

@@ -73,22 +73,67 @@ pub struct Incoming<M> {
 pub type HandlerFn<M> =
     dyn Fn(Incoming<M>, &mut UnitOfWork) -> Result<(), HandlerError> + Send + Sync;
 
-/// A type-erased handler: decodes the payload, then calls the typed handler.
+/// A handler for several messages of type `M` at once, in log order: one call writes a
+/// whole batch (a multi-row insert, say) in the unit of work that marks them all handled.
+/// A failure fails them all; they are then delivered one at a time, each in a call of its
+/// own, so that retries and dead letters find the one that fails.
+pub type BatchHandlerFn<M> =
+    dyn Fn(Vec<Incoming<M>>, &mut UnitOfWork) -> Result<(), HandlerError> + Send + Sync;
+
+/// A type-erased handler: decodes the payloads, then calls the typed handler.
 pub(crate) trait Route: Send + Sync {
-    fn handle(&self, envelope: Arc<Envelope>, uow: &mut UnitOfWork) -> Result<(), HandlerError>;
+    /// Handles `envelopes` (more than one only when the route `takes_batches`).
+    fn handle(
+        &self,
+        envelopes: Vec<Arc<Envelope>>,
+        uow: &mut UnitOfWork,
+    ) -> Result<(), HandlerError>;
+
+    /// Does one call take several messages?
+    fn takes_batches(&self) -> bool;
+}
+
+enum Handler<M> {
+    One(Box<HandlerFn<M>>),
+    Batch(Box<BatchHandlerFn<M>>),
 }
 
 struct TypedRoute<M> {
-    handler: Box<HandlerFn<M>>,
+    handler: Handler<M>,
     _message: PhantomData<fn() -> M>,
 }
 
-impl<M: Message> Route for TypedRoute<M> {
-    fn handle(&self, envelope: Arc<Envelope>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
+impl<M: Message> TypedRoute<M> {
+    fn decode(envelope: Arc<Envelope>) -> Result<Incoming<M>, HandlerError> {
         let message = serde_json::from_slice::<M>(&envelope.payload).map_err(|error| {
             HandlerError::permanent(format!("cannot decode {}: {error}", M::NAME))
         })?;
-        (self.handler)(Incoming { envelope, message }, uow)
+        Ok(Incoming { envelope, message })
+    }
+}
+
+impl<M: Message> Route for TypedRoute<M> {
+    fn handle(
+        &self,
+        envelopes: Vec<Arc<Envelope>>,
+        uow: &mut UnitOfWork,
+    ) -> Result<(), HandlerError> {
+        match &self.handler {
+            Handler::One(handler) => envelopes
+                .into_iter()
+                .try_for_each(|envelope| handler(Self::decode(envelope)?, uow)),
+            Handler::Batch(handler) => {
+                let batch = envelopes
+                    .into_iter()
+                    .map(Self::decode)
+                    .collect::<Result<Vec<_>, _>>()?;
+                handler(batch, uow)
+            }
+        }
+    }
+
+    fn takes_batches(&self) -> bool {
+        matches!(self.handler, Handler::Batch(_))
     }
 }
 
@@ -101,8 +146,11 @@ pub struct ConsumerOptions {
     /// How long a consumer owns a partition without renewing it; a crashed consumer's
     /// partitions move to another after this long.
     pub lease: Duration,
-    /// Messages read per query.
+    /// Messages read per query, and so the most handled in one unit of work.
     pub batch: u16,
+    /// When a read brings fewer than `batch` messages, how long to wait for more before
+    /// handling them: bigger batches for a little latency. Zero handles at once.
+    pub linger: Duration,
     pub retry: RetryPolicy,
     /// A handler still running after this long has its SQL interrupted, and its attempt
     /// counts as failed. Handlers run on the database's single writer, which renews leases
@@ -116,6 +164,7 @@ impl Default for ConsumerOptions {
             partitions: 4,
             lease: Duration::from_secs(10),
             batch: 64,
+            linger: Duration::ZERO,
             retry: RetryPolicy::default(),
             handler_timeout: Duration::from_secs(4),
         }
@@ -142,16 +191,33 @@ impl Subscription {
     }
 
     /// Handles every `M` published on `M::TOPIC`.
-    pub fn on<M, F>(mut self, handler: F) -> Self
+    pub fn on<M, F>(self, handler: F) -> Self
     where
         M: Message,
         F: Fn(Incoming<M>, &mut UnitOfWork) -> Result<(), HandlerError> + Send + Sync + 'static,
     {
+        self.route::<M>(Handler::One(Box::new(handler)))
+    }
+
+    /// Handles every `M` published on `M::TOPIC`, as many at once as a read of the log
+    /// brings (up to `ConsumerOptions::batch`).
+    pub fn on_batch<M, F>(self, handler: F) -> Self
+    where
+        M: Message,
+        F: Fn(Vec<Incoming<M>>, &mut UnitOfWork) -> Result<(), HandlerError>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.route::<M>(Handler::Batch(Box::new(handler)))
+    }
+
+    fn route<M: Message>(mut self, handler: Handler<M>) -> Self {
         if !self.topics.iter().any(|topic| topic == M::TOPIC) {
             self.topics.push(M::TOPIC.to_owned());
         }
         let route = TypedRoute::<M> {
-            handler: Box::new(handler),
+            handler,
             _message: PhantomData,
         };
         self.routes.insert(M::NAME, Arc::new(route));

@@ -41,6 +41,60 @@ impl SqlLog {
     pub fn new(db: Database) -> Self {
         SqlLog { db }
     }
+
+    /// Follows `topic` from this process: the receiver changes each time a message on it
+    /// commits, in any process on the database (woken by the log head, so within the
+    /// watcher's delay for other processes). For what every process must hear of, such as
+    /// invalidating a cache, where a consumer group would tell only one of them. It holds
+    /// the last position on the topic, and ends when the database closes.
+    pub fn watch(&self, topic: &str) -> tokio::sync::watch::Receiver<i64> {
+        let (tell, told) = tokio::sync::watch::channel(0);
+        let (db, topic) = (self.db.clone(), topic.to_owned());
+        tokio::spawn(async move {
+            let mut head = db.head();
+            loop {
+                let topic = topic.clone();
+                match db
+                    .read(move |conn| {
+                        Ok::<_, StoreError>(conn.scalar::<Option<i64>>(
+                            "SELECT MAX(position) FROM conveyor_log WHERE topic = ?",
+                            [&topic],
+                        )?)
+                    })
+                    .await
+                {
+                    Ok(last) => {
+                        tell.send_if_modified(|seen| {
+                            let last = last.unwrap_or_default();
+                            std::mem::replace(seen, last) != last
+                        });
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot follow a topic of the log"),
+                }
+                tokio::select! {
+                    () = tell.closed() => return,
+                    changed = head.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        told
+    }
+
+    /// How many messages on `topic` wait for `group`, at most: those past its slowest
+    /// partition's offset (all of them before the group first joined).
+    pub async fn backlog(&self, group: &str, topic: &str) -> Result<i64, StoreError> {
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        self.db
+            .read(move |conn| {
+                Ok(conn.scalar(
+                    "SELECT COUNT(*) FROM conveyor_log WHERE topic = ? AND position > \
+                     COALESCE((SELECT MIN(position) FROM conveyor_partitions \
+                               WHERE group_name = ?), 0)",
+                    (&topic, &group),
+                )?)
+            })
+            .await
+    }
 }
 
 impl Bus for SqlLog {
@@ -65,6 +119,7 @@ impl Bus for SqlLog {
                 partitions: i64::from(subscription.options.partitions.max(1)),
                 lease: subscription.options.lease,
                 batch: i64::from(subscription.options.batch.max(1)),
+                linger: subscription.options.linger,
                 dispatcher: Dispatcher {
                     db: self.db.clone(),
                     group: group.clone(),
@@ -92,6 +147,7 @@ struct Shared {
     partitions: i64,
     lease: Duration,
     batch: i64,
+    linger: Duration,
     dispatcher: Dispatcher,
 }
 
@@ -291,6 +347,9 @@ fn register_metrics(shared: &Shared) {
         }
         let _registered = metrics::histogram!(metric::DURATION, &labels);
     }
+    let labels = [("group", group.clone())];
+    let _registered = metrics::histogram!(metric::BATCH_MESSAGES, &labels);
+    let _registered = metrics::histogram!(metric::BATCH_SECONDS, &labels);
     for partition in 0..shared.partitions {
         metrics::gauge!(metric::CONSUMER_LAG, "group" => group.clone(), "partition" => partition.to_string())
             .set(0.0);
@@ -515,6 +574,8 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     let mut scanned = position;
     // Consecutive steps the store failed, for the backoff.
     let mut outages = 0;
+    // Whether the batch in hand already waited for more (`ConsumerOptions::linger`).
+    let mut lingered = false;
     // A busy partition never reads empty: the stop is checked before every read.
     while !stop.is_cancelled() {
         let head_seen = *head.borrow_and_update();
@@ -552,6 +613,14 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             continue;
         }
         lag.set((head_seen - position).max(0) as f64);
+        if !lingered && !shared.linger.is_zero() && (batch.len() as i64) < limit {
+            lingered = true;
+            if pause(&stop, shared.linger).await {
+                return;
+            }
+            continue;
+        }
+        lingered = false;
         let step = match split_at_corrupt(batch) {
             Split::Corrupt { at, error } => {
                 dead_letter_corrupt(&shared, partition, at, error).await

@@ -16,6 +16,6 @@ use edge::ServiceModule;
 pub const MODULE: ServiceModule = ServiceModule {
     name: "bookings",
     migrations: store::MIGRATIONS,
-    routes: |db| http::routes(app::Bookings::new(db)),
-    subscriptions: |_db| app::subscriptions(),
+    routes: |context| http::routes(app::Bookings::new(context.db.clone())),
+    subscriptions: |_context| app::subscriptions(),
 };

@@ -14,6 +14,6 @@ use edge::ServiceModule;
 pub const MODULE: ServiceModule = ServiceModule {
     name: "events",
     migrations: store::MIGRATIONS,
-    routes: |db| http::routes(app::Events::new(db)),
-    subscriptions: |_db| Vec::new(),
+    routes: |context| http::routes(app::Events::new(context.db.clone())),
+    subscriptions: |_context| Vec::new(),
 };

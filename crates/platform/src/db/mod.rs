@@ -660,7 +660,7 @@ fn spawn_thread(name: &str, run: impl FnOnce() + Send + 'static) -> Result<(), S
 /// Runs one unit of work; returns how it ended and the messages it emitted.
 fn run_unit(uow: &mut UnitOfWork, job: Job) -> (Ran, Vec<Outgoing>) {
     uow.outbox.clear();
-    uow.conn.reset_conflict();
+    uow.conn.reset_marks();
     let ran = job(uow);
     // A unit that panicked inside `within` left its deadline set.
     uow.set_deadline(None);

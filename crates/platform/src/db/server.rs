@@ -2,7 +2,8 @@
 //!
 //! Each writer has its own connection and takes up to `MAX_BATCH` queued units into one
 //! transaction, a savepoint per unit; between two units `RELEASE SAVEPOINT unit; SAVEPOINT
-//! unit` goes as one round trip. PostgreSQL keeps the subtransactions of a transaction in a
+//! unit` goes as one round trip, and none at all after a unit that ran no statement (one
+//! that only emits messages, whose rows the batch appends at its end). PostgreSQL keeps the subtransactions of a transaction in a
 //! per-backend cache of 64: a batch never holds more. The units' messages are appended at the
 //! end of the batch, positions taken from the log's counter row (see `log::append_numbered`),
 //! whose row lock orders the appending batches' commits. A commit is durable when the server
@@ -289,23 +290,23 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
         };
         let (ran, emitted) = run_unit(uow, job);
         conflicted |= uow.conn.had_conflict();
+        // A unit that ran no statement (one that only emits) left its savepoint empty: the
+        // next unit uses it as it is, and `COMMIT` ends the last one.
+        let touched = uow.conn.ran_statements();
         // Each finish joins the batch's before the step, so a failing step tells it.
         let step = match ran {
             Ran::Commit(finish) => {
                 finishes.push(finish);
                 outbox.extend(emitted);
-                if jobs.peek().is_some() {
-                    "RELEASE SAVEPOINT unit; SAVEPOINT unit"
-                } else {
-                    "RELEASE SAVEPOINT unit"
-                }
+                (touched && jobs.peek().is_some())
+                    .then_some("RELEASE SAVEPOINT unit; SAVEPOINT unit")
             }
             Ran::RollBack(finish) => {
                 finishes.extend(finish);
-                "ROLLBACK TO SAVEPOINT unit"
+                touched.then_some("ROLLBACK TO SAVEPOINT unit")
             }
         };
-        if let Err(error) = uow.conn.execute_batch(step) {
+        if let Some(Err(error)) = step.map(|step| uow.conn.execute_batch(step)) {
             break Err(error);
         }
     };

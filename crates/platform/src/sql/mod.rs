@@ -403,6 +403,9 @@ pub struct Conn {
     /// Set when a statement failed on a lock conflict (a deadlock, a lock wait that timed
     /// out): the unit that ran it is worth running again.
     conflicted: Cell<bool>,
+    /// Set when a statement ran on a server: a unit that ran none has nothing in its
+    /// savepoint, so the writer skips the round trip that would end it.
+    ran: Cell<bool>,
 }
 
 enum ConnKind {
@@ -417,24 +420,32 @@ impl Conn {
         Conn {
             kind,
             conflicted: Cell::new(false),
+            ran: Cell::new(false),
         }
     }
 
-    /// Notes a lock conflict, for `take_conflict`.
+    /// Notes that a server statement ran, and whether it failed on a lock conflict.
     fn noted<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        self.ran.set(true);
         if result.as_ref().is_err_and(Error::is_conflict) {
             self.conflicted.set(true);
         }
         result
     }
 
-    /// Did a statement fail on a lock conflict since `reset_conflict`?
+    /// Did a statement fail on a lock conflict since `reset_marks`?
     pub(crate) fn had_conflict(&self) -> bool {
         self.conflicted.get()
     }
 
-    pub(crate) fn reset_conflict(&self) {
+    /// Did a server statement run since `reset_marks`?
+    pub(crate) fn ran_statements(&self) -> bool {
+        self.ran.get()
+    }
+
+    pub(crate) fn reset_marks(&self) {
         self.conflicted.set(false);
+        self.ran.set(false);
     }
 
     pub(crate) fn sqlite(conn: rusqlite::Connection) -> Conn {
