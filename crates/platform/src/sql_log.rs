@@ -80,17 +80,20 @@ impl SqlLog {
         told
     }
 
-    /// How many messages on `topic` wait for `group`, at most: those past its slowest
-    /// partition's offset (all of them before the group first joined).
+    /// How many messages on `topic` wait for `group`: those past their partition's offset
+    /// (all of them before the group first joined).
     pub async fn backlog(&self, group: &str, topic: &str) -> Result<i64, StoreError> {
         let (group, topic) = (group.to_owned(), topic.to_owned());
         self.db
             .read(move |conn| {
                 Ok(conn.scalar(
-                    "SELECT COUNT(*) FROM conveyor_log WHERE topic = ? AND position > \
-                     COALESCE((SELECT MIN(position) FROM conveyor_partitions \
-                               WHERE group_name = ?), 0)",
-                    (&topic, &group),
+                    "SELECT COUNT(*) FROM conveyor_log l \
+                     LEFT JOIN conveyor_partitions p ON p.group_name = ? \
+                       AND p.\"partition\" = l.key_hash % (SELECT NULLIF(partitions, 0) \
+                           FROM conveyor_groups WHERE group_name = ?) \
+                     WHERE l.topic = ? AND l.position > COALESCE(p.position, 0) \
+                       AND (l.only_group IS NULL OR l.only_group = ?)",
+                    (&group, &group, &topic, &group),
                 )?)
             })
             .await
