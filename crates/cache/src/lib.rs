@@ -32,7 +32,7 @@ pub enum CacheError {
 }
 
 /// A cache, scoped to one namespace (`Cache::scoped`): an invalidation clears its own
-/// namespace only. Cheap to clone; clones share the store.
+/// namespace only (not those scoped inside it). Cheap to clone; clones share the store.
 #[derive(Clone)]
 pub struct Cache {
     scope: Arc<str>,
@@ -117,10 +117,10 @@ impl Cache {
         })
     }
 
-    /// The same store, with a namespace of its own.
+    /// The same store, with a namespace of its own inside this one's.
     pub fn scoped(&self, scope: &str) -> Cache {
         Cache {
-            scope: scope.into(),
+            scope: format!("{}{scope}/", self.scope).into(),
             ..self.clone()
         }
     }
@@ -249,11 +249,11 @@ impl Cache {
     }
 
     fn generation_key(&self) -> String {
-        format!("conveyor:cache:{}:generation", self.scope)
+        format!("conveyor:cache:{}generation", self.scope)
     }
 
     fn value_key(&self, key: &str) -> String {
-        format!("conveyor:cache:{}:value:{key}", self.scope)
+        format!("conveyor:cache:{}value:{key}", self.scope)
     }
 }
 

@@ -155,12 +155,15 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Database> {
     Ok(db)
 }
 
-/// The read cache of the settings; a Redis that does not answer stops the start.
+/// The read cache of the settings, its keys scoped by the database (deployments sharing a
+/// Redis keep apart, processes sharing a database share); a Redis that does not answer
+/// stops the start.
 async fn open_cache(settings: &Settings) -> anyhow::Result<Cache> {
-    Ok(match &settings.cache {
+    let cache = match &settings.cache {
         CacheAt::Local => Cache::local(settings.cache_ttl),
         CacheAt::Redis(url) => Cache::redis(url, settings.cache_ttl).await?,
-    })
+    };
+    Ok(cache.scoped(&settings.database.describe()))
 }
 
 async fn start_consumers(

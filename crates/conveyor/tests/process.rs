@@ -3,102 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use platform::testing::Scratch;
+mod common;
+
+use common::process::{database, free_port, reqwest, scratch_database, Server, BINARY};
 use platform::Backend;
 use serde_json::Value;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_conveyor");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(data: &Path) -> Server {
-        Server::start_on(data, None)
-    }
-
-    /// `conveyor serve` with its data in `data`, on the server database `db` if given.
-    fn start_on(data: &Path, db: Option<&str>) -> Server {
-        let port = free_port();
-        let mut command = Command::new(BINARY);
-        command
-            .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit());
-        if let Some(db) = db {
-            command.args(["--db", db]);
-        }
-        Server::spawn(command, port)
-    }
-
-    /// Runs `command`, which starts `conveyor serve` on `port`, and waits until it is ready.
-    fn spawn(mut command: Command, port: u16) -> Server {
-        let child = command
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start conveyor");
-        let base = format!("http://127.0.0.1:{port}");
-        let server = Server { child, base };
-        server.wait_ready();
-        server
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(response) = reqwest::blocking_get(&format!("{}/health/ready", self.base)) {
-                if response == 200 {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("conveyor did not become ready");
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A tiny blocking HTTP client over the async one, for tests that drive processes.
-mod reqwest {
-    pub fn blocking_get(url: &str) -> Result<u16, ::reqwest::Error> {
-        runtime().block_on(async { Ok(::reqwest::get(url).await?.status().as_u16()) })
-    }
-
-    pub fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
-}
 
 fn seed(name: &str) -> String {
     serde_json::json!({
@@ -106,14 +17,6 @@ fn seed(name: &str) -> String {
         "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": 10 }] }
     })
     .to_string()
-}
-
-/// A fresh database of `backend`, and the `--db` to give for it (none for SQLite, which
-/// lives in the data directory).
-fn database(backend: Backend) -> (Scratch, Option<String>) {
-    let scratch = reqwest::runtime().block_on(Scratch::new(backend));
-    let db = (backend != Backend::Sqlite).then(|| scratch.url().to_owned());
-    (scratch, db)
 }
 
 #[test]
@@ -283,16 +186,6 @@ async fn book_one_seat_each<'a>(
         statuses.push(booking.await.unwrap());
     }
     statuses
-}
-
-/// The database a test's servers used: the scratch database, or the data directory's file.
-async fn scratch_database(scratch: &Scratch, data: &Path) -> platform::Database {
-    match scratch.backend() {
-        Backend::Sqlite => platform::Database::open(&data.join("conveyor.db"))
-            .await
-            .unwrap(),
-        _ => scratch.open().await,
-    }
 }
 
 #[test]

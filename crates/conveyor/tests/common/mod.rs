@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
+pub mod process;
+
 use clap::Parser;
 use conveyor::{Application, SettingsArgs, SERVICES};
 use platform::testing::Scratch;

@@ -1,0 +1,121 @@
+//! Helpers for tests that drive the real `conveyor` binary as child processes.
+
+use platform::testing::Scratch;
+use platform::Backend;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_conveyor");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Server {
+    pub fn start(data: &Path) -> Server {
+        Server::start_on(data, None)
+    }
+
+    /// `conveyor serve` with its data in `data`, on the server database `db` if given.
+    pub fn start_on(data: &Path, db: Option<&str>) -> Server {
+        Server::start_with(data, db, &[])
+    }
+
+    /// `start_on` with `extra` flags.
+    pub fn start_with(data: &Path, db: Option<&str>, extra: &[&str]) -> Server {
+        let port = free_port();
+        let mut command = Command::new(BINARY);
+        command
+            .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
+        if let Some(db) = db {
+            command.args(["--db", db]);
+        }
+        command.args(extra);
+        Server::spawn(command, port)
+    }
+
+    /// Runs `command`, which starts `conveyor serve` on `port`, and waits until it is ready.
+    pub fn spawn(mut command: Command, port: u16) -> Server {
+        let child = command
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start conveyor");
+        let base = format!("http://127.0.0.1:{port}");
+        let server = Server { child, base };
+        server.wait_ready();
+        server
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(response) = reqwest::blocking_get(&format!("{}/health/ready", self.base)) {
+                if response == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("conveyor did not become ready");
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny blocking HTTP client over the async one, for tests that drive processes.
+pub mod reqwest {
+    pub fn blocking_get(url: &str) -> Result<u16, ::reqwest::Error> {
+        runtime().block_on(async { Ok(::reqwest::get(url).await?.status().as_u16()) })
+    }
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+}
+
+/// A fresh database of `backend`, and the `--db` to give for it (none for SQLite, which
+/// lives in the data directory).
+pub fn database(backend: Backend) -> (Scratch, Option<String>) {
+    let scratch = reqwest::runtime().block_on(Scratch::new(backend));
+    let db = (backend != Backend::Sqlite).then(|| scratch.url().to_owned());
+    (scratch, db)
+}
+
+/// The database a test's servers used: the scratch database, or the data directory's file.
+pub async fn scratch_database(scratch: &Scratch, data: &Path) -> platform::Database {
+    match scratch.backend() {
+        Backend::Sqlite => platform::Database::open(&data.join("conveyor.db"))
+            .await
+            .unwrap(),
+        _ => scratch.open().await,
+    }
+}
