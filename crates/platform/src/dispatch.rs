@@ -48,6 +48,8 @@ pub(crate) struct Dispatcher {
     pub routes: HashMap<&'static str, Arc<dyn Route>>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
+    /// Mark handled messages in the inbox (false for an idempotent subscription).
+    pub inbox: bool,
 }
 
 impl Dispatcher {
@@ -76,11 +78,17 @@ impl Dispatcher {
         A: Fn(&mut UnitOfWork) -> Result<bool, StoreError> + Send + Sync + 'static,
     {
         let runs = runs(batch, &self.routes);
-        let names: Vec<String> = runs
-            .iter()
-            .flat_map(|run| run.envelopes.iter().map(|envelope| envelope.name.clone()))
-            .collect();
-        let group = self.group.clone();
+        // How many messages of each name, for the metrics: one update per name, not per
+        // message, which in a batch of hundreds cost more than reading them.
+        let mut names: Vec<(String, u64)> = Vec::new();
+        for envelope in runs.iter().flat_map(|run| &run.envelopes) {
+            match names.iter_mut().find(|(name, _)| *name == envelope.name) {
+                Some((_, count)) => *count += 1,
+                None => names.push((envelope.name.clone(), 1)),
+            }
+        }
+        let handled: u64 = names.iter().map(|(_, count)| count).sum();
+        let (group, inbox) = (self.group.clone(), self.inbox);
         let started = Instant::now();
         let timeout = self.timeout;
         let written = self
@@ -97,12 +105,19 @@ impl Dispatcher {
                         per_handler: timeout,
                         batch_ends: (nth > 0).then_some(batch_ends),
                     };
-                    handle_in(&group, run.route.as_ref(), &run.envelopes, uow, limit).map_err(
-                        |error| BatchError::Handler {
-                            index: run.first,
-                            error,
-                        },
-                    )?;
+                    handle_in(
+                        &group,
+                        inbox,
+                        run.route.as_ref(),
+                        &run.envelopes,
+                        uow,
+                        limit,
+                    )
+                    .map_err(|error| BatchError::Handler {
+                        first: run.first,
+                        count: run.envelopes.len(),
+                        error,
+                    })?;
                 }
                 // A consumer that lost the partition must not commit the effects either.
                 if acknowledge(uow)? {
@@ -115,24 +130,34 @@ impl Dispatcher {
         match written {
             Ok(()) => {
                 let group = [("group", self.group.to_string())];
-                metrics::histogram!(metric::BATCH_MESSAGES, &group).record(names.len() as f64);
+                metrics::histogram!(metric::BATCH_MESSAGES, &group).record(handled as f64);
                 metrics::histogram!(metric::BATCH_SECONDS, &group).record(started.elapsed());
-                let each =
-                    started.elapsed() / u32::try_from(names.len().max(1)).unwrap_or(u32::MAX);
-                for name in names {
+                let each = started.elapsed() / u32::try_from(handled.max(1)).unwrap_or(u32::MAX);
+                for (name, count) in names {
                     let labels = [("group", self.group.to_string()), ("message", name)];
-                    metrics::histogram!(metric::DURATION, &labels).record(each);
-                    metrics::counter!(metric::HANDLED, &labels).increment(1);
+                    metrics::histogram!(metric::DURATION, &labels)
+                        .record_many(each.as_secs_f64(), count as usize);
+                    metrics::counter!(metric::HANDLED, &labels).increment(count);
                 }
                 BatchOutcome::Acknowledged
             }
             Err(BatchError::NotOwned) => BatchOutcome::NotOwned,
-            Err(BatchError::Handler { index, error }) => {
-                if error.counts() {
-                    metrics::counter!(metric::FAILED, "group" => self.group.to_string(), "message" => batch[index].name.clone())
+            Err(BatchError::Handler {
+                first,
+                count,
+                error,
+            }) => {
+                // A call that took several messages failed for one of them, unknown which:
+                // the failure is counted once they are handled one by one.
+                if count == 1 && error.counts() {
+                    metrics::counter!(metric::FAILED, "group" => self.group.to_string(), "message" => batch[first].name.clone())
                         .increment(1);
                 }
-                BatchOutcome::HandlerFailed(index, error)
+                BatchOutcome::HandlerFailed {
+                    first,
+                    count,
+                    error,
+                }
             }
             Err(BatchError::Store(error)) => {
                 tracing::warn!(%error, group = %self.group, "a batch failed to commit");
@@ -212,9 +237,9 @@ impl Dispatcher {
             per_handler: self.timeout,
             batch_ends: None,
         };
-        let envelopes = [envelope];
+        let (envelopes, inbox) = ([envelope], self.inbox);
         self.db
-            .write(move |uow| handle_in(&group, route.as_ref(), &envelopes, uow, limit))
+            .write(move |uow| handle_in(&group, inbox, route.as_ref(), &envelopes, uow, limit))
             .await
     }
 
@@ -259,9 +284,10 @@ impl Dispatcher {
 
 /// Why a batch's unit of work did not commit.
 enum BatchError {
-    /// The handler of message `index` of the batch failed.
+    /// The handler call taking the `count` messages from `first` on failed.
     Handler {
-        index: usize,
+        first: usize,
+        count: usize,
         error: HandlerError,
     },
     /// The acknowledgement was refused: the partition has another owner now.
@@ -281,8 +307,12 @@ pub(crate) enum BatchOutcome {
     Acknowledged,
     /// The acknowledgement was refused: this consumer no longer owns the messages.
     NotOwned,
-    /// The handler of the message at this index failed.
-    HandlerFailed(usize, HandlerError),
+    /// The handler call taking the `count` messages from index `first` failed.
+    HandlerFailed {
+        first: usize,
+        count: usize,
+        error: HandlerError,
+    },
     /// The unit of work failed otherwise: the store failed, or a handler panicked.
     StoreFailed(StoreError),
 }
@@ -336,22 +366,28 @@ fn runs(batch: &[Arc<Envelope>], routes: &HashMap<&'static str, Arc<dyn Route>>)
 }
 
 /// Handles one run inside `uow`: claims its messages in the inbox (skipping those already
-/// handled), then runs the handler, emitting with the first message as the cause. The
-/// handler's time limit counts from here, not from when the unit of work was queued.
+/// handled) unless the group is idempotent, then runs the handler, emitting with the first
+/// message as the cause. The handler's time limit counts from here, not from when the unit
+/// of work was queued.
 fn handle_in(
     group: &str,
+    inbox: bool,
     route: &dyn Route,
     envelopes: &[Arc<Envelope>],
     uow: &mut UnitOfWork,
     limit: TimeLimit,
 ) -> Result<(), HandlerError> {
-    let ids: Vec<_> = envelopes.iter().map(|envelope| envelope.id).collect();
-    let claimed = inbox::claim_all(uow, group, &ids)?;
-    let fresh: Vec<Arc<Envelope>> = envelopes
-        .iter()
-        .filter(|envelope| claimed.contains(&envelope.id))
-        .cloned()
-        .collect();
+    let fresh: Vec<Arc<Envelope>> = if inbox {
+        let ids: Vec<_> = envelopes.iter().map(|envelope| envelope.id).collect();
+        let claimed = inbox::claim_all(uow, group, &ids)?;
+        envelopes
+            .iter()
+            .filter(|envelope| claimed.contains(&envelope.id))
+            .cloned()
+            .collect()
+    } else {
+        envelopes.to_vec()
+    };
     let Some(cause) = fresh.first() else {
         tracing::debug!("already handled; skipping");
         return Ok(());

@@ -177,6 +177,8 @@ pub struct Subscription {
     pub(crate) topics: Vec<String>,
     pub(crate) routes: HashMap<&'static str, Arc<dyn Route>>,
     pub(crate) options: ConsumerOptions,
+    /// Whether handled messages are marked in the inbox (see `idempotent`).
+    pub(crate) inbox: bool,
 }
 
 impl Subscription {
@@ -187,6 +189,7 @@ impl Subscription {
             topics: Vec::new(),
             routes: HashMap::new(),
             options: ConsumerOptions::default(),
+            inbox: true,
         }
     }
 
@@ -221,6 +224,16 @@ impl Subscription {
             _message: PhantomData,
         };
         self.routes.insert(M::NAME, Arc::new(route));
+        self
+    }
+
+    /// Declares the group's handlers idempotent by construction: a message's whole effect is
+    /// keyed by an identity it carries (an insert that does nothing when its row exists), so
+    /// a second handling changes nothing and the effect's own row is the dedupe mark. The
+    /// group then writes no inbox marks, which would double the writes of a handler that
+    /// inserts one row per message. Dead letters and their replay work as for any group.
+    pub fn idempotent(mut self) -> Self {
+        self.inbox = false;
         self
     }
 

@@ -129,6 +129,7 @@ impl Bus for SqlLog {
                     routes: subscription.routes,
                     retry: subscription.options.retry,
                     timeout: subscription.options.handler_timeout,
+                    inbox: subscription.inbox,
                 },
                 group,
             });
@@ -715,11 +716,17 @@ async fn deliver(
     match outcome {
         BatchOutcome::Acknowledged => Ok(last),
         BatchOutcome::NotOwned => Err(LaneEnd::NotOwned),
-        BatchOutcome::HandlerFailed(index, error) => {
-            // A failure that was not the handler's own is not its first attempt.
-            let attempt = error.counts().then_some(error);
+        BatchOutcome::HandlerFailed {
+            first,
+            count,
+            error,
+        } => {
+            // A failure that was not the handler's own is not its first attempt, nor is
+            // one of a call that took several messages: which of them failed is unknown.
+            let attempt = (count == 1 && error.counts()).then_some(error);
+            let failed = first..first + count;
             recover(
-                shared, partition, &positions, &envelopes, index, attempt, stop,
+                shared, partition, &positions, &envelopes, failed, attempt, stop,
             )
             .await
         }
@@ -763,24 +770,25 @@ async fn dead_letter_corrupt(
     }
 }
 
-/// After message `index` of a batch failed: commits the messages before it as a batch of
-/// their own, then delivers it, with `failed` counted as its first attempt. The rest of
-/// the batch is read again. Returns the position acknowledged.
+/// After the handler call taking the messages `failed` of a batch failed: commits the
+/// messages before them as a batch of their own, then delivers them one at a time, with
+/// `attempt` counted as the first one's first attempt. The rest of the batch is read again.
+/// Returns the position acknowledged.
 async fn recover(
     shared: &Arc<Shared>,
     partition: i64,
     positions: &[i64],
     envelopes: &[Arc<Envelope>],
-    index: usize,
-    failed: Option<HandlerError>,
+    failed: std::ops::Range<usize>,
+    attempt: Option<HandlerError>,
     stop: &CancellationToken,
 ) -> Result<i64, LaneEnd> {
-    if index > 0 {
-        let before = positions[index - 1];
+    if failed.start > 0 {
+        let before = positions[failed.start - 1];
         let outcome = shared
             .dispatcher
             .deliver_batch(
-                &envelopes[..index],
+                &envelopes[..failed.start],
                 acknowledge(shared.clone(), partition, before),
             )
             .await;
@@ -790,7 +798,7 @@ async fn recover(
             BatchOutcome::StoreFailed(error) if error.is_infrastructure() => {
                 return Err(LaneEnd::Outage(error))
             }
-            BatchOutcome::HandlerFailed(..) | BatchOutcome::StoreFailed(_) => {
+            BatchOutcome::HandlerFailed { .. } | BatchOutcome::StoreFailed(_) => {
                 return one_by_one(shared, partition, positions, envelopes, None, stop).await
             }
         }
@@ -798,9 +806,9 @@ async fn recover(
     one_by_one(
         shared,
         partition,
-        &positions[index..=index],
-        &envelopes[index..=index],
-        failed,
+        &positions[failed.clone()],
+        &envelopes[failed],
+        attempt,
         stop,
     )
     .await

@@ -91,8 +91,11 @@ pub fn subscriptions(batch: u16, wait: Duration) -> Vec<Subscription> {
         linger: wait,
         ..ConsumerOptions::default()
     };
+    // A note is inserted only if its id is new: handling a command twice changes nothing,
+    // and the note's row is its own dedupe mark (see `Subscription::idempotent`).
     vec![Subscription::new(WORKERS)
         .on_batch(write_notes)
+        .idempotent()
         .with_options(options)]
 }
 

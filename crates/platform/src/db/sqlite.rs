@@ -100,6 +100,10 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
     })
 }
 
+/// How much of the database file each connection maps into memory (address space, not
+/// memory: the pages are the OS's file cache).
+const MMAP_BYTES: i64 = 256 * 1024 * 1024;
+
 fn open_connection(path: &Path, access: OpenFlags) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open_with_flags(
         path,
@@ -112,6 +116,11 @@ fn open_connection(path: &Path, access: OpenFlags) -> Result<Connection, rusqlit
     // depend on the values.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Pages are read from the OS's cache in place, not copied by a `pread` each: a
+    // connection's own page cache starts empty after every commit of another connection,
+    // so a consumer reading what was just written copied every page it passed (measured: a
+    // quarter more notes drained per second). Writes still go through `write`.
+    conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
     Ok(conn)
 }
 

@@ -1,3 +1,5 @@
+//! `conveyor bench myevents` (here) and `conveyor bench notes` (`notes.rs`).
+//!
 //! `conveyor bench myevents`: MyEvents' throughput and latency on the embedded default or on
 //! a PostgreSQL or MySQL/MariaDB server, each figure beside a baseline measured in the same
 //! run on the same machine.
@@ -20,15 +22,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod notes;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// GET and POST /events rates (GET also at RUST_LOG=warn), event-to-bookable propagation in
     /// one process and from an api process to a workers process, idle CPU and memory.
     Myevents(BenchArgs),
+    /// Notes: POST /save ingest vs an insert inside the request, the workers' drain rate vs
+    /// bare batched inserts, and a burst of saves with the time to write them all.
+    Notes(notes::NotesBenchArgs),
     /// The GET baseline's server: a bare axum handler answering `/event` with the bytes of
     /// FILE. Prints its address, then serves until killed.
     #[command(hide = true)]
     BareAxum { file: PathBuf },
+    /// The notes ingest baseline's server: `POST /save` inserting the note before it
+    /// answers, on the SQLite file or server database given. Prints its address, then serves
+    /// until killed.
+    #[command(hide = true)]
+    NotesBaseline {
+        #[arg(long)]
+        sqlite: Option<PathBuf>,
+        #[arg(long)]
+        db: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -53,7 +70,9 @@ pub struct BenchArgs {
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Myevents(args) => myevents(args).await,
+        BenchCommand::Notes(args) => notes::notes(args).await,
         BenchCommand::BareAxum { file } => serve_bare_axum(Bytes::from(std::fs::read(file)?)).await,
+        BenchCommand::NotesBaseline { sqlite, db } => notes::serve_baseline(sqlite, db).await,
     }
 }
 
@@ -404,11 +423,7 @@ impl Load {
         let mut workers = tokio::task::JoinSet::new();
         for worker in 0..self.concurrency {
             let (make, done) = (make.clone(), done.clone());
-            let stream = tokio::net::TcpStream::connect(address).await?;
-            stream.set_nodelay(true)?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
+            let mut sender = connect(address).await?;
             workers.spawn(async move {
                 let mut n = worker as u64 * 1_000_000_000;
                 while Instant::now() < deadline {
@@ -428,6 +443,17 @@ impl Load {
         }
         Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
     }
+}
+
+/// One keep-alive HTTP/1.1 connection of the load generator.
+async fn connect(
+    address: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 fn request(method: http::Method, path: &str, body: Bytes) -> LoadRequest {

@@ -1,0 +1,206 @@
+//! Batch handlers (`Subscription::on_batch`), idempotent groups, lingering for a fuller
+//! batch, and the log's topic watch and backlog, on SQLite, PostgreSQL and MariaDB.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{impatient, publish, scalar, wait_until};
+use platform::conformance::{Ping, MIGRATIONS};
+use platform::testing::Scratch;
+use platform::{
+    Bus, ConsumerOptions, Database, HandlerError, Incoming, SqlLog, Subscription, UnitOfWork,
+};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+on_every_backend!(
+    a_batch_handler_takes_many_messages_in_one_call_and_each_is_marked_handled,
+    a_message_failing_a_batch_is_dead_lettered_alone_and_the_rest_are_handled,
+    an_idempotent_group_handles_everything_and_writes_no_inbox_marks,
+    a_lingering_consumer_waits_for_a_fuller_batch,
+    the_topic_watch_moves_when_a_message_on_its_topic_commits,
+    the_backlog_counts_what_waits_in_each_partition,
+);
+
+async fn migrated(scratch: &Scratch) -> Database {
+    let db = scratch.open().await;
+    db.migrate(MIGRATIONS).await.unwrap();
+    db
+}
+
+/// Sizes of the handler's calls, and a handler recording each ping it gets; a ping whose
+/// `seq` is `poison` fails its call permanently.
+fn batch_recorder(poison: Option<u32>) -> (Arc<Mutex<Vec<usize>>>, Subscription) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let recorded = calls.clone();
+    let subscription = Subscription::new("batches.recorder").on_batch(
+        move |pings: Vec<Incoming<Ping>>, uow: &mut UnitOfWork| -> Result<(), HandlerError> {
+            if pings.iter().any(|ping| Some(ping.message.seq) == poison) {
+                return Err(HandlerError::permanent("poisoned"));
+            }
+            for ping in &pings {
+                uow.conn().execute(
+                    "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+                     VALUES ('batches.recorder', 'c', ?, ?, ?)",
+                    (
+                        ping.envelope.id.to_string(),
+                        &ping.message.key,
+                        ping.message.seq,
+                    ),
+                )?;
+            }
+            recorded.lock().unwrap().push(pings.len());
+            Ok(())
+        },
+    );
+    (calls, subscription)
+}
+
+async fn handled(db: &Database) -> i64 {
+    scalar(db, "SELECT COUNT(*) FROM conformance_handled").await
+}
+
+async fn a_batch_handler_takes_many_messages_in_one_call_and_each_is_marked_handled(
+    scratch: Scratch,
+) {
+    let db = migrated(&scratch).await;
+    publish(&db, 60).await;
+    let (calls, subscription) = batch_recorder(None);
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.with_options(ConsumerOptions {
+            partitions: 1,
+            ..impatient()
+        }))
+        .await
+        .unwrap();
+    wait_until("60 pings handled", async || handled(&db).await == 60).await;
+    consumer.stop().await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().sum::<usize>(), 60);
+    assert!(calls.len() < 60, "one call per message: {calls:?}");
+    let marks: i64 = scalar(
+        &db,
+        "SELECT COUNT(*) FROM conveyor_inbox WHERE group_name = 'batches.recorder'",
+    )
+    .await;
+    assert_eq!(marks, 60);
+    db.close().await;
+}
+
+async fn a_message_failing_a_batch_is_dead_lettered_alone_and_the_rest_are_handled(
+    scratch: Scratch,
+) {
+    let db = migrated(&scratch).await;
+    publish(&db, 40).await;
+    let (_calls, subscription) = batch_recorder(Some(17));
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.with_options(impatient()))
+        .await
+        .unwrap();
+    wait_until("the other 39 pings handled", async || {
+        handled(&db).await == 39
+    })
+    .await;
+    wait_until("ping 17 dead-lettered", async || {
+        scalar::<i64>(&db, "SELECT COUNT(*) FROM conveyor_dead_letters").await == 1
+    })
+    .await;
+    consumer.stop().await;
+    let seventeen: i64 = scalar(
+        &db,
+        "SELECT COUNT(*) FROM conformance_handled WHERE seq = 17",
+    )
+    .await;
+    assert_eq!(seventeen, 0);
+    db.close().await;
+}
+
+async fn an_idempotent_group_handles_everything_and_writes_no_inbox_marks(scratch: Scratch) {
+    let db = migrated(&scratch).await;
+    publish(&db, 30).await;
+    let (_calls, subscription) = batch_recorder(None);
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.idempotent().with_options(impatient()))
+        .await
+        .unwrap();
+    wait_until("30 pings handled", async || handled(&db).await == 30).await;
+    consumer.stop().await;
+    let marks: i64 = scalar(&db, "SELECT COUNT(*) FROM conveyor_inbox").await;
+    assert_eq!(marks, 0);
+    db.close().await;
+}
+
+async fn a_lingering_consumer_waits_for_a_fuller_batch(scratch: Scratch) {
+    let db = migrated(&scratch).await;
+    let (calls, subscription) = batch_recorder(None);
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.with_options(ConsumerOptions {
+            partitions: 1,
+            linger: Duration::from_millis(800),
+            ..impatient()
+        }))
+        .await
+        .unwrap();
+    publish(&db, 1).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publish(&db, 1).await;
+    wait_until("both pings handled", async || handled(&db).await == 2).await;
+    consumer.stop().await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        [2],
+        "the first ping did not wait for the second"
+    );
+    db.close().await;
+}
+
+async fn the_topic_watch_moves_when_a_message_on_its_topic_commits(scratch: Scratch) {
+    let db = migrated(&scratch).await;
+    let mut watch = SqlLog::new(db.clone()).watch("conformance.pings");
+    // Nothing on the topic yet.
+    assert_eq!(*watch.borrow_and_update(), 0);
+    publish(&db, 3).await;
+    tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .expect("the watch moved")
+        .unwrap();
+    let last: i64 = scalar(&db, "SELECT MAX(position) FROM conveyor_log").await;
+    assert_eq!(*watch.borrow(), last);
+    db.close().await;
+}
+
+async fn the_backlog_counts_what_waits_in_each_partition(scratch: Scratch) {
+    let db = migrated(&scratch).await;
+    let log = SqlLog::new(db.clone());
+    publish(&db, 25).await;
+    // Before any member joined, everything waits.
+    assert_eq!(
+        log.backlog("batches.recorder", "conformance.pings")
+            .await
+            .unwrap(),
+        25
+    );
+    let (_calls, subscription) = batch_recorder(None);
+    let consumer = log
+        .subscribe(subscription.with_options(impatient()))
+        .await
+        .unwrap();
+    wait_until("25 pings handled", async || handled(&db).await == 25).await;
+    consumer.stop().await;
+    // Every partition caught up, whichever keys it holds (five keys over four partitions).
+    assert_eq!(
+        log.backlog("batches.recorder", "conformance.pings")
+            .await
+            .unwrap(),
+        0
+    );
+    publish(&db, 10).await;
+    assert_eq!(
+        log.backlog("batches.recorder", "conformance.pings")
+            .await
+            .unwrap(),
+        10
+    );
+    db.close().await;
+}
