@@ -450,8 +450,15 @@ impl Entry {
 /// position. Only the rows whose names the cursor wants are decoded.
 pub(crate) fn read(conn: &Conn, cursor: &Cursor, limit: i64) -> Result<Vec<(i64, Entry)>, Error> {
     let topic_params = vec!["?"; cursor.topics.len()].join(", ");
+    // By position, on MySQL as PostgreSQL's readers do (see `connect_reader`): InnoDB chose
+    // the topic index, which looks each candidate row of every partition up in the table
+    // (measured: 4.6 ms for a read of 256 with four partitions, 0.3 ms by the primary key).
+    let by_position = match conn.backend() {
+        Backend::Mysql => " FORCE INDEX (PRIMARY)",
+        _ => "",
+    };
     let sql = format!(
-        "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log \
+        "SELECT position, {ENVELOPE_COLUMNS} FROM conveyor_log{by_position} \
          WHERE position > ? AND topic IN ({topic_params}) AND key_hash % ? = ? \
            AND (only_group IS NULL OR only_group = ?) \
          ORDER BY position LIMIT ?"

@@ -444,17 +444,25 @@ pub async fn serve_baseline(sqlite: Option<PathBuf>, db: Option<String>) -> anyh
         (None, Some(url)) => Target::Server(url),
         _ => bail!("give one of --sqlite PATH and --db URL"),
     };
-    let connections = Arc::new(match &target {
-        Target::Sqlite(path) => Connections::Sqlite(Mutex::new(open_sqlite(path, &target)?)),
-        Target::Server(url) => {
-            let conn = platform::sql::connect(url)?;
-            conn.execute_batch(&notes_table(&target, "bench_sync_notes"))?;
-            Connections::Server {
-                url: url.clone(),
-                idle: Mutex::new(vec![conn]),
-            }
-        }
-    });
+    // A server's driver blocks (the `postgres` client panics on a runtime's thread).
+    let connections = Arc::new(
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Connections> {
+            Ok(match &target {
+                Target::Sqlite(path) => {
+                    Connections::Sqlite(Mutex::new(open_sqlite(path, &target)?))
+                }
+                Target::Server(url) => {
+                    let conn = platform::sql::connect(url)?;
+                    conn.execute_batch(&notes_table(&target, "bench_sync_notes"))?;
+                    Connections::Server {
+                        url: url.clone(),
+                        idle: Mutex::new(vec![conn]),
+                    }
+                }
+            })
+        })
+        .await??,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
     let router = axum::Router::new().route(

@@ -21,6 +21,9 @@ const STATEMENT_CACHE: usize = 256;
 pub(crate) struct PgSession {
     client: Client,
     statements: HashMap<String, Statement>,
+    /// The server said it ends the session (an administrator's `pg_terminate_backend`, a
+    /// shutdown): the client may not have seen the socket close yet.
+    ended: bool,
 }
 
 impl PgSession {
@@ -48,14 +51,24 @@ impl PgSession {
         Ok(PgSession {
             client,
             statements: HashMap::new(),
+            ended: false,
         })
+    }
+
+    /// Notes an error that ends the session.
+    fn noted<T>(&mut self, result: Result<T, postgres::Error>) -> Result<T, Error> {
+        if let Err(error) = &result {
+            self.ended |= ends_session(error);
+        }
+        Ok(result?)
     }
 
     fn prepare(&mut self, sql: &str) -> Result<Statement, Error> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.client.prepare(&numbered_placeholders(sql))?;
+        let prepared = self.client.prepare(&numbered_placeholders(sql));
+        let statement = self.noted(prepared)?;
         if self.statements.len() >= STATEMENT_CACHE {
             self.statements.clear();
         }
@@ -65,20 +78,23 @@ impl PgSession {
 
     pub(crate) fn execute(&mut self, sql: &str, values: &[Value<'_>]) -> Result<u64, Error> {
         let statement = self.prepare(sql)?;
-        Ok(self.client.execute(&statement, &bound(values))?)
+        let changed = self.client.execute(&statement, &bound(values));
+        self.noted(changed)
     }
 
     pub(crate) fn query(&mut self, sql: &str, values: &[Value<'_>]) -> Result<Vec<Row>, Error> {
         let statement = self.prepare(sql)?;
-        Ok(self.client.query(&statement, &bound(values))?)
+        let rows = self.client.query(&statement, &bound(values));
+        self.noted(rows)
     }
 
     pub(crate) fn execute_batch(&mut self, sql: &str) -> Result<(), Error> {
-        Ok(self.client.batch_execute(sql)?)
+        let done = self.client.batch_execute(sql);
+        self.noted(done)
     }
 
     pub(crate) fn is_broken(&self) -> bool {
-        self.client.is_closed()
+        self.ended || self.client.is_closed()
     }
 
     pub(crate) fn notifications(&mut self, wait: Duration) -> Result<Vec<String>, Error> {
@@ -202,6 +218,21 @@ pub(super) fn is_conflict(error: &postgres::Error) -> bool {
         ]
         .contains(code)
     })
+}
+
+/// The connection is gone, or the server ends the session: an administrator's or a
+/// shutdown's `57P01`–`57P03` (sent just before the socket closes) or a connection error.
+fn ends_session(error: &postgres::Error) -> bool {
+    error.is_closed()
+        || error.code().is_some_and(|code| {
+            code.code().starts_with("08")
+                || [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CRASH_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                ]
+                .contains(code)
+        })
 }
 
 /// Connection loss, a server shutting down, a full disk, lock conflicts and deadlocks.
