@@ -236,18 +236,6 @@ impl Cache {
         }
     }
 
-    /// Does the store answer? The in-process one always does.
-    pub async fn ping(&self) -> Result<(), String> {
-        match &self.store {
-            Store::Local(_) => Ok(()),
-            Store::Redis(manager) => redis::cmd("PING")
-                .query_async::<String>(&mut manager.clone())
-                .await
-                .map(drop)
-                .map_err(|error| format!("the Redis cache does not answer: {error}")),
-        }
-    }
-
     fn generation_key(&self) -> String {
         format!("conveyor:cache:{}generation", self.scope)
     }

@@ -134,7 +134,14 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
     ));
     let bare_body = dir.path().join("event.json");
     std::fs::write(&bare_body, &event_bytes)?;
-    let bare = BareAxum::start(&bare_body)?;
+    let bare = BaselineServer::start(
+        &[
+            "bench".as_ref(),
+            "bare-axum".as_ref(),
+            bare_body.as_os_str(),
+        ],
+        "the bare axum server",
+    )?;
     let load = Load {
         duration,
         concurrency: args.concurrency,
@@ -473,43 +480,43 @@ fn get(path: &str) -> impl Fn(u64) -> LoadRequest + Clone + Send + 'static {
     move |_| request(http::Method::GET, &path, Bytes::new())
 }
 
-/// The GET baseline: a bare axum handler in a process of its own, like the server under
-/// test, returning the same bytes from memory.
-struct BareAxum {
+/// A baseline's server: this binary run with `args` (a hidden `bench` command), in a process
+/// of its own like the server under test. It prints its address, then serves until killed.
+struct BaselineServer {
     child: Child,
     address: SocketAddr,
 }
 
-impl BareAxum {
-    fn start(body: &Path) -> anyhow::Result<BareAxum> {
+impl BaselineServer {
+    fn start(args: &[&std::ffi::OsStr], what: &str) -> anyhow::Result<BaselineServer> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["bench", "bare-axum"])
-            .arg(body)
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting the bare axum server")?;
+            .with_context(|| format!("starting {what}"))?;
         let mut line = String::new();
         if let Some(stdout) = child.stdout.take() {
             std::io::BufReader::new(stdout).read_line(&mut line)?;
         }
         match line.trim().parse() {
-            Ok(address) => Ok(BareAxum { child, address }),
+            Ok(address) => Ok(BaselineServer { child, address }),
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("the bare axum server did not print its address: {line:?}")
+                bail!("{what} did not print its address: {line:?}")
             }
         }
     }
 }
 
-impl Drop for BareAxum {
+impl Drop for BaselineServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
+/// The GET baseline's server: a bare axum handler returning the same bytes from memory.
 async fn serve_bare_axum(body: Bytes) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);

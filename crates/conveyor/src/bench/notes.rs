@@ -8,14 +8,13 @@
 //! - burst: `--burst` saves as fast as the clients send them to one process running both
 //!   roles, with the time until the last is written.
 
-use super::{progress, request, row, Load, LoadRequest, Server};
-use anyhow::{bail, Context};
+use super::{progress, request, row, BaselineServer, Load, LoadRequest, Server};
+use anyhow::bail;
 use bytes::Bytes;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -101,7 +100,7 @@ pub async fn notes(args: NotesBenchArgs) -> anyhow::Result<()> {
     drop(api);
 
     progress("baseline: the same insert inside the request (`bench notes-baseline`)");
-    let baseline = Baseline::start(&target)?;
+    let baseline = start_baseline(&target)?;
     let synchronous = load.rate(baseline.address, save).await?;
     drop(baseline);
 
@@ -359,46 +358,22 @@ async fn bare_batched_inserts(target: &Target, rows: u64, batch: usize) -> anyho
     .await?
 }
 
-/// The ingest baseline: a server in a process of its own, like the one under test, whose
-/// `POST /save` validates the note as the notes service does and inserts it in its own
-/// transaction before answering.
-struct Baseline {
-    child: Child,
-    address: SocketAddr,
-}
-
-impl Baseline {
-    fn start(target: &Target) -> anyhow::Result<Baseline> {
-        let mut command = Command::new(std::env::current_exe()?);
-        command.args(["bench", "notes-baseline"]);
-        match target {
-            Target::Sqlite(path) => command.arg("--sqlite").arg(path),
-            Target::Server(url) => command.args(["--db", url]),
-        };
-        let mut child = command
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the baseline server")?;
-        let mut line = String::new();
-        if let Some(stdout) = child.stdout.take() {
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        }
-        match line.trim().parse() {
-            Ok(address) => Ok(Baseline { child, address }),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the baseline server did not print its address: {line:?}")
-            }
-        }
-    }
-}
-
-impl Drop for Baseline {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The ingest baseline: `bench notes-baseline`, whose `POST /save` validates the note as the
+/// notes service does and inserts it in its own transaction before answering.
+fn start_baseline(target: &Target) -> anyhow::Result<BaselineServer> {
+    let (flag, value): (&str, &std::ffi::OsStr) = match target {
+        Target::Sqlite(path) => ("--sqlite", path.as_os_str()),
+        Target::Server(url) => ("--db", url.as_ref()),
+    };
+    BaselineServer::start(
+        &[
+            "bench".as_ref(),
+            "notes-baseline".as_ref(),
+            flag.as_ref(),
+            value,
+        ],
+        "the notes baseline server",
+    )
 }
 
 /// The baseline's connections: one SQLite connection (SQLite takes one writer at a time), or
