@@ -379,10 +379,11 @@ fn handle_in(
 ) -> Result<(), HandlerError> {
     let fresh: Vec<Arc<Envelope>> = if inbox {
         let ids: Vec<_> = envelopes.iter().map(|envelope| envelope.id).collect();
-        let claimed = inbox::claim_all(uow, group, &ids)?;
+        let mut claimed = inbox::claim_all(uow, group, &ids)?;
+        // Each claimed id once: a replayed copy can share a read with its original.
         envelopes
             .iter()
-            .filter(|envelope| claimed.contains(&envelope.id))
+            .filter(|envelope| claimed.remove(&envelope.id))
             .cloned()
             .collect()
     } else {

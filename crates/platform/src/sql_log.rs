@@ -69,7 +69,15 @@ impl SqlLog {
                             std::mem::replace(seen, last) != last
                         });
                     }
-                    Err(error) => tracing::warn!(%error, "cannot follow a topic of the log"),
+                    Err(error) => {
+                        // The commit that moved the head may be the one looked for: read
+                        // again soon rather than at the next commit.
+                        tracing::warn!(%error, "cannot follow a topic of the log; reading again");
+                        tokio::select! {
+                            () = tell.closed() => return,
+                            () = tokio::time::sleep(ERROR_PAUSE) => continue,
+                        }
+                    }
                 }
                 tokio::select! {
                     () = tell.closed() => return,

@@ -62,6 +62,7 @@ on_every_backend!(
     a_write_is_read_back_as_soon_as_it_returns,
     text_compares_by_its_bytes,
     a_lease_shorter_than_two_handler_timeouts_is_refused,
+    a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when_it_did_not,
 );
 
 async fn failing_units_roll_back_alone_and_their_messages_are_never_published(scratch: Scratch) {
@@ -185,6 +186,30 @@ async fn text_compares_by_its_bytes(scratch: Scratch) {
     )
     .await;
     assert_eq!(same, [1], "neither case nor trailing spaces are ignored");
+}
+
+/// PostgreSQL aborts the transaction at a failed statement, and `COMMIT` then rolls back
+/// without an error: a unit that carried on after the failure must hear of it.
+async fn a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when_it_did_not(
+    scratch: Scratch,
+) {
+    let db = open(&scratch).await;
+    let written = db
+        .write(|uow| {
+            uow.conn().execute(
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+                 VALUES ('g', 'c', 'm', 'k', 1)",
+                (),
+            )?;
+            let _ignored = uow.conn().execute("SELECT * FROM no_such_table", ());
+            Ok::<_, StoreError>(())
+        })
+        .await;
+    let rows: Vec<i64> = column(&db, "SELECT COUNT(*) FROM conformance_handled").await;
+    match written {
+        Ok(()) => assert_eq!(rows, [1], "told it committed, but its row is not there"),
+        Err(_) => assert_eq!(rows, [0], "told it failed, but its row is there"),
+    }
 }
 
 async fn a_lease_shorter_than_two_handler_timeouts_is_refused(scratch: Scratch) {

@@ -19,7 +19,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
           );",
     mysql: "CREATE TABLE IF NOT EXISTS notes_notes (
             id         VARCHAR(36) PRIMARY KEY,
-            content    TEXT NOT NULL,
+            content    MEDIUMTEXT NOT NULL,
             created_at BIGINT NOT NULL
           ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;",
 }];

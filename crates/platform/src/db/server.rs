@@ -306,15 +306,21 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
         let (ran, emitted) = run_unit(uow, job);
         conflicted |= uow.conn.had_conflict();
         // A unit that ran no statement (one that only emits) left its savepoint empty: the
-        // next unit uses it as it is, and `COMMIT` ends the last one.
+        // next unit uses it as it is. After a unit that ran any, the release is also the
+        // check that the transaction is still alive (a unit may have swallowed the error of
+        // a statement that aborted it, and `COMMIT` of an aborted transaction rolls back
+        // without an error on PostgreSQL), so the last one is released too.
         let touched = uow.conn.ran_statements();
         // Each finish joins the batch's before the step, so a failing step tells it.
         let step = match ran {
             Ran::Commit(finish) => {
                 finishes.push(finish);
                 outbox.extend(emitted);
-                (touched && jobs.peek().is_some())
-                    .then_some("RELEASE SAVEPOINT unit; SAVEPOINT unit")
+                touched.then_some(if jobs.peek().is_some() {
+                    "RELEASE SAVEPOINT unit; SAVEPOINT unit"
+                } else {
+                    "RELEASE SAVEPOINT unit"
+                })
             }
             Ran::RollBack(finish) => {
                 finishes.extend(finish);
