@@ -204,3 +204,39 @@ async fn the_backlog_counts_what_waits_in_each_partition(scratch: Scratch) {
     );
     db.close().await;
 }
+
+/// A replayed dead letter is appended again with its id; after a crash between recording
+/// the dead letter and acknowledging the original, both copies can come in one read. Made
+/// here directly, on SQLite, by copying a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_one_message_in_a_read_are_handled_once() {
+    let scratch = Scratch::new(platform::Backend::Sqlite).await;
+    let db = migrated(&scratch).await;
+    publish(&db, 1).await;
+    common::execute(
+        &db,
+        "INSERT INTO conveyor_log (message_id, kind, name, topic, \"key\", key_hash, payload, \
+         headers, occurred_at, only_group) \
+         SELECT message_id, kind, name, topic, \"key\", key_hash, payload, headers, \
+         occurred_at, 'batches.recorder' FROM conveyor_log",
+    )
+    .await;
+    let (calls, subscription) = batch_recorder(None);
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.with_options(ConsumerOptions {
+            partitions: 1,
+            ..impatient()
+        }))
+        .await
+        .unwrap();
+    wait_until("the copies read", async || {
+        !calls.lock().unwrap().is_empty()
+    })
+    .await;
+    // Let a second handling, if any, commit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    consumer.stop().await;
+    assert_eq!(handled(&db).await, 1);
+    assert_eq!(*calls.lock().unwrap(), [1]);
+    db.close().await;
+}
