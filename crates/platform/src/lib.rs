@@ -11,6 +11,7 @@ pub mod db;
 pub mod dead_letter;
 mod dispatch;
 pub mod envelope;
+pub mod event_store;
 pub mod handler;
 mod id;
 mod inbox;

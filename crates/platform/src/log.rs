@@ -108,6 +108,16 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
 -- become a second dead letter.
 CREATE UNIQUE INDEX IF NOT EXISTS conveyor_dead_letters_message
     ON conveyor_dead_letters (group_name, message_id);
+-- The event store: each stream's events by version (see event_store.rs). Appended events
+-- are also published, so their global order is their log position.
+CREATE TABLE IF NOT EXISTS conveyor_events (
+    stream_id   TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (stream_id, version)
+) WITHOUT ROWID;
 "#;
 
 /// The same tables on PostgreSQL, plus the log's counter row.
@@ -187,6 +197,14 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
     attempts    BIGINT NOT NULL,
     failed_at   BIGINT NOT NULL,
     UNIQUE (group_name, message_id)
+);
+CREATE TABLE IF NOT EXISTS conveyor_events (
+    stream_id   TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    name        TEXT NOT NULL,
+    payload     BYTEA NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    PRIMARY KEY (stream_id, version)
 );
 "#;
 
@@ -270,6 +288,14 @@ CREATE TABLE IF NOT EXISTS conveyor_dead_letters (
     attempts    BIGINT NOT NULL,
     failed_at   BIGINT NOT NULL,
     UNIQUE KEY conveyor_dead_letters_message (group_name, message_id)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_events (
+    stream_id   VARCHAR(255) NOT NULL,
+    version     BIGINT NOT NULL,
+    name        VARCHAR(255) NOT NULL,
+    payload     LONGBLOB NOT NULL,
+    recorded_at BIGINT NOT NULL,
+    PRIMARY KEY (stream_id, version)
 ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 "#;
 

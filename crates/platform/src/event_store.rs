@@ -1,0 +1,145 @@
+//! The event store: streams of events by version, with optimistic concurrency, on every
+//! backend through the unit of work.
+//!
+//! `append` writes a command's events to their stream in the caller's unit of work and
+//! emits each of them too, so the state change and its publication commit together (the
+//! outbox), and the events' global order is their position in the log: gap-free and in
+//! commit order on every backend, which is what projections read. An append names the
+//! version it decided on; if the stream moved since, nothing is written and the caller
+//! hears `Conflict`.
+
+use crate::db::{StoreError, UnitOfWork};
+use crate::envelope::{now_millis, Message};
+use crate::sql::{Conn, ToValue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventStoreError {
+    #[error(
+        "stream {stream} is at version {actual}, not {expected}: another command changed it first"
+    )]
+    Conflict {
+        stream: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("event {version} of stream {stream} does not decode: {message}")]
+    Corrupt {
+        stream: String,
+        version: u64,
+        message: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<crate::sql::Error> for EventStoreError {
+    fn from(error: crate::sql::Error) -> Self {
+        EventStoreError::Store(error.into())
+    }
+}
+
+/// An event as stored, with its version in its stream (from 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded<E> {
+    pub version: u64,
+    pub event: E,
+}
+
+/// Appends `events` to `stream`, which must be at version `expected` (0: a new stream),
+/// and emits each; returns the stream's new version. All or nothing: on `Conflict` the
+/// caller's unit must fail (return the error) so that nothing of it commits.
+pub fn append<E: Message>(
+    uow: &mut UnitOfWork,
+    stream: &str,
+    expected: u64,
+    events: &[E],
+) -> Result<u64, EventStoreError> {
+    let conflict = |actual| EventStoreError::Conflict {
+        stream: stream.to_owned(),
+        expected,
+        actual,
+    };
+    let actual = version(uow.conn(), stream)?;
+    if actual != expected {
+        return Err(conflict(actual));
+    }
+    if events.is_empty() {
+        return Ok(expected);
+    }
+    let payloads = events
+        .iter()
+        .map(|event| {
+            serde_json::to_vec(event).map_err(|source| StoreError::Encode {
+                name: E::NAME,
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let versions: Vec<i64> = (1..=events.len() as u64)
+        .map(|n| i64::try_from(expected + n).unwrap_or(i64::MAX))
+        .collect();
+    let recorded_at = now_millis();
+    let mut values: Vec<&dyn ToValue> = Vec::with_capacity(events.len() * 5);
+    for (version, payload) in versions.iter().zip(&payloads) {
+        values.extend([
+            &stream as &dyn ToValue,
+            version,
+            &E::NAME,
+            payload,
+            &recorded_at,
+        ]);
+    }
+    let rows = vec!["(?, ?, ?, ?, ?)"; events.len()].join(", ");
+    // A concurrent append of the same versions waits for this one's key locks, then
+    // inserts nothing: it lost the race, and the count says so.
+    let inserted = uow.conn().execute(
+        &format!(
+            "INSERT INTO conveyor_events (stream_id, version, name, payload, recorded_at) \
+             VALUES {rows} ON CONFLICT (stream_id, version) DO NOTHING"
+        ),
+        values.as_slice(),
+    )?;
+    if inserted != events.len() as u64 {
+        return Err(conflict(version(uow.conn(), stream)?));
+    }
+    for event in events {
+        uow.emit(event)?;
+    }
+    Ok(expected + events.len() as u64)
+}
+
+/// The events of `stream` after version `after` (0: all of them), in order.
+pub fn load<E: Message>(
+    conn: &Conn,
+    stream: &str,
+    after: u64,
+) -> Result<Vec<Recorded<E>>, EventStoreError> {
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let rows: Vec<(i64, Vec<u8>)> = conn.query_map(
+        "SELECT version, payload FROM conveyor_events \
+         WHERE stream_id = ? AND version > ? ORDER BY version",
+        (stream, after),
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    rows.into_iter()
+        .map(|(version, payload)| {
+            let version = u64::try_from(version).unwrap_or_default();
+            let event =
+                serde_json::from_slice(&payload).map_err(|error| EventStoreError::Corrupt {
+                    stream: stream.to_owned(),
+                    version,
+                    message: error.to_string(),
+                })?;
+            Ok(Recorded { version, event })
+        })
+        .collect()
+}
+
+/// The stream's version: its newest event's, 0 for a stream with none.
+pub fn version(conn: &Conn, stream: &str) -> Result<u64, EventStoreError> {
+    let version: Option<i64> = conn.scalar(
+        "SELECT MAX(version) FROM conveyor_events WHERE stream_id = ?",
+        [stream],
+    )?;
+    Ok(version.map_or(0, |version| u64::try_from(version).unwrap_or_default()))
+}
