@@ -83,19 +83,7 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
 
-    let database = match &args.db {
-        Some(url) => {
-            let url = url.clone();
-            progress("creating a fresh database on the server");
-            Some(
-                tokio::task::spawn_blocking(move || {
-                    platform::sql::TemporaryDatabase::create(&url, "conveyor_bench_")
-                })
-                .await??,
-            )
-        }
-        None => None,
-    };
+    let database = fresh_database(args.db.as_deref()).await?;
     let on_server: Vec<&str> = match &database {
         Some(database) => vec!["--db", database.url()],
         None => Vec::new(),
@@ -285,6 +273,22 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
         ready_after.as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// With `--db URL`, a fresh database on that server (dropped when the value is), for a bench
+/// run of its own; the embedded default needs none.
+async fn fresh_database(
+    server: Option<&str>,
+) -> anyhow::Result<Option<platform::sql::TemporaryDatabase>> {
+    let Some(url) = server.map(str::to_owned) else {
+        return Ok(None);
+    };
+    progress("creating a fresh database on the server");
+    let database = tokio::task::spawn_blocking(move || {
+        platform::sql::TemporaryDatabase::create(&url, "conveyor_bench_")
+    })
+    .await??;
+    Ok(Some(database))
 }
 
 fn millis_row(label: &str, value: Duration, target: &str) {

@@ -8,7 +8,7 @@
 //! - burst: `--burst` saves as fast as the clients send them to one process running both
 //!   roles, with the time until the last is written.
 
-use super::{progress, request, row, BaselineServer, Load, LoadRequest, Server};
+use super::{fresh_database, progress, request, row, BaselineServer, Load, LoadRequest, Server};
 use anyhow::bail;
 use bytes::Bytes;
 use clap::Args;
@@ -55,19 +55,7 @@ pub async fn notes(args: NotesBenchArgs) -> anyhow::Result<()> {
     let duration = Duration::from_secs(args.seconds.max(1));
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let database = match &args.db {
-        Some(url) => {
-            let url = url.clone();
-            progress("creating a fresh database on the server");
-            Some(
-                tokio::task::spawn_blocking(move || {
-                    platform::sql::TemporaryDatabase::create(&url, "conveyor_bench_")
-                })
-                .await??,
-            )
-        }
-        None => None,
-    };
+    let database = fresh_database(args.db.as_deref()).await?;
     let target = match &database {
         Some(database) => Target::Server(database.url().to_owned()),
         None => Target::Sqlite(data.join(crate::config::DATABASE_FILE)),
