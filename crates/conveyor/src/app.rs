@@ -15,7 +15,13 @@ use tokio_util::task::TaskTracker;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every service this binary can run. Nothing else lists them.
-pub static SERVICES: &[ServiceModule] = &[events::MODULE, bookings::MODULE, notes::MODULE];
+pub static SERVICES: &[ServiceModule] = &[
+    events::MODULE,
+    bookings::MODULE,
+    notes::MODULE,
+    matches::MODULE,
+    matches::QUERY_MODULE,
+];
 
 pub struct Application {
     settings: Settings,
@@ -35,6 +41,7 @@ impl Application {
             db: db.clone(),
             cache: open_cache(&settings).await?,
             workers: settings.workers.clone(),
+            snapshots: settings.snapshots,
         };
         let mut listeners = Vec::new();
         let mut addresses = Vec::new();

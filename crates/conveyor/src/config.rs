@@ -4,6 +4,7 @@
 use clap::{Args, ValueEnum};
 use edge::{ServiceModule, WorkerOptions};
 use platform::retention::Retention;
+use platform::Snapshots;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -126,6 +127,10 @@ pub struct SettingsArgs {
     /// Past this many queued notes the API answers 503 with Retry-After. [default: 100000]
     #[arg(long, env = "CONVEYOR_QUEUE_LIMIT", value_name = "N")]
     pub queue_limit: Option<u64>,
+    /// Event-sourced streams (matches) save their state every N events, so loading one
+    /// replays at most N; 0 turns snapshots off. [default: 100]
+    #[arg(long, env = "CONVEYOR_SNAPSHOT_EVERY", value_name = "N")]
+    pub snapshot_every: Option<u32>,
 }
 
 /// `conveyor.toml`: the same keys as the flags, in snake case.
@@ -149,6 +154,7 @@ struct FileSettings {
     worker_batch: Option<u16>,
     worker_wait: Option<String>,
     queue_limit: Option<u64>,
+    snapshot_every: Option<u32>,
 }
 
 /// The effective configuration.
@@ -167,6 +173,7 @@ pub struct Settings {
     pub cache: CacheAt,
     pub cache_ttl: Duration,
     pub workers: WorkerOptions,
+    pub snapshots: Snapshots,
 }
 
 /// Where the read cache is.
@@ -301,6 +308,10 @@ impl SettingsArgs {
             cache,
             cache_ttl,
             workers,
+            snapshots: self
+                .snapshot_every
+                .or(file.snapshot_every)
+                .map_or(edge::DEFAULT_SNAPSHOTS, Snapshots::every),
         })
     }
 }
@@ -513,6 +524,10 @@ impl Settings {
                 humantime::format_duration(self.workers.wait)
             ),
             format!("queue_limit = {}", self.workers.queue_limit),
+            format!(
+                "snapshot_every = {}",
+                self.snapshots.interval().unwrap_or_default()
+            ),
         ]
         .join("\n")
     }

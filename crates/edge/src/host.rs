@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use cache::Cache;
 use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use platform::{Database, Migration, Subscription};
+use platform::{Database, Migration, Snapshots, Subscription};
 use std::sync::OnceLock;
 use std::time::Duration;
 use tower::ServiceBuilder;
@@ -42,6 +42,8 @@ pub struct ServiceContext {
     /// namespace of its own with `Cache::scoped`.
     pub cache: Cache,
     pub workers: WorkerOptions,
+    /// How often event-sourced services snapshot a stream (`--snapshot-every`).
+    pub snapshots: Snapshots,
 }
 
 /// How a service's workers take their queue (the notes service's, today).
@@ -65,6 +67,9 @@ impl Default for WorkerOptions {
     }
 }
 
+/// Snapshots every this many events: a long Go game loads from one snapshot and a short tail.
+pub const DEFAULT_SNAPSHOTS: Snapshots = Snapshots::every(100);
+
 impl ServiceContext {
     /// The defaults of `conveyor serve` on `db`: an in-process cache with a 10 s TTL.
     pub fn new(db: Database) -> ServiceContext {
@@ -72,6 +77,7 @@ impl ServiceContext {
             db,
             cache: Cache::local(Duration::from_secs(10)),
             workers: WorkerOptions::default(),
+            snapshots: DEFAULT_SNAPSHOTS,
         }
     }
 }

@@ -151,3 +151,12 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
             })
     }
 }
+
+/// Unix milliseconds as the API writes every instant: RFC 3339, UTC, to the millisecond.
+pub fn timestamp(millis: i64) -> String {
+    let millis = u64::try_from(millis).unwrap_or_default();
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis),
+    )
+    .to_string()
+}

@@ -14,6 +14,8 @@ pub mod problem;
 mod request_context;
 pub mod schema;
 
-pub use host::{metrics, router, HttpOptions, ServiceContext, ServiceModule, WorkerOptions};
+pub use host::{
+    metrics, router, HttpOptions, ServiceContext, ServiceModule, WorkerOptions, DEFAULT_SNAPSHOTS,
+};
 pub use json::{AnyJson, CaseInsensitiveJson, Path, Query};
 pub use problem::{FieldError, Problem};

@@ -9,6 +9,8 @@ pub mod header {
     pub const CORRELATION_ID: &str = "correlation-id";
     pub const CAUSATION_ID: &str = "causation-id";
     pub const CONTENT_TYPE: &str = "content-type";
+    /// The payload's revision (see `Upcaster`), when it is not the first.
+    pub const REVISION: &str = "revision";
 }
 
 /// What a message asks of its receiver.
@@ -70,6 +72,13 @@ impl Envelope {
         self.header(header::CAUSATION_ID)
     }
 
+    /// The payload's revision: 1 unless the producer wrote a later one.
+    pub fn revision(&self) -> u32 {
+        self.header(header::REVISION)
+            .and_then(|revision| revision.parse().ok())
+            .unwrap_or(1)
+    }
+
     /// A stable 62-bit hash of the key: which partition of a consumer group the message belongs to.
     pub fn key_hash(&self) -> i64 {
         key_hash(&self.key)
@@ -86,19 +95,70 @@ pub fn key_hash(key: &str) -> i64 {
     (hash >> 2) as i64
 }
 
-/// A message type: a serde struct owned by the producing service's api crate.
+/// A message type: a serde type owned by the producing service's api module.
 ///
-/// Payload changes must be additive: new fields get `#[serde(default)]`, so old
-/// messages still decode.
+/// Payload changes should be additive: new fields get `#[serde(default)]`, so old messages
+/// still decode. A change that cannot be (a renamed or reshaped field) bumps the message's
+/// revision by listing an `Upcaster` that maps the old payload to the new.
 pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// `<service>.<Name>`.
     const NAME: &'static str;
     /// The topic it is published on.
     const TOPIC: &'static str;
     const KIND: Kind = Kind::Event;
+    /// Every name a value of this type is published under: one, unless the type is an enum
+    /// of several messages (an aggregate's events), whose `name` then tells them apart.
+    const NAMES: &'static [&'static str] = &[Self::NAME];
+    /// The maps from old revisions of these messages to new ones, in order of `from` for
+    /// each name. A message is written at its newest revision.
+    const UPCASTERS: &'static [Upcaster] = &[];
 
     /// The ordering key.
     fn key(&self) -> String;
+
+    /// This value's name, one of `NAMES`.
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+}
+
+/// Maps the payload of a stored message at revision `from` to revision `from + 1`, so that
+/// events written years ago still load (and replay) into today's types.
+#[derive(Debug, Clone, Copy)]
+pub struct Upcaster {
+    /// The message it maps.
+    pub name: &'static str,
+    /// The revision it reads.
+    pub from: u32,
+    pub map: fn(serde_json::Value) -> Result<serde_json::Value, String>,
+}
+
+/// The revision `name` is written at today: one past its last upcaster.
+pub fn revision<M: Message>(name: &str) -> u32 {
+    1 + M::UPCASTERS
+        .iter()
+        .filter(|upcaster| upcaster.name == name)
+        .count() as u32
+}
+
+/// Decodes the payload of message `name` written at `revision`, upcasting it first if it is
+/// older than today's.
+pub fn decode<M: Message>(name: &str, revision: u32, payload: &[u8]) -> Result<M, String> {
+    let newest = self::revision::<M>(name);
+    if revision >= newest {
+        return serde_json::from_slice(payload).map_err(|error| error.to_string());
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|error| error.to_string())?;
+    for step in revision..newest {
+        let upcaster = M::UPCASTERS
+            .iter()
+            .find(|upcaster| upcaster.name == name && upcaster.from == step)
+            .ok_or_else(|| format!("no upcaster of {name} from revision {step}"))?;
+        value = (upcaster.map)(value)
+            .map_err(|error| format!("upcasting {name} from revision {step}: {error}"))?;
+    }
+    serde_json::from_value(value).map_err(|error| error.to_string())
 }
 
 pub fn now_millis() -> i64 {

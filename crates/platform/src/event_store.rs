@@ -9,7 +9,7 @@
 //! hears `Conflict`.
 
 use crate::db::{StoreError, UnitOfWork};
-use crate::envelope::{now_millis, Message};
+use crate::envelope::{self, now_millis, Message};
 use crate::sql::{Conn, ToValue};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,23 +78,31 @@ pub fn append<E: Message>(
     let versions: Vec<i64> = (1..=events.len() as u64)
         .map(|n| i64::try_from(expected + n).unwrap_or(i64::MAX))
         .collect();
+    let names: Vec<&str> = events.iter().map(Message::name).collect();
+    let revisions: Vec<i64> = names
+        .iter()
+        .map(|name| i64::from(envelope::revision::<E>(name)))
+        .collect();
     let recorded_at = now_millis();
-    let mut values: Vec<&dyn ToValue> = Vec::with_capacity(events.len() * 5);
-    for (version, payload) in versions.iter().zip(&payloads) {
+    let mut values: Vec<&dyn ToValue> = Vec::with_capacity(events.len() * 6);
+    for (((version, name), revision), payload) in
+        versions.iter().zip(&names).zip(&revisions).zip(&payloads)
+    {
         values.extend([
             &stream as &dyn ToValue,
             version,
-            &E::NAME,
+            name,
+            revision,
             payload,
             &recorded_at,
         ]);
     }
-    let rows = vec!["(?, ?, ?, ?, ?)"; events.len()].join(", ");
+    let rows = vec!["(?, ?, ?, ?, ?, ?)"; events.len()].join(", ");
     // A concurrent append of the same versions waits for this one's key locks, then
     // inserts nothing: it lost the race, and the count says so.
     let inserted = uow.conn().execute(
         &format!(
-            "INSERT INTO conveyor_events (stream_id, version, name, payload, recorded_at) \
+            "INSERT INTO conveyor_events (stream_id, version, name, revision, payload, recorded_at) \
              VALUES {rows} ON CONFLICT (stream_id, version) DO NOTHING"
         ),
         values.as_slice(),
@@ -108,28 +116,31 @@ pub fn append<E: Message>(
     Ok(expected + events.len() as u64)
 }
 
-/// The events of `stream` after version `after` (0: all of them), in order.
+/// The events of `stream` after version `after` (0: all of them), in order, each upcast
+/// to its newest revision.
 pub fn load<E: Message>(
     conn: &Conn,
     stream: &str,
     after: u64,
 ) -> Result<Vec<Recorded<E>>, EventStoreError> {
     let after = i64::try_from(after).unwrap_or(i64::MAX);
-    let rows: Vec<(i64, Vec<u8>)> = conn.query_map(
-        "SELECT version, payload FROM conveyor_events \
+    let rows: Vec<(i64, String, i64, Vec<u8>)> = conn.query_map(
+        "SELECT version, name, revision, payload FROM conveyor_events \
          WHERE stream_id = ? AND version > ? ORDER BY version",
         (stream, after),
-        |row| Ok((row.get(0)?, row.get(1)?)),
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
     )?;
     rows.into_iter()
-        .map(|(version, payload)| {
+        .map(|(version, name, revision, payload)| {
             let version = u64::try_from(version).unwrap_or_default();
-            let event =
-                serde_json::from_slice(&payload).map_err(|error| EventStoreError::Corrupt {
+            let revision = u32::try_from(revision).unwrap_or_default();
+            let event = envelope::decode(&name, revision, &payload).map_err(|message| {
+                EventStoreError::Corrupt {
                     stream: stream.to_owned(),
                     version,
-                    message: error.to_string(),
-                })?;
+                    message,
+                }
+            })?;
             Ok(Recorded { version, event })
         })
         .collect()

@@ -105,9 +105,11 @@ struct TypedRoute<M> {
 
 impl<M: Message> TypedRoute<M> {
     fn decode(envelope: Arc<Envelope>) -> Result<Incoming<M>, HandlerError> {
-        let message = serde_json::from_slice::<M>(&envelope.payload).map_err(|error| {
-            HandlerError::permanent(format!("cannot decode {}: {error}", M::NAME))
-        })?;
+        let message =
+            crate::envelope::decode::<M>(&envelope.name, envelope.revision(), &envelope.payload)
+                .map_err(|error| {
+                    HandlerError::permanent(format!("cannot decode {}: {error}", envelope.name))
+                })?;
         Ok(Incoming { envelope, message })
     }
 }
@@ -193,7 +195,7 @@ impl Subscription {
         }
     }
 
-    /// Handles every `M` published on `M::TOPIC`.
+    /// Handles every `M` (each of `M::NAMES`) published on `M::TOPIC`.
     pub fn on<M, F>(self, handler: F) -> Self
     where
         M: Message,
@@ -219,11 +221,13 @@ impl Subscription {
         if !self.topics.iter().any(|topic| topic == M::TOPIC) {
             self.topics.push(M::TOPIC.to_owned());
         }
-        let route = TypedRoute::<M> {
+        let route: Arc<dyn Route> = Arc::new(TypedRoute::<M> {
             handler,
             _message: PhantomData,
-        };
-        self.routes.insert(M::NAME, Arc::new(route));
+        });
+        for name in M::NAMES {
+            self.routes.insert(name, route.clone());
+        }
         self
     }
 

@@ -5,6 +5,7 @@
 //! The platform knows no service and speaks no HTTP: services build on it, the edge and the
 //! binary compose them.
 
+pub mod aggregate;
 pub mod bus;
 pub mod context;
 pub mod db;
@@ -26,10 +27,11 @@ pub mod conformance;
 #[cfg(feature = "conformance")]
 pub mod testing;
 
+pub use aggregate::{Aggregate, Snapshots};
 pub use bus::{Bus, BusError, Consumer};
 pub use db::{Database, Migration, StoreError, UnitOfWork};
 pub use dispatch::metric;
-pub use envelope::{Envelope, Kind, Message};
+pub use envelope::{Envelope, Kind, Message, Upcaster};
 pub use handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
 pub use retry::RetryPolicy;
 pub use sql::{Backend, Conn};

@@ -114,9 +114,19 @@ CREATE TABLE IF NOT EXISTS conveyor_events (
     stream_id   TEXT NOT NULL,
     version     INTEGER NOT NULL,
     name        TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
     payload     BLOB NOT NULL,
     recorded_at INTEGER NOT NULL,
     PRIMARY KEY (stream_id, version)
+) WITHOUT ROWID;
+-- The newest snapshot of each stream that has one: its aggregate's state at `version`, in
+-- the state's `shape` (a snapshot of another shape is ignored and the stream replayed).
+CREATE TABLE IF NOT EXISTS conveyor_snapshots (
+    stream_id TEXT PRIMARY KEY,
+    version   INTEGER NOT NULL,
+    shape     INTEGER NOT NULL,
+    state     BLOB NOT NULL,
+    taken_at  INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#;
 
@@ -202,9 +212,17 @@ CREATE TABLE IF NOT EXISTS conveyor_events (
     stream_id   TEXT NOT NULL,
     version     BIGINT NOT NULL,
     name        TEXT NOT NULL,
+    revision    BIGINT NOT NULL,
     payload     BYTEA NOT NULL,
     recorded_at BIGINT NOT NULL,
     PRIMARY KEY (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS conveyor_snapshots (
+    stream_id TEXT PRIMARY KEY,
+    version   BIGINT NOT NULL,
+    shape     BIGINT NOT NULL,
+    state     BYTEA NOT NULL,
+    taken_at  BIGINT NOT NULL
 );
 "#;
 
@@ -293,9 +311,17 @@ CREATE TABLE IF NOT EXISTS conveyor_events (
     stream_id   VARCHAR(255) NOT NULL,
     version     BIGINT NOT NULL,
     name        VARCHAR(255) NOT NULL,
+    revision    BIGINT NOT NULL,
     payload     LONGBLOB NOT NULL,
     recorded_at BIGINT NOT NULL,
     PRIMARY KEY (stream_id, version)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_snapshots (
+    stream_id VARCHAR(255) NOT NULL PRIMARY KEY,
+    version   BIGINT NOT NULL,
+    shape     BIGINT NOT NULL,
+    state     LONGBLOB NOT NULL,
+    taken_at  BIGINT NOT NULL
 ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 "#;
 

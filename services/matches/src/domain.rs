@@ -9,6 +9,7 @@
 //! end the game, scored by area (stones plus territory surrounded by one colour) with komi
 //! 6.5 for white; a resignation ends it too.
 
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 /// Board sizes a match may have.
@@ -16,7 +17,8 @@ pub const SIZES: [u8; 3] = [9, 13, 19];
 /// White's compensation for moving second, in points.
 pub const KOMI: f64 = 6.5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Color {
     Black,
     White,
@@ -31,8 +33,17 @@ impl Color {
     }
 }
 
+impl std::fmt::Display for Color {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Color::Black => "black",
+            Color::White => "white",
+        })
+    }
+}
+
 /// A point of the board; `x` is the column, `y` the row, both from 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Point {
     pub x: u8,
     pub y: u8,
@@ -80,7 +91,7 @@ pub enum Event {
 pub enum Illegal {
     #[error("the game is over")]
     Finished,
-    #[error("it is {0:?}'s turn")]
+    #[error("it is {0}'s turn")]
     NotYourTurn(Color),
     #[error("({x}, {y}) is off the {size}×{size} board", x = .at.x, y = .at.y)]
     OffBoard { at: Point, size: u8 },
@@ -97,7 +108,8 @@ pub enum Illegal {
 #[error("the board size must be 9, 13 or 19, not {0}")]
 pub struct BadSize(pub u8);
 
-#[derive(Debug, Clone, PartialEq)]
+/// A game's whole state; serializable, so that it can be snapshotted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Game {
     size: u8,
     board: Vec<Option<Color>>,
@@ -113,7 +125,7 @@ pub struct Game {
 }
 
 /// How a finished game ended.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub winner: Option<Color>,
     pub black: f64,
@@ -394,4 +406,4 @@ impl Game {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,5 +1,32 @@
-//! GoGo matches: Go games with the real rules. So far its domain only (`domain`: the board,
-//! the moves, the events, the scoring); the event store, the command and query services
-//! and their HTTP API come with the rest of the matches issue.
+//! GoGo matches: Go games with the real rules, event-sourced, CQRS.
+//!
+//! Two services: `matches`, the command side (each match an aggregate whose stream holds
+//! its events: `app`, on the rules in `domain`), and `matches-query`, the query side (a
+//! projection of `matches.events` into the documents the GETs serve: `views`). Either can
+//! run without the other; `api` is the contract between them.
 
+pub mod api;
+pub mod app;
 pub mod domain;
+mod http;
+pub mod views;
+
+use edge::ServiceModule;
+
+/// The command side: `POST /matches`, `POST /matches/{id}/moves`.
+pub const MODULE: ServiceModule = ServiceModule {
+    name: "matches",
+    migrations: &[],
+    routes: |context| {
+        http::command_routes(app::Matches::new(context.db.clone(), context.snapshots))
+    },
+    subscriptions: |_| Vec::new(),
+};
+
+/// The query side: `GET /matches`, `GET /matches/{id}`, `GET /matches/{id}/moves`.
+pub const QUERY_MODULE: ServiceModule = ServiceModule {
+    name: "matches-query",
+    migrations: views::MIGRATIONS,
+    routes: |context| http::query_routes(context.db.clone()),
+    subscriptions: |_| views::subscriptions(),
+};

@@ -11,7 +11,6 @@ use edge::schema::not_blank;
 use edge::{AnyJson, Path, Problem, Query};
 use http::{header, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, UNIX_EPOCH};
 use utoipa::openapi::schema::{ObjectBuilder, Schema};
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
@@ -81,14 +80,10 @@ pub struct NotesPage {
 
 impl From<Note> for NoteResponse {
     fn from(note: Note) -> Self {
-        let millis = u64::try_from(note.created_at).unwrap_or_default();
         NoteResponse {
             id: note.id.to_string(),
             content: note.content,
-            created_at: humantime::format_rfc3339_millis(
-                UNIX_EPOCH + Duration::from_millis(millis),
-            )
-            .to_string(),
+            created_at: edge::json::timestamp(note.created_at),
         }
     }
 }

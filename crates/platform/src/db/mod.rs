@@ -186,11 +186,16 @@ impl UnitOfWork {
             name: M::NAME,
             source,
         })?;
+        let name = message.name();
         let mut headers = BTreeMap::new();
         headers.insert(
             header::CONTENT_TYPE.to_owned(),
             "application/json".to_owned(),
         );
+        let revision = crate::envelope::revision::<M>(name);
+        if revision > 1 {
+            headers.insert(header::REVISION.to_owned(), revision.to_string());
+        }
         if let Some(id) = &self.context.correlation_id {
             headers.insert(header::CORRELATION_ID.to_owned(), id.clone());
         }
@@ -201,7 +206,7 @@ impl UnitOfWork {
             envelope: Envelope {
                 id: Uuid::now_v7(),
                 kind: M::KIND,
-                name: M::NAME.to_owned(),
+                name: name.to_owned(),
                 topic: M::TOPIC.to_owned(),
                 key: message.key(),
                 payload,

@@ -200,7 +200,7 @@ fn resigning_ends_the_game_for_the_opponent() {
 
 /// A random game on 9×9: each step is a point to try, or a pass (one step in forty); the
 /// illegal tries are skipped. The game, every event it made and the stones placed.
-fn random_game(tries: &[(u8, u8, u8)]) -> (Game, Vec<Event>, u32) {
+pub(crate) fn random_game(tries: &[(u8, u8, u8)]) -> (Game, Vec<Event>, u32) {
     let mut game = Game::new(9).expect("9×9");
     let mut events = Vec::new();
     let mut placed = 0;
@@ -228,7 +228,7 @@ fn random_game(tries: &[(u8, u8, u8)]) -> (Game, Vec<Event>, u32) {
 }
 
 /// Long enough to fill much of the board, so that groups form and get captured.
-fn tries() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
+pub(crate) fn tries() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
     proptest::collection::vec((0u8..9, 0u8..9, 0u8..40), 0..400)
 }
 
