@@ -2,6 +2,8 @@
 //! and the query side's GETs, each served by its own service so that they can run in
 //! separate processes.
 
+mod schema;
+
 use crate::app::{self, Command, Matches, MatchesError, Refused, MAX_NAME_CHARS};
 use crate::domain::{Color, Illegal, Move, Point, SIZES};
 use crate::views::{self, MatchView, MoveView, Status};
@@ -13,10 +15,12 @@ use http::{header, HeaderValue, StatusCode};
 use platform::event_store::EventStoreError;
 use platform::{Database, StoreError};
 use serde::Deserialize;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// The largest coordinate of the largest board.
+const MAX_COORDINATE: u8 = 18;
 const DEFAULT_LIST: u16 = 100;
 const MAX_LIST: u16 = 1000;
 
@@ -61,24 +65,17 @@ impl From<MatchesError> for Problem {
 
 /// `{"gridsize": 19, "players": [{"color": "white", "name": "bob"}, {"color": "black", "name": "alfred"}]}`,
 /// or the original's `{"gridsize": 19, "playerWhite": "bob", "playerBlack": "alfred"}`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct CreateRequest {
-    /// 9, 13 or 19.
-    #[schema(example = 19)]
     gridsize: Option<i64>,
-    /// Exactly one black and one white player.
     players: Option<Vec<PlayerRequest>>,
-    /// The original's form: white's name.
     #[serde(rename = "playerwhite")]
-    #[schema(rename = "playerWhite")]
     player_white: Option<String>,
-    /// The original's form: black's name.
     #[serde(rename = "playerblack")]
-    #[schema(rename = "playerBlack")]
     player_black: Option<String>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct PlayerRequest {
     /// `black` or `white`.
     color: String,
@@ -97,8 +94,9 @@ impl CreateRequest {
             .ok_or_else(|| {
                 Problem::invalid("gridsize", format!("must be 9, 13 or 19, not {gridsize}"))
             })?;
+        // With `players`, the original's keys are ignored.
         let (black, white) = match (self.players, self.player_black, self.player_white) {
-            (Some(players), None, None) => names_by_color(players)?,
+            (Some(players), _, _) => names_by_color(players)?,
             (None, Some(black), Some(white)) => (
                 player_name("playerBlack", black)?,
                 player_name("playerWhite", white)?,
@@ -172,21 +170,15 @@ fn player_name(field: &str, name: String) -> Result<String, Problem> {
 
 /// `{"player": "black", "position": {"x": 3, "y": 4}}`, `{"player": "white", "pass": true}`
 /// or `{"player": "black", "resign": true}`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct MoveRequest {
-    /// `black` or `white`: whose move this is.
     player: Option<String>,
-    /// Where to place a stone: `x` is the column, `y` the row, both from 0.
     position: Option<PositionRequest>,
-    /// Pass instead of placing a stone.
-    #[serde(default)]
-    pass: bool,
-    /// Resign instead of placing a stone.
-    #[serde(default)]
-    resign: bool,
+    pass: Option<bool>,
+    resign: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 pub struct PositionRequest {
     x: i64,
     y: i64,
@@ -205,7 +197,8 @@ impl MoveRequest {
             }
             None => return Err(Problem::invalid("player", "required: `black` or `white`")),
         };
-        let play = match (self.position, self.pass, self.resign) {
+        let chosen = |flag: Option<bool>| flag.unwrap_or_default();
+        let play = match (self.position, chosen(self.pass), chosen(self.resign)) {
             (Some(position), false, false) => Move::Place(point(position)?),
             (None, true, false) => Move::Pass,
             (None, false, true) => Move::Resign,
@@ -224,12 +217,15 @@ impl MoveRequest {
 /// is off this match's board is the rules' to refuse.
 fn point(position: PositionRequest) -> Result<Point, Problem> {
     let coordinate = |field: &str, value: i64| {
-        u8::try_from(value).map_err(|_| {
-            Problem::invalid(
-                format!("position.{field}"),
-                format!("{value} is off the board"),
-            )
-        })
+        u8::try_from(value)
+            .ok()
+            .filter(|value| *value <= MAX_COORDINATE)
+            .ok_or_else(|| {
+                Problem::invalid(
+                    format!("position.{field}"),
+                    format!("{value} is off every board (0 to {MAX_COORDINATE})"),
+                )
+            })
     };
     Ok(Point::new(
         coordinate("x", position.x)?,
@@ -292,6 +288,7 @@ fn known_id(id: &str) -> Result<String, Problem> {
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only active or only finished matches.
+    #[param(inline)]
     status: Option<Status>,
     /// How many (default 100, at most 1000), newest first.
     #[param(minimum = 1, maximum = 1000)]
