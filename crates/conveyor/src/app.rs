@@ -180,7 +180,15 @@ async fn start_consumers(
     let bus = SqlLog::new(context.db.clone());
     let mut consumers = Vec::new();
     for service in &settings.services {
-        for subscription in (service.subscriptions)(context) {
+        let mut subscriptions = (service.subscriptions)(context);
+        for projection in (service.projections)() {
+            projection
+                .register(&context.db)
+                .await
+                .with_context(|| format!("registering projection {}", projection.name()))?;
+            subscriptions.push(projection.subscription());
+        }
+        for subscription in subscriptions {
             let group = subscription.group().to_owned();
             let consumer = bus
                 .subscribe(subscription)

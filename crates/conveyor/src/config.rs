@@ -543,12 +543,14 @@ mod tests {
             migrations: &[],
             routes: |_| utoipa_axum::router::OpenApiRouter::new(),
             subscriptions: |_| Vec::new(),
+            projections: Vec::new,
         },
         ServiceModule {
             name: "beta",
             migrations: &[],
             routes: |_| utoipa_axum::router::OpenApiRouter::new(),
             subscriptions: |_| Vec::new(),
+            projections: Vec::new,
         },
     ];
 

@@ -5,6 +5,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod dlq;
+pub mod projections;
 pub mod telemetry;
 
 pub use app::{Application, SERVICES};

@@ -35,6 +35,13 @@ enum Command {
     /// Measures throughput and latency against baselines run side by side.
     #[command(subcommand)]
     Bench(conveyor::bench::BenchCommand),
+    /// Lists the projections (read models kept from the event store) and rebuilds them.
+    Projections {
+        #[command(flatten)]
+        settings: SettingsArgs,
+        #[command(subcommand)]
+        command: conveyor::projections::ProjectionsCommand,
+    },
     /// Inspects, replays and purges dead letters.
     Dlq {
         #[command(flatten)]
@@ -113,6 +120,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(command) => {
             telemetry::init(conveyor::config::LogFormat::Text);
             conveyor::bench::run(command).await
+        }
+        Command::Projections { settings, command } => {
+            let settings = resolve(settings)?;
+            let db = app::open_database(&settings).await?;
+            let result = conveyor::projections::run(
+                &db,
+                &settings.services,
+                command,
+                &mut std::io::stdout(),
+            )
+            .await;
+            db.close().await;
+            result
         }
         Command::Dlq { settings, command } => {
             let settings = resolve(settings)?;

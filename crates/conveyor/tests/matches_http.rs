@@ -7,8 +7,16 @@
 
 mod common;
 
+use common::process::{scratch_database, BINARY};
 use common::{problem, spawn_app, spawn_app_beside, spawn_app_with, TestApp};
+use matches::app::Match;
+use matches::views::MatchView;
+use platform::aggregate;
+use platform::event_store::EventStoreError;
+use platform::Backend;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 on_every_backend!(
@@ -22,6 +30,7 @@ on_every_backend!(
     matches_are_listed_newest_first_and_by_status,
     of_twenty_simultaneous_moves_exactly_one_is_played,
     the_command_and_query_sides_run_in_separate_processes,
+    rebuilding_the_projection_while_moves_keep_coming_ends_equal_to_the_replay,
 );
 
 fn players() -> Value {
@@ -415,4 +424,124 @@ async fn the_command_and_query_sides_run_in_separate_processes() {
     projected(&queries, &id, 2).await;
     queries.stop().await;
     commands.stop().await;
+}
+
+/// Plays random moves on match `id`, white to move, until `stop`; how many were played.
+async fn keep_playing(app: Arc<TestApp>, id: String, stop: Arc<AtomicBool>) -> u32 {
+    let (mut next, mut played) = ("white".to_owned(), 0);
+    while !stop.load(Ordering::Relaxed) {
+        let (x, y) = (fastrand::i64(0..9), fastrand::i64(0..9));
+        let response = play(&app, &id, &next, x, y).await;
+        match response.status().as_u16() {
+            201 => {
+                let view: Value = response.json().await.unwrap();
+                played += 1;
+                match view["next"].as_str() {
+                    Some(color) => next = color.to_owned(),
+                    None => break,
+                }
+            }
+            400 => {}
+            other => panic!("a move answered {other}"),
+        }
+    }
+    played
+}
+
+/// `conveyor projections rebuild NAME` on `app`'s database, as an operator runs it.
+fn rebuild(app: &TestApp, name: &str) -> String {
+    let mut command = std::process::Command::new(BINARY);
+    command.arg("projections");
+    match app.database.backend() {
+        Backend::Sqlite => command.arg("--data").arg(&app.data),
+        _ => command.args(["--db", app.database.url()]),
+    };
+    let output = command
+        .args(["rebuild", name])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+async fn rebuilding_the_projection_while_moves_keep_coming_ends_equal_to_the_replay() {
+    let app = Arc::new(spawn_app().await);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (id, _) = create(&app).await;
+        played(&app, &id, "black", 4, 4).await;
+        ids.push(id);
+    }
+    for id in &ids {
+        projected(&app, id, 1).await;
+    }
+    // Damage the live tables, so that only a rebuild can make them right again: the first
+    // match's view is lost, and every move listed.
+    let db = scratch_database(&app.database, &app.data).await;
+    let lost = ids[0].clone();
+    db.write(move |uow| {
+        uow.conn().execute(
+            "DELETE FROM matches_query_views WHERE id = ?",
+            [lost.as_str()],
+        )?;
+        uow.conn().execute("DELETE FROM matches_query_moves", ())?;
+        Ok::<_, platform::StoreError>(())
+    })
+    .await
+    .unwrap();
+    problem(app.get(&format!("/matches/{}", ids[0])).await, 404).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let players: Vec<_> = ids[1..]
+        .iter()
+        .map(|id| tokio::spawn(keep_playing(app.clone(), id.clone(), stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || rebuild(&app, "matches-query.views"))
+            .await
+            .unwrap()
+    };
+    assert!(
+        report.contains("rebuilt matches-query.views from 5 stream(s)"),
+        "{report}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut during = 0;
+    for player in players {
+        during += player.await.unwrap();
+    }
+    assert!(
+        during > 0,
+        "moves were played while the projection was rebuilt"
+    );
+
+    for id in &ids {
+        let stream = matches::app::stream(id);
+        let replayed = db
+            .read(move |conn| aggregate::replay::<Match>(conn, &stream))
+            .await
+            .map_err(|error: EventStoreError| error.to_string())
+            .unwrap();
+        let started = replayed.state.started().unwrap();
+        let expected = serde_json::to_value(MatchView::of(started)).unwrap();
+        let turn = u64::from(started.game.turn());
+        assert_eq!(projected(&app, id, turn).await, expected, "match {id}");
+        let listed = moves(&app, id).await;
+        let turns: Vec<u64> = listed.iter().map(|m| m["turn"].as_u64().unwrap()).collect();
+        assert_eq!(turns, (1..=turn).collect::<Vec<_>>(), "match {id}'s moves");
+    }
+    db.close().await;
+    match Arc::try_unwrap(app) {
+        Ok(app) => app.stop().await,
+        Err(_) => panic!("the players still hold the app"),
+    }
 }

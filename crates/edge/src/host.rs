@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use cache::Cache;
 use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use platform::{Database, Migration, Snapshots, Subscription};
+use platform::{Database, Migration, Projection, Snapshots, Subscription};
 use std::sync::OnceLock;
 use std::time::Duration;
 use tower::ServiceBuilder;
@@ -32,6 +32,9 @@ pub struct ServiceModule {
     pub routes: fn(&ServiceContext) -> OpenApiRouter,
     /// Its consumer groups.
     pub subscriptions: fn(&ServiceContext) -> Vec<Subscription>,
+    /// Its read models kept from the event store (each a consumer group too), which
+    /// `conveyor projections` lists and rebuilds.
+    pub projections: fn() -> Vec<Projection>,
 }
 
 /// What the process gives each of its services.

@@ -11,6 +11,9 @@ pub mod header {
     pub const CONTENT_TYPE: &str = "content-type";
     /// The payload's revision (see `Upcaster`), when it is not the first.
     pub const REVISION: &str = "revision";
+    /// On an event from the event store: its stream, and its version in it.
+    pub const STREAM: &str = "stream";
+    pub const STREAM_VERSION: &str = "stream-version";
 }
 
 /// What a message asks of its receiver.

@@ -6,10 +6,11 @@
 //! outbox), and the events' global order is their position in the log: gap-free and in
 //! commit order on every backend, which is what projections read. An append names the
 //! version it decided on; if the stream moved since, nothing is written and the caller
-//! hears `Conflict`.
+//! hears `Conflict`. Each published event names its stream and version in its headers
+//! (`stream`, `stream-version`), which is how a projection knows what it has seen.
 
 use crate::db::{StoreError, UnitOfWork};
-use crate::envelope::{self, now_millis, Message};
+use crate::envelope::{self, header, now_millis, Message};
 use crate::sql::{Conn, ToValue};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,8 +111,14 @@ pub fn append<E: Message>(
     if inserted != events.len() as u64 {
         return Err(conflict(version(uow.conn(), stream)?));
     }
-    for event in events {
-        uow.emit(event)?;
+    for (event, version) in events.iter().zip(&versions) {
+        uow.emit_with(
+            event,
+            [
+                (header::STREAM, stream.to_owned()),
+                (header::STREAM_VERSION, version.to_string()),
+            ],
+        )?;
     }
     Ok(expected + events.len() as u64)
 }

@@ -119,6 +119,17 @@ CREATE TABLE IF NOT EXISTS conveyor_events (
     recorded_at INTEGER NOT NULL,
     PRIMARY KEY (stream_id, version)
 ) WITHOUT ROWID;
+-- Projections (see projection.rs): a row each, which live handling locks shared and a
+-- rebuild's swap exclusively; and the version of each stream each has applied.
+CREATE TABLE IF NOT EXISTS conveyor_projections (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conveyor_projected (
+    projection TEXT NOT NULL,
+    stream_id  TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    PRIMARY KEY (projection, stream_id)
+) WITHOUT ROWID;
 -- The newest snapshot of each stream that has one: its aggregate's state at `version`, in
 -- the state's `shape` (a snapshot of another shape is ignored and the stream replayed).
 CREATE TABLE IF NOT EXISTS conveyor_snapshots (
@@ -216,6 +227,15 @@ CREATE TABLE IF NOT EXISTS conveyor_events (
     payload     BYTEA NOT NULL,
     recorded_at BIGINT NOT NULL,
     PRIMARY KEY (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS conveyor_projections (
+    name TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS conveyor_projected (
+    projection TEXT NOT NULL,
+    stream_id  TEXT NOT NULL,
+    version    BIGINT NOT NULL,
+    PRIMARY KEY (projection, stream_id)
 );
 CREATE TABLE IF NOT EXISTS conveyor_snapshots (
     stream_id TEXT PRIMARY KEY,
@@ -315,6 +335,15 @@ CREATE TABLE IF NOT EXISTS conveyor_events (
     payload     LONGBLOB NOT NULL,
     recorded_at BIGINT NOT NULL,
     PRIMARY KEY (stream_id, version)
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_projections (
+    name VARCHAR(255) NOT NULL PRIMARY KEY
+) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
+CREATE TABLE IF NOT EXISTS conveyor_projected (
+    projection VARCHAR(255) NOT NULL,
+    stream_id  VARCHAR(255) NOT NULL,
+    version    BIGINT NOT NULL,
+    PRIMARY KEY (projection, stream_id)
 ) DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 CREATE TABLE IF NOT EXISTS conveyor_snapshots (
     stream_id VARCHAR(255) NOT NULL PRIMARY KEY,

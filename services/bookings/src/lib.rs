@@ -18,4 +18,5 @@ pub const MODULE: ServiceModule = ServiceModule {
     migrations: store::MIGRATIONS,
     routes: |context| http::routes(app::Bookings::new(context.db.clone())),
     subscriptions: |_context| app::subscriptions(),
+    projections: Vec::new,
 };

@@ -16,4 +16,5 @@ pub const MODULE: ServiceModule = ServiceModule {
     migrations: store::MIGRATIONS,
     routes: |context| http::routes(app::Events::new(context.db.clone())),
     subscriptions: |_context| Vec::new(),
+    projections: Vec::new,
 };

@@ -21,6 +21,7 @@ pub const MODULE: ServiceModule = ServiceModule {
         http::command_routes(app::Matches::new(context.db.clone(), context.snapshots))
     },
     subscriptions: |_| Vec::new(),
+    projections: Vec::new,
 };
 
 /// The query side: `GET /matches`, `GET /matches/{id}`, `GET /matches/{id}/moves`.
@@ -28,5 +29,6 @@ pub const QUERY_MODULE: ServiceModule = ServiceModule {
     name: "matches-query",
     migrations: views::MIGRATIONS,
     routes: |context| http::query_routes(context.db.clone()),
-    subscriptions: |_| views::subscriptions(),
+    subscriptions: |_| Vec::new(),
+    projections: || vec![views::projection()],
 };

@@ -2,19 +2,23 @@
 //! as they are stored (a match with its board, a summary, each move), and the reads.
 //!
 //! The projection is a consumer group: its offsets are its checkpoint, and its updates
-//! commit with its inbox marks, so after a crash or a restart it resumes where it stopped
-//! and applies each event exactly once.
+//! commit with its inbox marks and the version it applied of each match's stream, so after
+//! a crash or a restart it resumes where it stopped and applies each event exactly once.
+//! `conveyor projections rebuild matches-query.views` rebuilds it from the event store.
 
 use crate::api::{Change, MatchEvent};
 use crate::app::Started;
 use crate::domain::{Color, Point};
+use platform::projection::{Projected, Tables};
 use platform::sql::{Conn, Error};
-use platform::{HandlerError, Incoming, Migration, Subscription, UnitOfWork};
+use platform::{HandlerError, Migration, Projection};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// The projection's consumer group.
-pub const GROUP: &str = "matches-query.views";
+/// The projection, named as its consumer group.
+pub const PROJECTION: &str = "matches-query.views";
+const VIEWS: &str = "matches_query_views";
+const MOVES: &str = "matches_query_moves";
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
     service: "matches-query",
@@ -265,49 +269,52 @@ impl MoveView {
     }
 }
 
-pub fn subscriptions() -> Vec<Subscription> {
-    vec![Subscription::new(GROUP).on(project)]
+pub fn projection() -> Projection {
+    Projection::new(PROJECTION, &[VIEWS, MOVES], project)
 }
 
-fn project(incoming: Incoming<MatchEvent>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
-    let MatchEvent { match_id, change } = incoming.message;
-    let conn = uow.conn();
-    let view = match &change {
+fn project(
+    tables: &Tables,
+    conn: &Conn,
+    projected: &Projected<MatchEvent>,
+) -> Result<(), HandlerError> {
+    let MatchEvent { match_id, change } = &projected.event;
+    let (views, moves) = (tables.name(VIEWS), tables.name(MOVES));
+    let view = match change {
         Change::MatchStarted {
             gridsize,
             black,
             white,
             started_at,
-        } => MatchView::started(&match_id, *gridsize, black, white, *started_at),
+        } => MatchView::started(match_id, *gridsize, black, white, *started_at),
         change => {
-            let Some(mut view) = view(conn, &match_id)? else {
-                // Events of one match arrive in order: a move before its start is a bug upstream.
+            let Some(mut view) = view(conn, &views, match_id)? else {
+                // A stream starts with its MatchStarted: this one is broken upstream.
                 return Err(HandlerError::permanent(format!(
-                    "{} for match {match_id}, which has not started",
-                    incoming.envelope.name
+                    "version {} of {} precedes its match's start",
+                    projected.version, projected.stream
                 )));
             };
             view.apply(change);
             if let Some(played) = MoveView::of(view.turn, change) {
                 conn.execute(
-                    "INSERT INTO matches_query_moves (match_id, turn, body) VALUES (?, ?, ?) \
-                     ON CONFLICT (match_id, turn) DO NOTHING",
-                    (&match_id, i64::from(played.turn), json(&played)?),
+                    &format!(
+                        "INSERT INTO {moves} (match_id, turn, body) VALUES (?, ?, ?) \
+                         ON CONFLICT (match_id, turn) DO NOTHING"
+                    ),
+                    (match_id, i64::from(played.turn), json(&played)?),
                 )?;
             }
             view
         }
     };
     conn.execute(
-        "INSERT INTO matches_query_views (id, status, view, summary) VALUES (?, ?, ?, ?) \
-         ON CONFLICT (id) DO UPDATE SET status = excluded.status, view = excluded.view, \
-         summary = excluded.summary",
-        (
-            &match_id,
-            &view.status,
-            json(&view)?,
-            json(&view.summary())?,
+        &format!(
+            "INSERT INTO {views} (id, status, view, summary) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, view = excluded.view, \
+             summary = excluded.summary"
         ),
+        (match_id, &view.status, json(&view)?, json(&view.summary())?),
     )?;
     Ok(())
 }
@@ -316,8 +323,13 @@ fn json(value: &impl Serialize) -> Result<String, HandlerError> {
     serde_json::to_string(value).map_err(HandlerError::permanent)
 }
 
-fn view(conn: &Conn, match_id: &str) -> Result<Option<MatchView>, HandlerError> {
-    let Some(body) = document(conn, match_id)? else {
+fn view(conn: &Conn, views: &str, match_id: &str) -> Result<Option<MatchView>, HandlerError> {
+    let body: Option<String> = conn.query_opt(
+        &format!("SELECT view FROM {views} WHERE id = ?"),
+        [match_id],
+        |row| row.get(0),
+    )?;
+    let Some(body) = body else {
         return Ok(None);
     };
     serde_json::from_str(&body)

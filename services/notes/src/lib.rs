@@ -26,4 +26,5 @@ pub const MODULE: ServiceModule = ServiceModule {
         http::routes(notes)
     },
     subscriptions: |context| app::subscriptions(context.workers.batch, context.workers.wait),
+    projections: Vec::new,
 };

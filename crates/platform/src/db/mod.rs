@@ -182,6 +182,15 @@ impl UnitOfWork {
     /// Queues `message` for publication; it is written in this transaction and delivered
     /// only after the transaction commits.
     pub fn emit<M: Message>(&mut self, message: &M) -> Result<(), StoreError> {
+        self.emit_with(message, [])
+    }
+
+    /// `emit`, with `extra` headers.
+    pub(crate) fn emit_with<M: Message, const N: usize>(
+        &mut self,
+        message: &M,
+        extra: [(&str, String); N],
+    ) -> Result<(), StoreError> {
         let payload = serde_json::to_vec(message).map_err(|source| StoreError::Encode {
             name: M::NAME,
             source,
@@ -192,6 +201,7 @@ impl UnitOfWork {
             header::CONTENT_TYPE.to_owned(),
             "application/json".to_owned(),
         );
+        headers.extend(extra.map(|(name, value)| (name.to_owned(), value)));
         let revision = crate::envelope::revision::<M>(name);
         if revision > 1 {
             headers.insert(header::REVISION.to_owned(), revision.to_string());
@@ -527,6 +537,21 @@ impl Database {
     /// Applies the migrations not yet applied, in order. On SQLite each is one unit of work;
     /// on a server each runs on a connection of its own, holding a lock that keeps other
     /// processes from migrating at the same time (see `server::migrate`).
+    /// Runs `change` (DDL: creating or dropping tables) on a connection of its own, holding
+    /// the schema lock, outside every unit of work: MySQL commits a transaction that runs
+    /// DDL, which inside a batch would commit its other units early.
+    pub async fn change_schema<F>(&self, change: F) -> Result<(), StoreError>
+    where
+        F: Fn(&Conn) -> Result<(), StoreError> + Send + Sync + 'static,
+    {
+        if let Some(server) = self.inner.server.clone() {
+            return tokio::task::spawn_blocking(move || server::change_schema(&server, change))
+                .await
+                .map_err(|_| StoreError::Panicked)?;
+        }
+        self.write(move |uow| change(uow.conn())).await
+    }
+
     pub async fn migrate(&self, migrations: &[Migration]) -> Result<(), StoreError> {
         if let Some(server) = self.inner.server.clone() {
             let migrations = migrations.to_vec();

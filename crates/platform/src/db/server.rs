@@ -133,6 +133,22 @@ pub(super) fn migrate(server: &ServerUrl, migrations: &[Migration]) -> Result<()
     })
 }
 
+/// See `Database::change_schema`.
+pub(super) fn change_schema(
+    server: &ServerUrl,
+    change: impl FnOnce(&Conn) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let conn = server.connect()?;
+    locked(&conn, || match conn.backend() {
+        Backend::Postgres => {
+            conn.execute_batch("BEGIN")?;
+            change(&conn)?;
+            Ok(conn.execute_batch("COMMIT")?)
+        }
+        _ => change(&conn),
+    })
+}
+
 /// Runs `work` holding the schema lock: a session lock, released however `work` ends.
 fn locked<T>(conn: &Conn, work: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
     match conn.backend() {

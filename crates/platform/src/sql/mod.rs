@@ -491,6 +491,34 @@ impl Conn {
         }
     }
 
+    /// Creates the empty table `copy` with `table`'s columns, keys and indexes. SQLite has
+    /// no `CREATE TABLE … LIKE`: its copy replays `table`'s own DDL with the name replaced
+    /// (index names that start with it too, so they stay unique).
+    pub fn create_table_like(&self, copy: &str, table: &str) -> Result<(), Error> {
+        match self.backend() {
+            Backend::Postgres => {
+                self.execute_batch(&format!("CREATE TABLE {copy} (LIKE {table} INCLUDING ALL)"))
+            }
+            Backend::Mysql => self.execute_batch(&format!("CREATE TABLE {copy} LIKE {table}")),
+            Backend::Sqlite => {
+                // 'table' sorts after 'index': the table is created before its indexes.
+                let definitions: Vec<String> = self.query_map(
+                    "SELECT sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL \
+                     ORDER BY type DESC",
+                    [table],
+                    |row| row.get(0),
+                )?;
+                if definitions.is_empty() {
+                    return Err(Error::corrupt(table, "no such table to copy"));
+                }
+                for definition in definitions {
+                    self.execute_batch(&definition.replace(table, copy))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Runs statements that take no parameters, separated by semicolons, in one round trip.
     pub fn execute_batch(&self, sql: &str) -> Result<(), Error> {
         match &self.kind {

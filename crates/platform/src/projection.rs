@@ -1,0 +1,450 @@
+//! Projections: read models kept from an aggregate's events, and rebuilt from the event
+//! store while the service keeps serving.
+//!
+//! Live, a projection is a consumer group (its offsets are its checkpoint): each event it is
+//! delivered names its stream and version (headers the event store writes), and the version
+//! the projection has applied of each stream is kept beside its tables, in
+//! `conveyor_projected`, in the same transaction. So an event it already applied changes
+//! nothing, and one that arrives past a gap (the events between were applied to tables a
+//! rebuild has since replaced) first brings its stream up to date from the event store.
+//!
+//! A rebuild writes every stream into shadow tables (`<table>_rebuild`), catches up, then,
+//! in one transaction that live handling waits for, copies the shadows over the live tables
+//! and takes their versions. It reads the event store rather than the log: the store keeps
+//! every event forever, the log only until retention. Events of one stream are applied in
+//! order; across streams a projection must not rely on order, as live delivery promises
+//! order only per key.
+
+use crate::db::{Database, StoreError, UnitOfWork};
+use crate::envelope::{header, Message};
+use crate::event_store::{self, EventStoreError};
+use crate::handler::{HandlerError, Incoming, Subscription};
+use crate::sql::{Backend, Conn, ToValue};
+use std::sync::Arc;
+
+/// Streams a rebuild writes in one transaction.
+const STREAMS_PER_UNIT: usize = 100;
+/// The name a rebuild keeps its versions under, beside the live ones.
+const REBUILDING: &str = "~rebuild";
+/// The suffix of a projection's shadow tables.
+const SHADOW: &str = "_rebuild";
+
+/// The physical names of a projection's tables: the live ones, or a rebuild's shadows.
+#[derive(Debug, Clone, Copy)]
+pub struct Tables {
+    suffix: &'static str,
+}
+
+impl Tables {
+    pub const LIVE: Tables = Tables { suffix: "" };
+    const SHADOW: Tables = Tables { suffix: SHADOW };
+
+    /// Where `table` (one of the projection's) is written.
+    pub fn name(&self, table: &str) -> String {
+        format!("{table}{}", self.suffix)
+    }
+}
+
+/// One stored event, for a projection: its stream and version, and the event.
+#[derive(Debug, Clone)]
+pub struct Projected<E> {
+    pub stream: String,
+    pub version: u64,
+    pub event: E,
+}
+
+type Apply<E> = fn(&Tables, &Conn, &Projected<E>) -> Result<(), HandlerError>;
+
+/// A read model: the tables it owns and how an event changes them.
+#[derive(Clone)]
+pub struct Projection {
+    name: &'static str,
+    tables: &'static [&'static str],
+    topic: &'static str,
+    names: &'static [&'static str],
+    kind: Arc<dyn Kind>,
+}
+
+impl std::fmt::Debug for Projection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projection")
+            .field("name", &self.name)
+            .field("tables", &self.tables)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the projection does with events of its own type, type-erased.
+trait Kind: Send + Sync {
+    fn subscription(&self, projection: &Projection) -> Subscription;
+
+    /// Brings `stream` up to its newest version in `tables`; how many events that applied.
+    fn catch_up(
+        &self,
+        projection: &Projection,
+        tables: Tables,
+        conn: &Conn,
+        stream: &str,
+    ) -> Result<u64, HandlerError>;
+}
+
+struct Typed<E> {
+    apply: Apply<E>,
+}
+
+impl<E: Message> Kind for Typed<E> {
+    fn subscription(&self, projection: &Projection) -> Subscription {
+        let (projection, apply) = (projection.clone(), self.apply);
+        Subscription::new(projection.name).on(move |incoming: Incoming<E>, uow: &mut UnitOfWork| {
+            projection.handle(apply, incoming, uow)
+        })
+    }
+
+    fn catch_up(
+        &self,
+        projection: &Projection,
+        tables: Tables,
+        conn: &Conn,
+        stream: &str,
+    ) -> Result<u64, HandlerError> {
+        let key = projection.key(tables);
+        let applied = projected_version(conn, &key, stream)?;
+        projection.apply_stored(self.apply, tables, conn, stream, applied, u64::MAX)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Handler(#[from] HandlerError),
+}
+
+impl From<crate::sql::Error> for ProjectionError {
+    fn from(error: crate::sql::Error) -> Self {
+        ProjectionError::Store(error.into())
+    }
+}
+
+/// Where a projection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Streams of its events in the event store.
+    pub streams: u64,
+    /// Streams whose newest event it has applied.
+    pub current: u64,
+}
+
+impl Projection {
+    /// A projection named after its consumer group (`<service>.<name>`), owning `tables`
+    /// (created by its service's migrations), kept by `apply` from events of type `E`.
+    pub fn new<E: Message>(
+        name: &'static str,
+        tables: &'static [&'static str],
+        apply: Apply<E>,
+    ) -> Projection {
+        Projection {
+            name,
+            tables,
+            topic: E::TOPIC,
+            names: E::NAMES,
+            kind: Arc::new(Typed { apply }),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn tables(&self) -> &'static [&'static str] {
+        self.tables
+    }
+
+    /// The topic its events are published on.
+    pub fn topic(&self) -> &'static str {
+        self.topic
+    }
+
+    /// The consumer group that keeps the live tables.
+    pub fn subscription(&self) -> Subscription {
+        self.kind.subscription(self)
+    }
+
+    /// Creates the row live handling locks, so that a rebuild's swap can wait for it.
+    pub async fn register(&self, db: &Database) -> Result<(), StoreError> {
+        let name = self.name;
+        db.write(move |uow| {
+            uow.conn().execute(
+                "INSERT INTO conveyor_projections (name) VALUES (?) ON CONFLICT (name) DO NOTHING",
+                [name],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The key its versions are kept under in `conveyor_projected`.
+    fn key(&self, tables: Tables) -> String {
+        if tables.suffix.is_empty() {
+            self.name.to_owned()
+        } else {
+            format!("{}{REBUILDING}", self.name)
+        }
+    }
+
+    /// Live handling of one delivered event.
+    fn handle<E: Message>(
+        &self,
+        apply: Apply<E>,
+        incoming: Incoming<E>,
+        uow: &mut UnitOfWork,
+    ) -> Result<(), HandlerError> {
+        let envelope = &incoming.envelope;
+        let (Some(stream), Some(version)) = (
+            envelope.header(header::STREAM),
+            envelope
+                .header(header::STREAM_VERSION)
+                .and_then(|version| version.parse::<u64>().ok()),
+        ) else {
+            return Err(HandlerError::permanent(format!(
+                "{} carries no stream version: projections follow the event store's events",
+                envelope.name
+            )));
+        };
+        let conn = uow.conn();
+        lock(conn, self.name, Lock::Shared)?;
+        let applied = projected_version(conn, self.name, stream)?;
+        if version <= applied {
+            return Ok(());
+        }
+        if version == applied + 1 {
+            let projected = Projected {
+                stream: stream.to_owned(),
+                version,
+                event: incoming.message,
+            };
+            apply(&Tables::LIVE, conn, &projected)?;
+            return set_projected_version(conn, self.name, stream, version);
+        }
+        // A gap: what came between went to tables a rebuild replaced since.
+        self.apply_stored(apply, Tables::LIVE, conn, stream, applied, version)
+            .map(drop)
+    }
+
+    /// Applies the stored events of `stream` after `applied`, up to `up_to`.
+    fn apply_stored<E: Message>(
+        &self,
+        apply: Apply<E>,
+        tables: Tables,
+        conn: &Conn,
+        stream: &str,
+        applied: u64,
+        up_to: u64,
+    ) -> Result<u64, HandlerError> {
+        let events = event_store::load::<E>(conn, stream, applied).map_err(stored_error)?;
+        let mut count = 0;
+        let mut last = applied;
+        for recorded in events.into_iter().take_while(|r| r.version <= up_to) {
+            last = recorded.version;
+            let projected = Projected {
+                stream: stream.to_owned(),
+                version: recorded.version,
+                event: recorded.event,
+            };
+            apply(&tables, conn, &projected)?;
+            count += 1;
+        }
+        if count > 0 {
+            set_projected_version(conn, &self.key(tables), stream, last)?;
+        }
+        Ok(count)
+    }
+
+    /// How many of the store's streams it has applied in full.
+    pub async fn status(&self, db: &Database) -> Result<Status, StoreError> {
+        let projection = self.clone();
+        db.read(move |conn| {
+            let streams = streams(conn, projection.names)?;
+            let mut current = 0;
+            for (stream, version) in &streams {
+                if projected_version(conn, projection.name, stream)? >= *version {
+                    current += 1;
+                }
+            }
+            Ok(Status {
+                streams: streams.len() as u64,
+                current,
+            })
+        })
+        .await
+    }
+
+    /// Rebuilds the projection from the event store into shadow tables and swaps them in,
+    /// while live handling goes on; `progress` hears (streams done, streams in all).
+    pub async fn rebuild(
+        &self,
+        db: &Database,
+        progress: impl Fn(u64, u64),
+    ) -> Result<u64, ProjectionError> {
+        self.register(db).await?;
+        let tables = self.tables;
+        db.change_schema(move |conn| {
+            for table in tables {
+                let shadow = Tables::SHADOW.name(table);
+                conn.execute_batch(&format!("DROP TABLE IF EXISTS {shadow}"))?;
+                conn.create_table_like(&shadow, table)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let key = self.key(Tables::SHADOW);
+        db.write(move |uow| {
+            uow.conn().execute(
+                "DELETE FROM conveyor_projected WHERE projection = ?",
+                [key.as_str()],
+            )?;
+            Ok::<_, StoreError>(())
+        })
+        .await?;
+        let names = self.names;
+        let streams: Vec<String> = db
+            .read(move |conn| Ok::<_, StoreError>(streams(conn, names)?))
+            .await?
+            .into_iter()
+            .map(|(stream, _)| stream)
+            .collect();
+        let total = streams.len() as u64;
+        let mut done = 0;
+        for chunk in streams.chunks(STREAMS_PER_UNIT) {
+            let (projection, streams) = (self.clone(), chunk.to_vec());
+            db.write(move |uow| {
+                for stream in &streams {
+                    projection
+                        .kind
+                        .catch_up(&projection, Tables::SHADOW, uow.conn(), stream)?;
+                }
+                Ok::<_, ProjectionError>(())
+            })
+            .await?;
+            done += chunk.len() as u64;
+            progress(done, total);
+        }
+        self.swap(db).await?;
+        Ok(total)
+    }
+
+    /// Copies the caught-up shadows over the live tables, with their versions, while live
+    /// handling waits; then drops the shadows.
+    async fn swap(&self, db: &Database) -> Result<(), ProjectionError> {
+        let projection = self.clone();
+        db.write(move |uow| {
+            let conn = uow.conn();
+            lock(conn, projection.name, Lock::Exclusive)?;
+            // Streams that moved since the rebuild read them, as of this transaction.
+            for (stream, _) in streams(conn, projection.names)? {
+                projection
+                    .kind
+                    .catch_up(&projection, Tables::SHADOW, conn, &stream)?;
+            }
+            for table in projection.tables {
+                let shadow = Tables::SHADOW.name(table);
+                conn.execute(&format!("DELETE FROM {table}"), ())?;
+                conn.execute(&format!("INSERT INTO {table} SELECT * FROM {shadow}"), ())?;
+            }
+            conn.execute(
+                "DELETE FROM conveyor_projected WHERE projection = ?",
+                [projection.name],
+            )?;
+            conn.execute(
+                "UPDATE conveyor_projected SET projection = ? WHERE projection = ?",
+                (projection.name, projection.key(Tables::SHADOW)),
+            )?;
+            Ok::<_, ProjectionError>(())
+        })
+        .await?;
+        let tables = self.tables;
+        db.change_schema(move |conn| {
+            for table in tables {
+                conn.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS {}",
+                    Tables::SHADOW.name(table)
+                ))?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+fn stored_error(error: EventStoreError) -> HandlerError {
+    match error {
+        EventStoreError::Store(error) => error.into(),
+        other => HandlerError::permanent(other),
+    }
+}
+
+enum Lock {
+    /// Live handling: many at once.
+    Shared,
+    /// A swap: alone.
+    Exclusive,
+}
+
+/// Takes the projection's lock for the rest of the transaction. SQLite has one writer at a
+/// time already.
+fn lock(conn: &Conn, name: &str, lock: Lock) -> Result<(), StoreError> {
+    let mode = match (conn.backend(), lock) {
+        (Backend::Sqlite, _) => return Ok(()),
+        (Backend::Postgres, Lock::Shared) => "FOR SHARE",
+        (Backend::Mysql, Lock::Shared) => "LOCK IN SHARE MODE",
+        (_, Lock::Exclusive) => "FOR UPDATE",
+    };
+    conn.query_opt(
+        &format!("SELECT name FROM conveyor_projections WHERE name = ? {mode}"),
+        [name],
+        |row| row.get::<String>(0),
+    )?;
+    Ok(())
+}
+
+/// Every stream holding events of these names, with its newest version.
+fn streams(conn: &Conn, names: &[&str]) -> Result<Vec<(String, u64)>, crate::sql::Error> {
+    let placeholders = vec!["?"; names.len()].join(", ");
+    let values: Vec<&dyn ToValue> = names.iter().map(|name| name as &dyn ToValue).collect();
+    conn.query_map(
+        &format!(
+            "SELECT stream_id, MAX(version) FROM conveyor_events \
+             WHERE name IN ({placeholders}) GROUP BY stream_id ORDER BY stream_id"
+        ),
+        values.as_slice(),
+        |row| {
+            let version: i64 = row.get(1)?;
+            Ok((row.get(0)?, u64::try_from(version).unwrap_or_default()))
+        },
+    )
+}
+
+fn projected_version(conn: &Conn, key: &str, stream: &str) -> Result<u64, StoreError> {
+    let version: Option<i64> = conn.query_opt(
+        "SELECT version FROM conveyor_projected WHERE projection = ? AND stream_id = ?",
+        (key, stream),
+        |row| row.get(0),
+    )?;
+    Ok(version.map_or(0, |version| u64::try_from(version).unwrap_or_default()))
+}
+
+fn set_projected_version(
+    conn: &Conn,
+    key: &str,
+    stream: &str,
+    version: u64,
+) -> Result<(), HandlerError> {
+    conn.execute(
+        "INSERT INTO conveyor_projected (projection, stream_id, version) VALUES (?, ?, ?) \
+         ON CONFLICT (projection, stream_id) DO UPDATE SET version = excluded.version",
+        (key, stream, i64::try_from(version).unwrap_or(i64::MAX)),
+    )?;
+    Ok(())
+}
