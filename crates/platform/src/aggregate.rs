@@ -11,6 +11,8 @@ use crate::event_store::{self, EventStoreError};
 use crate::sql::Conn;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 /// The state of one stream, rebuilt from its events.
 pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + 'static {
@@ -125,9 +127,26 @@ pub fn execute<A: Aggregate>(
     snapshots: Snapshots,
     command: &A::Command,
 ) -> Result<Executed<A>, ExecuteError<A::Error>> {
-    let Loaded { mut state, version } = load::<A>(uow.conn(), stream)?;
+    execute_from(uow, stream, None, snapshots, command)
+}
+
+/// `execute`, starting from `known`, a state of the stream that was committed (from a
+/// `Cache`), so that only the events after it are read.
+pub fn execute_from<A: Aggregate>(
+    uow: &mut UnitOfWork,
+    stream: &str,
+    known: Option<Loaded<A>>,
+    snapshots: Snapshots,
+    command: &A::Command,
+) -> Result<Executed<A>, ExecuteError<A::Error>> {
+    let Loaded { mut state, version } = match known {
+        Some(known) => replay_onto(uow.conn(), stream, known)?,
+        // With snapshots off there is none to read: replay, a round trip sooner.
+        None if snapshots == Snapshots::OFF => replay::<A>(uow.conn(), stream)?,
+        None => load::<A>(uow.conn(), stream)?,
+    };
     let events = state.decide(command).map_err(ExecuteError::Refused)?;
-    let new_version = event_store::append(uow, stream, version, &events)?;
+    let new_version = event_store::append_read(uow, stream, version, &events)?;
     for event in &events {
         state.apply(event);
     }
@@ -139,6 +158,50 @@ pub fn execute<A: Aggregate>(
         version: new_version,
         events,
     })
+}
+
+/// Committed states of recently used streams, so that a command reads only the events
+/// after the state it starts from. Only a state whose unit of work committed may be put
+/// here: a version of a stream, once committed, is the same state forever, in every process,
+/// so a cached state is never wrong, only possibly old (and then its tail is read).
+pub struct Cache<A> {
+    streams: Mutex<HashMap<String, Loaded<A>>>,
+    capacity: usize,
+}
+
+impl<A: Aggregate + Clone> Cache<A> {
+    pub fn new(capacity: usize) -> Cache<A> {
+        Cache {
+            streams: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    pub fn get(&self, stream: &str) -> Option<Loaded<A>> {
+        self.lock().get(stream).cloned()
+    }
+
+    /// Keeps `loaded` unless a newer state of the stream is kept already.
+    pub fn put(&self, stream: &str, loaded: Loaded<A>) {
+        let mut streams = self.lock();
+        if let Some(kept) = streams.get_mut(stream) {
+            if kept.version < loaded.version {
+                *kept = loaded;
+            }
+            return;
+        }
+        if streams.len() >= self.capacity {
+            // Any stream will do: reading one back costs one snapshot and its tail.
+            if let Some(evicted) = streams.keys().next().cloned() {
+                streams.remove(&evicted);
+            }
+        }
+        streams.insert(stream.to_owned(), loaded);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Loaded<A>>> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl<A: Default> Default for Loaded<A> {

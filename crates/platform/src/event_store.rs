@@ -64,6 +64,24 @@ pub fn append<E: Message>(
     if actual != expected {
         return Err(conflict(actual));
     }
+    append_read(uow, stream, expected, events)
+}
+
+/// `append`, for a caller that has just read `stream` to its end in this unit of work and
+/// found it at `expected`: no need to ask again. A command that appended meanwhile (on a
+/// server, committed since the read) holds the same versions, so the insert writes nothing
+/// and this is still a `Conflict`.
+pub(crate) fn append_read<E: Message>(
+    uow: &mut UnitOfWork,
+    stream: &str,
+    expected: u64,
+    events: &[E],
+) -> Result<u64, EventStoreError> {
+    let conflict = |actual| EventStoreError::Conflict {
+        stream: stream.to_owned(),
+        expected,
+        actual,
+    };
     if events.is_empty() {
         return Ok(expected);
     }

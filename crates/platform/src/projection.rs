@@ -18,10 +18,16 @@
 use crate::db::{Database, StoreError, UnitOfWork};
 use crate::envelope::{header, Message};
 use crate::event_store::{self, EventStoreError};
-use crate::handler::{HandlerError, Incoming, Subscription};
+use crate::handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
 use crate::sql::{Backend, Conn, ToValue};
+use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Most events live handling applies in one transaction, and how long it waits for them:
+/// a read model may lag a few milliseconds, and bigger batches write each row once for
+/// several events (a match's view, for its moves).
+const BATCH: u16 = 256;
+const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 /// Streams a rebuild writes in one transaction.
 const STREAMS_PER_UNIT: usize = 100;
 /// The name a rebuild keeps its versions under, beside the live ones.
@@ -53,7 +59,9 @@ pub struct Projected<E> {
     pub event: E,
 }
 
-type Apply<E> = fn(&Tables, &Conn, &Projected<E>) -> Result<(), HandlerError>;
+/// Applies events to the tables, in order: several streams' events may come in one call,
+/// each stream's in its order, so that a projection can write each of its rows once.
+type Apply<E> = fn(&Tables, &Conn, &[Projected<E>]) -> Result<(), HandlerError>;
 
 /// A read model: the tables it owns and how an event changes them.
 #[derive(Clone)]
@@ -95,9 +103,15 @@ struct Typed<E> {
 impl<E: Message> Kind for Typed<E> {
     fn subscription(&self, projection: &Projection) -> Subscription {
         let (projection, apply) = (projection.clone(), self.apply);
-        Subscription::new(projection.name).on(move |incoming: Incoming<E>, uow: &mut UnitOfWork| {
-            projection.handle(apply, incoming, uow)
-        })
+        Subscription::new(projection.name)
+            .on_batch(move |incoming: Vec<Incoming<E>>, uow: &mut UnitOfWork| {
+                projection.handle(apply, incoming, uow)
+            })
+            .with_options(ConsumerOptions {
+                batch: BATCH,
+                linger: LINGER,
+                ..ConsumerOptions::default()
+            })
     }
 
     fn catch_up(
@@ -109,7 +123,7 @@ impl<E: Message> Kind for Typed<E> {
     ) -> Result<u64, HandlerError> {
         let key = projection.key(tables);
         let applied = projected_version(conn, &key, stream)?;
-        projection.apply_stored(self.apply, tables, conn, stream, applied, u64::MAX)
+        projection.apply_stored(self.apply, tables, conn, stream, applied)
     }
 }
 
@@ -193,46 +207,61 @@ impl Projection {
         }
     }
 
-    /// Live handling of one delivered event.
+    /// Live handling of delivered events, in log order.
     fn handle<E: Message>(
         &self,
         apply: Apply<E>,
-        incoming: Incoming<E>,
+        incoming: Vec<Incoming<E>>,
         uow: &mut UnitOfWork,
     ) -> Result<(), HandlerError> {
-        let envelope = &incoming.envelope;
-        let (Some(stream), Some(version)) = (
-            envelope.header(header::STREAM),
-            envelope
-                .header(header::STREAM_VERSION)
-                .and_then(|version| version.parse::<u64>().ok()),
-        ) else {
-            return Err(HandlerError::permanent(format!(
-                "{} carries no stream version: projections follow the event store's events",
-                envelope.name
-            )));
-        };
         let conn = uow.conn();
         lock(conn, self.name, Lock::Shared)?;
-        let applied = projected_version(conn, self.name, stream)?;
-        if version <= applied {
-            return Ok(());
-        }
-        if version == applied + 1 {
-            let projected = Projected {
-                stream: stream.to_owned(),
+        // Per stream: the version applied before this batch, and after it.
+        let mut applied: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut events = Vec::with_capacity(incoming.len());
+        for incoming in incoming {
+            let (stream, version) = stream_version(&incoming)?;
+            let (_, last) = match applied.get_mut(&stream) {
+                Some(versions) => versions,
+                None => {
+                    let before = projected_version(conn, self.name, &stream)?;
+                    applied.entry(stream.clone()).or_insert((before, before))
+                }
+            };
+            if version <= *last {
+                continue;
+            }
+            if version > *last + 1 {
+                // A gap: what came between went to tables a rebuild replaced since.
+                let stored = event_store::load::<E>(conn, &stream, *last).map_err(stored_error)?;
+                events.extend(
+                    stored
+                        .into_iter()
+                        .take_while(|recorded| recorded.version < version)
+                        .map(|recorded| Projected {
+                            stream: stream.clone(),
+                            version: recorded.version,
+                            event: recorded.event,
+                        }),
+                );
+            }
+            *last = version;
+            events.push(Projected {
+                stream,
                 version,
                 event: incoming.message,
-            };
-            apply(&Tables::LIVE, conn, &projected)?;
-            return set_projected_version(conn, self.name, stream, version);
+            });
         }
-        // A gap: what came between went to tables a rebuild replaced since.
-        self.apply_stored(apply, Tables::LIVE, conn, stream, applied, version)
-            .map(drop)
+        apply(&Tables::LIVE, conn, &events)?;
+        for (stream, (before, after)) in applied {
+            if after > before {
+                set_projected_version(conn, self.name, &stream, after)?;
+            }
+        }
+        Ok(())
     }
 
-    /// Applies the stored events of `stream` after `applied`, up to `up_to`.
+    /// Applies the stored events of `stream` after `applied`.
     fn apply_stored<E: Message>(
         &self,
         apply: Apply<E>,
@@ -240,25 +269,22 @@ impl Projection {
         conn: &Conn,
         stream: &str,
         applied: u64,
-        up_to: u64,
     ) -> Result<u64, HandlerError> {
-        let events = event_store::load::<E>(conn, stream, applied).map_err(stored_error)?;
-        let mut count = 0;
-        let mut last = applied;
-        for recorded in events.into_iter().take_while(|r| r.version <= up_to) {
-            last = recorded.version;
-            let projected = Projected {
+        let events: Vec<Projected<E>> = event_store::load::<E>(conn, stream, applied)
+            .map_err(stored_error)?
+            .into_iter()
+            .map(|recorded| Projected {
                 stream: stream.to_owned(),
                 version: recorded.version,
                 event: recorded.event,
-            };
-            apply(&tables, conn, &projected)?;
-            count += 1;
-        }
-        if count > 0 {
-            set_projected_version(conn, &self.key(tables), stream, last)?;
-        }
-        Ok(count)
+            })
+            .collect();
+        let Some(last) = events.last().map(|event| event.version) else {
+            return Ok(0);
+        };
+        apply(&tables, conn, &events)?;
+        set_projected_version(conn, &self.key(tables), stream, last)?;
+        Ok(events.len() as u64)
     }
 
     /// How many of the store's streams it has applied in full.
@@ -375,6 +401,23 @@ impl Projection {
         })
         .await?;
         Ok(())
+    }
+}
+
+/// The stream and version the event store wrote on a published event.
+fn stream_version<E>(incoming: &Incoming<E>) -> Result<(String, u64), HandlerError> {
+    let envelope = &incoming.envelope;
+    match (
+        envelope.header(header::STREAM),
+        envelope
+            .header(header::STREAM_VERSION)
+            .and_then(|version| version.parse::<u64>().ok()),
+    ) {
+        (Some(stream), Some(version)) => Ok((stream.to_owned(), version)),
+        _ => Err(HandlerError::permanent(format!(
+            "{} carries no stream version: projections follow the event store's events",
+            envelope.name
+        ))),
     }
 }
 

@@ -8,7 +8,7 @@
 mod common;
 
 use common::scalar;
-use platform::aggregate::{self, ExecuteError, Executed, Loaded};
+use platform::aggregate::{self, Cache, ExecuteError, Executed, Loaded};
 use platform::event_store::EventStoreError;
 use platform::testing::Scratch;
 use platform::{Aggregate, Message, Snapshots, StoreError, Upcaster};
@@ -20,6 +20,7 @@ on_every_backend!(
     a_snapshot_plus_its_tail_loads_what_a_replay_does,
     a_snapshot_in_another_shape_is_ignored,
     an_event_stored_at_an_old_revision_loads_as_its_new_form,
+    a_command_from_an_older_cached_state_reads_the_events_since,
 );
 
 /// A running total: the smallest aggregate with two kinds of events.
@@ -270,4 +271,51 @@ proptest::proptest! {
         }
         proptest::prop_assert_eq!(from_old, from_new);
     }
+}
+
+async fn a_command_from_an_older_cached_state_reads_the_events_since(scratch: Scratch) {
+    let db = scratch.open().await;
+    let cache = Cache::<Tally>::new(10);
+    let first = execute(&db, Snapshots::OFF, Command::Add(1)).await.unwrap();
+    cache.put(
+        "tally",
+        Loaded {
+            state: first.state,
+            version: first.version,
+        },
+    );
+    // Another process moves the stream on; this one's cache still holds version 1.
+    for amount in [10, 100] {
+        execute(&db, Snapshots::OFF, Command::Add(amount))
+            .await
+            .unwrap();
+    }
+    let known = cache.get("tally");
+    assert_eq!(known.as_ref().map(|known| known.version), Some(1));
+    let executed = db
+        .write(move |uow| {
+            aggregate::execute_from::<Tally>(
+                uow,
+                "tally",
+                known.clone(),
+                Snapshots::OFF,
+                &Command::Add(1000),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!((executed.state.total, executed.version), (1111, 4));
+    cache.put(
+        "tally",
+        Loaded {
+            state: executed.state.clone(),
+            version: executed.version,
+        },
+    );
+    // An older state never replaces a newer one.
+    cache.put("tally", Loaded::default());
+    assert_eq!(cache.get("tally").map(|kept| kept.version), Some(4));
+    let (loaded, _) = load(&db).await;
+    assert_eq!(loaded.state.total, 1111);
+    db.close().await;
 }

@@ -4,10 +4,11 @@
 
 use crate::api::{Change, MatchEvent};
 use crate::domain::{BadSize, Color, Game, Illegal, Move};
-use platform::aggregate::{self, Aggregate, ExecuteError, Executed};
+use platform::aggregate::{self, Aggregate, Cache, ExecuteError, Executed, Loaded};
 use platform::event_store::EventStoreError;
 use platform::{uuid, Database, Snapshots, StoreError};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Longest player name, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
@@ -178,16 +179,25 @@ pub fn stream(match_id: &str) -> String {
     format!("match-{match_id}")
 }
 
+/// Matches whose state the command side keeps in memory.
+const CACHED_MATCHES: usize = 10_000;
+
 /// The command side's use cases.
 #[derive(Clone)]
 pub struct Matches {
     db: Database,
     snapshots: Snapshots,
+    /// So that a move reads only the events since the match's last move in this process.
+    cache: Arc<Cache<Match>>,
 }
 
 impl Matches {
     pub fn new(db: Database, snapshots: Snapshots) -> Matches {
-        Matches { db, snapshots }
+        Matches {
+            db,
+            snapshots,
+            cache: Arc::new(Cache::new(CACHED_MATCHES)),
+        }
     }
 
     /// Runs `command` on match `match_id`; the match as it is after it.
@@ -197,23 +207,30 @@ impl Matches {
         command: Command,
     ) -> Result<Started, MatchesError> {
         let snapshots = self.snapshots;
-        self.db
+        let stream = stream(&match_id);
+        let known = self.cache.get(&stream);
+        let on = stream.clone();
+        let Executed { state, version, .. } = self
+            .db
             .write(move |uow| {
-                let Executed { state, .. } =
-                    aggregate::execute::<Match>(uow, &stream(&match_id), snapshots, &command)?;
-                state.0.ok_or(MatchesError::Refused(Refused::NoMatch))
+                Ok::<_, MatchesError>(aggregate::execute_from::<Match>(
+                    uow,
+                    &on,
+                    known.clone(),
+                    snapshots,
+                    &command,
+                )?)
             })
-            .await
-    }
-
-    /// The match as its stream holds it, or None.
-    pub async fn get(&self, match_id: String) -> Result<Option<Started>, MatchesError> {
-        self.db
-            .read(move |conn| {
-                let loaded = aggregate::load::<Match>(conn, &stream(&match_id))?;
-                Ok::<_, MatchesError>(loaded.state.0)
-            })
-            .await
+            .await?;
+        // Committed: from here on, this is the match at `version` for good.
+        self.cache.put(
+            &stream,
+            Loaded {
+                state: state.clone(),
+                version,
+            },
+        );
+        state.0.ok_or(MatchesError::Refused(Refused::NoMatch))
     }
 }
 

@@ -10,7 +10,7 @@ use crate::api::{Change, MatchEvent};
 use crate::app::Started;
 use crate::domain::{Color, Point};
 use platform::projection::{Projected, Tables};
-use platform::sql::{Conn, Error};
+use platform::sql::{Conn, Error, ToValue};
 use platform::{HandlerError, Migration, Projection};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -273,48 +273,96 @@ pub fn projection() -> Projection {
     Projection::new(PROJECTION, &[VIEWS, MOVES], project)
 }
 
+/// Each match's events in `events` change its view once: read, applied in order, written.
 fn project(
     tables: &Tables,
     conn: &Conn,
-    projected: &Projected<MatchEvent>,
+    events: &[Projected<MatchEvent>],
 ) -> Result<(), HandlerError> {
-    let MatchEvent { match_id, change } = &projected.event;
     let (views, moves) = (tables.name(VIEWS), tables.name(MOVES));
-    let view = match change {
-        Change::MatchStarted {
-            gridsize,
-            black,
-            white,
-            started_at,
-        } => MatchView::started(match_id, *gridsize, black, white, *started_at),
-        change => {
-            let Some(mut view) = view(conn, &views, match_id)? else {
-                // A stream starts with its MatchStarted: this one is broken upstream.
-                return Err(HandlerError::permanent(format!(
-                    "version {} of {} precedes its match's start",
-                    projected.version, projected.stream
-                )));
-            };
-            view.apply(change);
-            if let Some(played) = MoveView::of(view.turn, change) {
-                conn.execute(
-                    &format!(
-                        "INSERT INTO {moves} (match_id, turn, body) VALUES (?, ?, ?) \
-                         ON CONFLICT (match_id, turn) DO NOTHING"
-                    ),
-                    (match_id, i64::from(played.turn), json(&played)?),
-                )?;
-            }
-            view
+    let mut by_match: Vec<(&str, Vec<&Projected<MatchEvent>>)> = Vec::new();
+    for projected in events {
+        let match_id = projected.event.match_id.as_str();
+        match by_match.iter_mut().find(|(id, _)| *id == match_id) {
+            Some((_, changes)) => changes.push(projected),
+            None => by_match.push((match_id, vec![projected])),
         }
-    };
+    }
+    for (match_id, changes) in by_match {
+        let mut view = match &changes[0].event.change {
+            Change::MatchStarted { .. } => None,
+            _ => view(conn, &views, match_id)?,
+        };
+        let mut played = Vec::new();
+        for projected in changes {
+            match (&projected.event.change, &mut view) {
+                (
+                    Change::MatchStarted {
+                        gridsize,
+                        black,
+                        white,
+                        started_at,
+                    },
+                    _,
+                ) => {
+                    view = Some(MatchView::started(
+                        match_id,
+                        *gridsize,
+                        black,
+                        white,
+                        *started_at,
+                    ));
+                }
+                (change, Some(view)) => {
+                    view.apply(change);
+                    played.extend(MoveView::of(view.turn, change));
+                }
+                (_, None) => {
+                    // A stream starts with its MatchStarted: this one is broken upstream.
+                    return Err(HandlerError::permanent(format!(
+                        "version {} of {} precedes its match's start",
+                        projected.version, projected.stream
+                    )));
+                }
+            }
+        }
+        if let Some(view) = view {
+            write(conn, &views, &moves, &view, &played)?;
+        }
+    }
+    Ok(())
+}
+
+fn write(
+    conn: &Conn,
+    views: &str,
+    moves: &str,
+    view: &MatchView,
+    played: &[MoveView],
+) -> Result<(), HandlerError> {
+    if !played.is_empty() {
+        let bodies = played.iter().map(json).collect::<Result<Vec<_>, _>>()?;
+        let turns: Vec<i64> = played.iter().map(|m| i64::from(m.turn)).collect();
+        let mut values: Vec<&dyn ToValue> = Vec::with_capacity(played.len() * 3);
+        for (turn, body) in turns.iter().zip(&bodies) {
+            values.extend([&view.id as &dyn ToValue, turn, body]);
+        }
+        let rows = vec!["(?, ?, ?)"; played.len()].join(", ");
+        conn.execute(
+            &format!(
+                "INSERT INTO {moves} (match_id, turn, body) VALUES {rows} \
+                 ON CONFLICT (match_id, turn) DO NOTHING"
+            ),
+            values.as_slice(),
+        )?;
+    }
     conn.execute(
         &format!(
             "INSERT INTO {views} (id, status, view, summary) VALUES (?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, view = excluded.view, \
              summary = excluded.summary"
         ),
-        (match_id, &view.status, json(&view)?, json(&view.summary())?),
+        (&view.id, &view.status, json(view)?, json(&view.summary())?),
     )?;
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `conveyor bench myevents` (here) and `conveyor bench notes` (`notes.rs`).
+//! `conveyor bench myevents` (here), `conveyor bench notes` (`notes.rs`) and `conveyor bench
+//! eventstore` (`eventstore.rs`).
 //!
 //! `conveyor bench myevents`: MyEvents' throughput and latency on the embedded default or on
 //! a PostgreSQL or MySQL/MariaDB server, each figure beside a baseline measured in the same
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod eventstore;
 mod notes;
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +34,9 @@ pub enum BenchCommand {
     /// Notes: POST /save ingest vs an insert inside the request, the workers' drain rate vs
     /// bare batched inserts, and a burst of saves with the time to write them all.
     Notes(notes::NotesBenchArgs),
+    /// The event store: append and load throughput on SQLite and PostgreSQL beside the peer
+    /// cqrs-es + postgres-es, and matches' moves per second through HTTP.
+    Eventstore(eventstore::EventStoreBenchArgs),
     /// The GET baseline's server: a bare axum handler answering `/event` with the bytes of
     /// FILE. Prints its address, then serves until killed.
     #[command(hide = true)]
@@ -71,6 +76,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Myevents(args) => myevents(args).await,
         BenchCommand::Notes(args) => notes::notes(args).await,
+        BenchCommand::Eventstore(args) => eventstore::eventstore(args).await,
         BenchCommand::BareAxum { file } => serve_bare_axum(Bytes::from(std::fs::read(file)?)).await,
         BenchCommand::NotesBaseline { sqlite, db } => notes::serve_baseline(sqlite, db).await,
     }

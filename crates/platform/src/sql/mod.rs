@@ -44,7 +44,7 @@ impl fmt::Display for Backend {
 pub enum Error {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
-    #[error(transparent)]
+    #[error("{}", postgres_message(.0))]
     Postgres(#[from] ::postgres::Error),
     #[error(transparent)]
     Mysql(#[from] ::mysql::Error),
@@ -59,6 +59,17 @@ pub enum Error {
     /// Only the scheme: a URL may carry a password.
     #[error("unsupported database `{0}`: expected postgres://… or mysql://…")]
     Url(String),
+}
+
+/// The server's own words: the driver's `Display` says only "db error".
+fn postgres_message(error: &::postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{db} (SQLSTATE {})", db.code().code()),
+        None => match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        },
+    }
 }
 
 impl Error {
