@@ -32,6 +32,10 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + 'static {
     fn apply(&mut self, event: &Self::Event);
 }
 
+/// How many times a command is decided, each on the stream as it is after the last lost
+/// race, before it is a `Conflict`.
+const APPEND_ATTEMPTS: u32 = 3;
+
 /// How often a stream's state is saved, so that loading it replays only the events since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshots {
@@ -118,9 +122,10 @@ fn replay_onto<A: Aggregate>(
 }
 
 /// Loads the stream, decides `command` on it and appends what it decided, in `uow`; takes
-/// a snapshot when the stream passes a multiple of `snapshots`. A stream another command
-/// changed meanwhile (on a server database, whose writers run side by side) fails with
-/// `EventStoreError::Conflict` and the caller's unit must fail with it.
+/// a snapshot when the stream passes a multiple of `snapshots`. If another command changed
+/// the stream meanwhile (on a server database, whose writers run side by side), the command
+/// is decided again on what that one left, in the same unit; a stream that keeps moving
+/// fails with `EventStoreError::Conflict`, and the caller's unit must fail with it.
 pub fn execute<A: Aggregate>(
     uow: &mut UnitOfWork,
     stream: &str,
@@ -139,14 +144,44 @@ pub fn execute_from<A: Aggregate>(
     snapshots: Snapshots,
     command: &A::Command,
 ) -> Result<Executed<A>, ExecuteError<A::Error>> {
-    let Loaded { mut state, version } = match known {
-        Some(known) => replay_onto(uow.conn(), stream, known)?,
+    // From a committed state, the append itself says whether the stream moved on since
+    // (then it writes nothing): read the events after it only then.
+    let (mut loaded, mut read) = match known {
+        Some(known) => (known, false),
         // With snapshots off there is none to read: replay, a round trip sooner.
-        None if snapshots == Snapshots::OFF => replay::<A>(uow.conn(), stream)?,
-        None => load::<A>(uow.conn(), stream)?,
+        None if snapshots == Snapshots::OFF => (replay::<A>(uow.conn(), stream)?, true),
+        None => (load::<A>(uow.conn(), stream)?, true),
     };
-    let events = state.decide(command).map_err(ExecuteError::Refused)?;
-    let new_version = event_store::append_read(uow, stream, version, &events)?;
+    let mut attempts = 0;
+    let (events, new_version) = loop {
+        attempts += 1;
+        let events = loaded
+            .state
+            .decide(command)
+            .map_err(ExecuteError::Refused)?;
+        let appended = if events.is_empty() && !read {
+            None
+        } else {
+            event_store::try_append(uow, stream, loaded.version, &events)?
+        };
+        match appended {
+            Some(new_version) => break (events, new_version),
+            // Another command got there first: decide again on what it left.
+            None if attempts < APPEND_ATTEMPTS => {
+                loaded = replay_onto(uow.conn(), stream, loaded)?;
+                read = true;
+            }
+            None => {
+                return Err(EventStoreError::Conflict {
+                    stream: stream.to_owned(),
+                    expected: loaded.version,
+                    actual: event_store::version(uow.conn(), stream)?,
+                }
+                .into())
+            }
+        }
+    };
+    let Loaded { mut state, version } = loaded;
     for event in &events {
         state.apply(event);
     }

@@ -64,26 +64,26 @@ pub fn append<E: Message>(
     if actual != expected {
         return Err(conflict(actual));
     }
-    append_read(uow, stream, expected, events)
+    match try_append(uow, stream, expected, events)? {
+        Some(version) => Ok(version),
+        None => Err(conflict(version(uow.conn(), stream)?)),
+    }
 }
 
-/// `append`, for a caller that has just read `stream` to its end in this unit of work and
-/// found it at `expected`: no need to ask again. A command that appended meanwhile (on a
-/// server, committed since the read) holds the same versions, so the insert writes nothing
-/// and this is still a `Conflict`.
-pub(crate) fn append_read<E: Message>(
+/// Appends `events` at `expected` unless the stream has moved past it, and then writes
+/// nothing: `Ok(None)`. For a caller that read the stream to `expected` in this unit of work,
+/// or holds a state of it that was committed at `expected` (so the stream is at `expected`
+/// or beyond, never behind, and whether it moved on is the insert's to say: version
+/// `expected + 1` exists then). A stream that moved on by fewer events than are appended
+/// takes some of them: that is a `Conflict`, and the caller's unit must fail.
+pub(crate) fn try_append<E: Message>(
     uow: &mut UnitOfWork,
     stream: &str,
     expected: u64,
     events: &[E],
-) -> Result<u64, EventStoreError> {
-    let conflict = |actual| EventStoreError::Conflict {
-        stream: stream.to_owned(),
-        expected,
-        actual,
-    };
+) -> Result<Option<u64>, EventStoreError> {
     if events.is_empty() {
-        return Ok(expected);
+        return Ok(Some(expected));
     }
     let payloads = events
         .iter()
@@ -126,8 +126,15 @@ pub(crate) fn append_read<E: Message>(
         ),
         values.as_slice(),
     )?;
+    if inserted == 0 {
+        return Ok(None);
+    }
     if inserted != events.len() as u64 {
-        return Err(conflict(version(uow.conn(), stream)?));
+        return Err(EventStoreError::Conflict {
+            stream: stream.to_owned(),
+            expected,
+            actual: version(uow.conn(), stream)?,
+        });
     }
     for (event, version) in events.iter().zip(&versions) {
         uow.emit_with(
@@ -138,7 +145,7 @@ pub(crate) fn append_read<E: Message>(
             ],
         )?;
     }
-    Ok(expected + events.len() as u64)
+    Ok(Some(expected + events.len() as u64))
 }
 
 /// The events of `stream` after version `after` (0: all of them), in order, each upcast
