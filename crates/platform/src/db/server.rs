@@ -355,10 +355,15 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
             failed: false,
         },
         Err(error) => {
-            tracing::error!(%error, "group commit failed; the batch is rolled back");
+            let conflict = conflicted || error.is_conflict();
+            if conflict {
+                // Its units run again (`Database::write`): routine under contention.
+                tracing::debug!(%error, "a batch lost a lock race; it is rolled back");
+            } else {
+                tracing::error!(%error, "group commit failed; the batch is rolled back");
+            }
             let _ = uow.conn.execute_batch("ROLLBACK");
             let reason = error.to_string();
-            let conflict = conflicted || error.is_conflict();
             for finish in finishes {
                 finish(Err(if conflict {
                     StoreError::Conflict(reason.clone())
