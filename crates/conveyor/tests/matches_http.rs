@@ -442,7 +442,10 @@ async fn keep_playing(app: Arc<TestApp>, id: String, stop: Arc<AtomicBool>) -> u
                 }
             }
             400 => {}
-            other => panic!("a move answered {other}"),
+            other => panic!(
+                "a move answered {other}: {}",
+                response.text().await.unwrap()
+            ),
         }
     }
     played

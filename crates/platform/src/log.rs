@@ -423,7 +423,8 @@ pub(crate) fn append(conn: &Conn, messages: &[Outgoing]) -> Result<Option<i64>, 
 const ROWS_PER_INSERT: usize = 32;
 
 /// Appends `messages` to the log on a server, numbered from the counter row, which this
-/// bumps first and whose lock the caller's transaction holds until it commits. Also
+/// bumps first and whose lock the caller's transaction holds until it commits (how long
+/// it waits for that lock is the caller's `lock_timeout`). Also
 /// notifies the listeners of other processes, on PostgreSQL, at commit. Returns the last
 /// position, if any message was appended.
 pub(crate) fn append_numbered(conn: &Conn, messages: &[Outgoing]) -> Result<Option<i64>, Error> {

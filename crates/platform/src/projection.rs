@@ -291,16 +291,11 @@ impl Projection {
     pub async fn status(&self, db: &Database) -> Result<Status, StoreError> {
         let projection = self.clone();
         db.read(move |conn| {
-            let streams = streams(conn, projection.names)?;
-            let mut current = 0;
-            for (stream, version) in &streams {
-                if projected_version(conn, projection.name, stream)? >= *version {
-                    current += 1;
-                }
-            }
+            let streams = streams(conn, projection.names)?.len() as u64;
+            let behind = behind(conn, projection.names, projection.name)?.len() as u64;
             Ok(Status {
-                streams: streams.len() as u64,
-                current,
+                streams,
+                current: streams - behind.min(streams),
             })
         })
         .await
@@ -343,21 +338,39 @@ impl Projection {
         let total = streams.len() as u64;
         let mut done = 0;
         for chunk in streams.chunks(STREAMS_PER_UNIT) {
-            let (projection, streams) = (self.clone(), chunk.to_vec());
-            db.write(move |uow| {
-                for stream in &streams {
-                    projection
-                        .kind
-                        .catch_up(&projection, Tables::SHADOW, uow.conn(), stream)?;
-                }
-                Ok::<_, ProjectionError>(())
-            })
-            .await?;
+            self.catch_up_shadow(db, chunk.to_vec()).await?;
             done += chunk.len() as u64;
             progress(done, total);
         }
+        // What moved during the pass, caught up before the swap, so that the swap (which live
+        // handling waits for) has only the last moments' events left to apply.
+        let (names, key) = (self.names, self.key(Tables::SHADOW));
+        let moved: Vec<String> = db
+            .read(move |conn| Ok::<_, StoreError>(behind(conn, names, &key)?))
+            .await?;
+        for chunk in moved.chunks(STREAMS_PER_UNIT) {
+            self.catch_up_shadow(db, chunk.to_vec()).await?;
+        }
         self.swap(db).await?;
         Ok(total)
+    }
+
+    /// Brings `streams` up to date in the shadow tables, in one unit of work.
+    async fn catch_up_shadow(
+        &self,
+        db: &Database,
+        streams: Vec<String>,
+    ) -> Result<(), ProjectionError> {
+        let projection = self.clone();
+        db.write(move |uow| {
+            for stream in &streams {
+                projection
+                    .kind
+                    .catch_up(&projection, Tables::SHADOW, uow.conn(), stream)?;
+            }
+            Ok::<_, ProjectionError>(())
+        })
+        .await
     }
 
     /// Copies the caught-up shadows over the live tables, with their versions, while live
@@ -368,7 +381,8 @@ impl Projection {
             let conn = uow.conn();
             lock(conn, projection.name, Lock::Exclusive)?;
             // Streams that moved since the rebuild read them, as of this transaction.
-            for (stream, _) in streams(conn, projection.names)? {
+            let key = projection.key(Tables::SHADOW);
+            for stream in behind(conn, projection.names, &key)? {
                 projection
                     .kind
                     .catch_up(&projection, Tables::SHADOW, conn, &stream)?;
@@ -450,6 +464,23 @@ fn lock(conn: &Conn, name: &str, lock: Lock) -> Result<(), StoreError> {
         |row| row.get::<String>(0),
     )?;
     Ok(())
+}
+
+/// The streams holding events of these names that the versions kept under `key` are behind.
+fn behind(conn: &Conn, names: &[&str], key: &str) -> Result<Vec<String>, crate::sql::Error> {
+    let placeholders = vec!["?"; names.len()].join(", ");
+    let mut values: Vec<&dyn ToValue> = names.iter().map(|name| name as &dyn ToValue).collect();
+    values.push(&key);
+    conn.query_map(
+        &format!(
+            "SELECT e.stream_id FROM (SELECT stream_id, MAX(version) AS newest \
+               FROM conveyor_events WHERE name IN ({placeholders}) GROUP BY stream_id) e \
+             LEFT JOIN conveyor_projected p ON p.projection = ? AND p.stream_id = e.stream_id \
+             WHERE COALESCE(p.version, 0) < e.newest"
+        ),
+        values.as_slice(),
+        |row| row.get(0),
+    )
 }
 
 /// Every stream holding events of these names, with its newest version.

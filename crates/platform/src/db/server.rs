@@ -315,9 +315,11 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
     // Whether a unit lost a lock race: MySQL then rolls the whole transaction back, and the
     // step after the unit fails for that reason.
     let mut conflicted = false;
+    // Whether the transaction waits long for the log's counter row yet (see `COUNTER_WAIT`).
+    let mut counter_wait = false;
     let outcome = loop {
         let Some(job) = jobs.next() else {
-            break commit(&uow.conn, &outbox);
+            break commit(&uow.conn, &outbox, counter_wait);
         };
         let (ran, emitted) = run_unit(uow, job);
         conflicted |= uow.conn.had_conflict();
@@ -343,7 +345,15 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
                 touched.then_some("ROLLBACK TO SAVEPOINT unit")
             }
         };
-        if let Some(Err(error)) = step.map(|step| uow.conn.execute_batch(step)) {
+        // The last step also sets the counter row's wait, in the same round trip.
+        let step = match step {
+            Some(step) if jobs.peek().is_none() && waits_for_counter(&uow.conn, &outbox) => {
+                counter_wait = true;
+                Some(format!("{step}; {COUNTER_WAIT}"))
+            }
+            step => step.map(str::to_owned),
+        };
+        if let Some(Err(error)) = step.map(|step| uow.conn.execute_batch(&step)) {
             break Err(error);
         }
     };
@@ -382,8 +392,24 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
     }
 }
 
+/// Writers give up a lock wait after 25 ms (`connect_writer`), which breaks deadlocks
+/// between units quickly. The log's counter row is every appending batch's last lock, so
+/// waiting for it cannot deadlock: an appending batch waits as long as the batch holding it
+/// takes to commit, which on a starved CPU can be more than 25 ms. (MySQL's writers wait
+/// 2 s for any lock already.)
+const COUNTER_WAIT: &str = "SET LOCAL lock_timeout = '10s'";
+
+/// Does this batch append to the log on PostgreSQL, and so take the counter row?
+fn waits_for_counter(conn: &Conn, outbox: &[Outgoing]) -> bool {
+    conn.backend() == Backend::Postgres && !outbox.is_empty()
+}
+
 /// Appends the batch's messages, then commits; the last position appended, if any.
-fn commit(conn: &Conn, outbox: &[Outgoing]) -> Result<Option<i64>, sql::Error> {
+/// `counter_wait`: the batch's last step already set `COUNTER_WAIT`.
+fn commit(conn: &Conn, outbox: &[Outgoing], counter_wait: bool) -> Result<Option<i64>, sql::Error> {
+    if !counter_wait && waits_for_counter(conn, outbox) {
+        conn.execute_batch(COUNTER_WAIT)?;
+    }
     let position = log::append_numbered(conn, outbox)?;
     conn.execute_batch("COMMIT")?;
     Ok(position)
