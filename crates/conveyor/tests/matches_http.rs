@@ -92,6 +92,12 @@ async fn projected(app: &TestApp, id: &str, turn: u64) -> Value {
     panic!("the query side never showed match {id} at turn {turn}");
 }
 
+async fn get_match(app: &TestApp, id: &str) -> Value {
+    let response = app.get(&format!("/matches/{id}")).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 async fn moves(app: &TestApp, id: &str) -> Vec<Value> {
     let response = app.get(&format!("/matches/{id}/moves")).await;
     assert_eq!(response.status(), 200);
@@ -125,11 +131,13 @@ async fn a_match_is_created_and_the_query_side_serves_it() {
     );
     assert_eq!(body["gameboard"], json!(vec![vec![0; 9]; 9]));
     assert!(body["started_at"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(projected(&app, &id, 0).await, body);
+    // Read your writes: a GET right after a 201 shows what it did.
+    assert_eq!(get_match(&app, &id).await, body);
     let after = played(&app, &id, "black", 3, 4).await;
     assert_eq!(after["gameboard"][4][3], 1, "gameboard[y][x]");
     assert_eq!(after["next"], "white");
-    assert_eq!(projected(&app, &id, 1).await, after);
+    assert_eq!(get_match(&app, &id).await, after);
+    assert_eq!(moves(&app, &id).await.len(), 1);
     app.stop().await;
 }
 
@@ -420,8 +428,12 @@ async fn the_command_and_query_sides_run_in_separate_processes() {
         .post("/matches", &json!({"gridsize": 9, "players": players()}))
         .await;
     assert_eq!(refused.status(), 405, "the query process takes no command");
-    played(&commands, &id, "white", 3, 3).await;
-    projected(&queries, &id, 2).await;
+    let after = played(&commands, &id, "white", 3, 3).await;
+    assert_eq!(
+        get_match(&queries, &id).await,
+        after,
+        "read your writes, across processes"
+    );
     queries.stop().await;
     commands.stop().await;
 }

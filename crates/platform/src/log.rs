@@ -21,6 +21,13 @@ use std::sync::Arc;
 pub(crate) const CHANNEL: &str = "conveyor_log";
 
 /// The platform's own tables on `backend`. Idempotent; run on every open.
+/// The version of the platform's tables, recorded in `conveyor_migrations` under
+/// `SCHEMA_SERVICE` once a server database has them: bump it with every change to the
+/// scripts below, so that databases made before run them again (they are `IF NOT EXISTS`
+/// throughout).
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+pub(crate) const SCHEMA_SERVICE: &str = "conveyor";
+
 pub(crate) fn schema(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => SQLITE_SCHEMA,

@@ -22,12 +22,15 @@ use crate::handler::{ConsumerOptions, HandlerError, Incoming, Subscription};
 use crate::sql::{Backend, Conn, ToValue};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Most events live handling applies in one transaction, and how long it waits for them:
 /// a read model may lag a few milliseconds, and bigger batches write each row once for
 /// several events (a match's view, for its moves).
 const BATCH: u16 = 256;
-const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+const LINGER: Duration = Duration::from_millis(5);
+/// How often `caught_up` looks again.
+const CATCH_UP_POLL: Duration = Duration::from_millis(2);
 /// Streams a rebuild writes in one transaction.
 const STREAMS_PER_UNIT: usize = 100;
 /// The name a rebuild keeps its versions under, beside the live ones.
@@ -285,6 +288,35 @@ impl Projection {
         apply(&tables, conn, &events)?;
         set_projected_version(conn, &self.key(tables), stream, last)?;
         Ok(events.len() as u64)
+    }
+
+    /// Waits until the projection has applied `stream` as far as the event store holds it
+    /// (a read that follows a command then sees what the command did), polling every few
+    /// milliseconds for at most `within`; whether it got there. A stream the store does
+    /// not hold is as far as it goes at once.
+    pub async fn caught_up(
+        &self,
+        db: &Database,
+        stream: &str,
+        within: Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let (name, on) = (self.name, stream.to_owned());
+            let current = db
+                .read(move |conn| {
+                    let stored = event_store::version(conn, &on).map_err(|error| match error {
+                        EventStoreError::Store(error) => error,
+                        other => StoreError::Undecodable(other.to_string()),
+                    })?;
+                    Ok::<_, StoreError>(projected_version(conn, name, &on)? >= stored)
+                })
+                .await?;
+            if current || Instant::now() >= deadline {
+                return Ok(current);
+            }
+            tokio::time::sleep(CATCH_UP_POLL).await;
+        }
     }
 
     /// How many of the store's streams it has applied in full.

@@ -63,6 +63,7 @@ on_every_backend!(
     text_compares_by_its_bytes,
     a_lease_shorter_than_two_handler_timeouts_is_refused,
     a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when_it_did_not,
+    processes_open_the_database_while_another_appends_to_the_log,
 );
 
 async fn failing_units_roll_back_alone_and_their_messages_are_never_published(scratch: Scratch) {
@@ -375,4 +376,40 @@ async fn run_past_time_limit(
     .await
     .expect("publish");
     consumer
+}
+
+/// Opening a database another process is busy appending to its log must not deadlock with
+/// that process's batches (as the platform's `CREATE … IF NOT EXISTS` script did, by locking
+/// `conveyor_log` against inserts while it waited for the counter row).
+async fn processes_open_the_database_while_another_appends_to_the_log(scratch: Scratch) {
+    let db = open(&scratch).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let (db, stop) = (db.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seq = writer * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    db.write(move |uow| {
+                        uow.emit(&Ping {
+                            key: format!("k{writer}"),
+                            seq,
+                        })
+                    })
+                    .await
+                    .unwrap();
+                    seq += 1;
+                }
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        let other = scratch.open().await;
+        other.close().await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    db.close().await;
 }

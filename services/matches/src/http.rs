@@ -22,6 +22,9 @@ use utoipa_axum::routes;
 /// The largest coordinate of the largest board.
 const MAX_COORDINATE: u8 = 18;
 const DEFAULT_LIST: u16 = 100;
+/// The longest a GET of one match waits for the projection to apply what the event store
+/// holds of it (usually a few milliseconds), before it serves what it has.
+const READ_YOUR_WRITES: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_LIST: u16 = 1000;
 
 pub fn command_routes(matches: Matches) -> OpenApiRouter {
@@ -276,6 +279,15 @@ async fn play(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+/// Waits (briefly) for the query side to have applied every stored event of the match, so
+/// that a GET after a 201 shows what that command did.
+async fn caught_up(db: &Database, id: &str) -> Result<(), Problem> {
+    views::projection()
+        .caught_up(db, &app::stream(id), READ_YOUR_WRITES)
+        .await?;
+    Ok(())
+}
+
 /// Only a UUID can name a match: anything else is unknown without asking the database.
 fn known_id(id: &str) -> Result<String, Problem> {
     uuid::Uuid::parse_str(id)
@@ -333,13 +345,14 @@ async fn list(
     Ok(json_body(format!("[{}]", summaries.join(","))))
 }
 
-/// A match with its board, as the query side has it (moments behind the command side).
+/// A match with its board, from the query side, once it has applied every move stored.
 #[utoipa::path(get, path = "/matches/{id}", tag = "matches",
     params(("id" = uuid::Uuid, Path, description = "The match.")),
     responses((status = 200, description = "The match.", body = MatchView),
         (status = 404, description = "No such match (or not projected yet).", body = Problem)))]
 async fn get(State(db): State<Database>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = known_id(&id)?;
+    caught_up(&db, &id).await?;
     let view = db
         .read(move |conn| Ok::<_, StoreError>(views::document(conn, &id)?))
         .await?
@@ -354,6 +367,7 @@ async fn get(State(db): State<Database>, Path(id): Path<String>) -> Result<Respo
         (status = 404, description = "No such match (or not projected yet).", body = Problem)))]
 async fn moves(State(db): State<Database>, Path(id): Path<String>) -> Result<Response, Problem> {
     let id = known_id(&id)?;
+    caught_up(&db, &id).await?;
     let (exists, moves) = db
         .read(move |conn| {
             conn.snapshot(|snapshot| {

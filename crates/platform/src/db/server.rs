@@ -51,9 +51,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         source,
     };
     let setup = server.connect().map_err(open_error)?;
-    locked(&setup, || {
-        Ok(setup.execute_batch(log::schema(server.backend()))?)
-    })?;
+    locked(&setup, || create_platform_tables(&setup))?;
     let head = log::head(&setup)?;
 
     let connect = server.clone();
@@ -131,6 +129,35 @@ pub(super) fn migrate(server: &ServerUrl, migrations: &[Migration]) -> Result<()
         }
         Ok(())
     })
+}
+
+/// Creates the platform's tables unless this version of them is there already. Running
+/// the script anyway would take locks on tables busy with other processes' writes
+/// (`CREATE INDEX IF NOT EXISTS` locks its table against inserts before it finds the index)
+/// and deadlock with their batches, failing this process's start.
+fn create_platform_tables(conn: &Conn) -> Result<(), StoreError> {
+    // On a database without the platform's tables the query fails: then create them.
+    let present = conn
+        .query_opt(
+            "SELECT version FROM conveyor_migrations WHERE service = ? AND version = ?",
+            (log::SCHEMA_SERVICE, log::SCHEMA_VERSION),
+            |row| row.get::<i64>(0),
+        )
+        .is_ok_and(|found| found.is_some());
+    if present {
+        return Ok(());
+    }
+    conn.execute_batch(log::schema(conn.backend()))?;
+    conn.execute(
+        "INSERT INTO conveyor_migrations (service, version, applied_at) VALUES (?, ?, ?) \
+         ON CONFLICT (service, version) DO NOTHING",
+        (
+            log::SCHEMA_SERVICE,
+            log::SCHEMA_VERSION,
+            crate::envelope::now_millis(),
+        ),
+    )?;
+    Ok(())
 }
 
 /// See `Database::change_schema`.
