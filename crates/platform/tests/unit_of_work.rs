@@ -397,7 +397,7 @@ async fn processes_open_the_database_while_another_appends_to_the_log(scratch: S
                         })
                     })
                     .await
-                    .unwrap();
+                    .expect("an append beside the opens");
                     seq += 1;
                 }
             })
@@ -409,7 +409,7 @@ async fn processes_open_the_database_while_another_appends_to_the_log(scratch: S
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for writer in writers {
-        writer.await.unwrap();
+        writer.await.expect("a writer task");
     }
     db.close().await;
 }
