@@ -28,6 +28,69 @@ pub(crate) const CHANNEL: &str = "conveyor_log";
 pub(crate) const SCHEMA_VERSION: i64 = 1;
 pub(crate) const SCHEMA_SERVICE: &str = "conveyor";
 
+/// A column added to a platform table since the table was first made: `CREATE TABLE IF NOT
+/// EXISTS` leaves an existing table as it was, and only PostgreSQL and MariaDB know `ADD
+/// COLUMN IF NOT EXISTS`, so each is looked for first (`upgrade`, `sqlite_upgrade`).
+struct AddedColumn {
+    table: &'static str,
+    column: &'static str,
+    /// Its type and the value the rows that predate it get, for `ADD COLUMN`.
+    sqlite: &'static str,
+    server: &'static str,
+}
+
+const ADDED_COLUMNS: [AddedColumn; 1] = [
+    // Schema version 1: the revision of each stored event.
+    AddedColumn {
+        table: "conveyor_events",
+        column: "revision",
+        sqlite: "INTEGER NOT NULL DEFAULT 1",
+        server: "BIGINT NOT NULL DEFAULT 1",
+    },
+];
+
+/// Adds the `ADDED_COLUMNS` a server database's tables lack.
+pub(crate) fn upgrade(conn: &Conn) -> Result<(), Error> {
+    let current = match conn.backend() {
+        Backend::Mysql => "DATABASE()",
+        _ => "current_schema()",
+    };
+    for added in &ADDED_COLUMNS {
+        let present: i64 = conn.scalar(
+            &format!(
+                "SELECT COUNT(*) FROM information_schema.columns \
+                 WHERE table_schema = {current} AND table_name = ? AND column_name = ?"
+            ),
+            (added.table, added.column),
+        )?;
+        if present == 0 {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                added.table, added.column, added.server
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the `ADDED_COLUMNS` a SQLite database's tables lack.
+pub(crate) fn sqlite_upgrade(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    for added in &ADDED_COLUMNS {
+        let present: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            (added.table, added.column),
+            |row| row.get(0),
+        )?;
+        if present == 0 {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {} ADD COLUMN {} {}",
+                added.table, added.column, added.sqlite
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn schema(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => SQLITE_SCHEMA,

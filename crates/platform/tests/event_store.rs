@@ -17,6 +17,7 @@ on_every_backend!(
     a_multi_event_append_is_all_or_nothing,
     appended_events_are_published_in_the_order_they_were_appended,
     a_stream_loads_from_any_version,
+    an_event_store_made_before_revisions_is_upgraded_on_open,
 );
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,5 +187,44 @@ async fn a_stream_loads_from_any_version(scratch: Scratch) {
         .await
         .unwrap();
     assert_eq!(version, 10);
+    db.close().await;
+}
+
+/// A database whose `conveyor_events` an older build made, without `revision`, gets the
+/// column when it is opened, and its events read as revision 1.
+async fn an_event_store_made_before_revisions_is_upgraded_on_open(scratch: Scratch) {
+    let old = |key: &str, payload: &str| {
+        format!(
+            "CREATE TABLE conveyor_events (stream_id {key} NOT NULL, version BIGINT NOT NULL, \
+             name {key} NOT NULL, payload {payload} NOT NULL, recorded_at BIGINT NOT NULL, \
+             PRIMARY KEY (stream_id, version)); \
+             INSERT INTO conveyor_events VALUES ('s', 1, 'tests.Happened', \
+               '{{\"stream\":\"s\",\"n\":1}}', 0)"
+        )
+    };
+    match scratch.sqlite_path() {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(&old("TEXT", "BLOB"))
+            .unwrap(),
+        None => {
+            let (key, payload) = match scratch.backend() {
+                platform::Backend::Mysql => ("VARCHAR(255)", "LONGBLOB"),
+                _ => ("TEXT", "BYTEA"),
+            };
+            let sql = old(key, payload);
+            let scratch = &scratch;
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| scratch.connect().execute_batch(&sql).unwrap())
+                    .join()
+                    .unwrap()
+            });
+        }
+    }
+    let db = scratch.open().await;
+    assert_eq!(append(&db, "s", 1, happened("s", [2])).await.unwrap(), 2);
+    let numbers: Vec<u32> = load(&db, "s", 0).await.iter().map(|r| r.event.n).collect();
+    assert_eq!(numbers, [1, 2]);
     db.close().await;
 }

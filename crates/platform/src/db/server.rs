@@ -148,6 +148,7 @@ fn create_platform_tables(conn: &Conn) -> Result<(), StoreError> {
         return Ok(());
     }
     conn.execute_batch(log::schema(conn.backend()))?;
+    log::upgrade(conn)?;
     conn.execute(
         "INSERT INTO conveyor_migrations (service, version, applied_at) VALUES (?, ?, ?) \
          ON CONFLICT (service, version) DO NOTHING",

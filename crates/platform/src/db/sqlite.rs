@@ -133,6 +133,7 @@ fn open_writer(path: &Path) -> Result<(Connection, i64), rusqlite::Error> {
     // The syncer thread flushes the WAL after every commit, before anyone hears of it.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(log::SQLITE_SCHEMA)?;
+    log::sqlite_upgrade(&conn)?;
     let head = log::sqlite_head(&conn)?;
     Ok((conn, head))
 }
