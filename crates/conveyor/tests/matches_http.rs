@@ -8,11 +8,7 @@
 mod common;
 
 use common::process::{scratch_database, BINARY};
-use common::{problem, spawn_app, spawn_app_beside, spawn_app_with, TestApp};
-use matches::app::Match;
-use matches::views::MatchView;
-use platform::aggregate;
-use platform::event_store::EventStoreError;
+use common::{problem, replayed_match, spawn_app, spawn_app_beside, spawn_app_with, TestApp};
 use platform::Backend;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -540,15 +536,7 @@ async fn rebuilding_the_projection_while_moves_keep_coming_ends_equal_to_the_rep
     );
 
     for id in &ids {
-        let stream = matches::app::stream(id);
-        let replayed = db
-            .read(move |conn| aggregate::replay::<Match>(conn, &stream))
-            .await
-            .map_err(|error: EventStoreError| error.to_string())
-            .unwrap();
-        let started = replayed.state.started().unwrap();
-        let expected = serde_json::to_value(MatchView::of(started)).unwrap();
-        let turn = u64::from(started.game.turn());
+        let (turn, expected) = replayed_match(&db, id).await;
         assert_eq!(projected(&app, id, turn).await, expected, "match {id}");
         let listed = moves(&app, id).await;
         let turns: Vec<u64> = listed.iter().map(|m| m["turn"].as_u64().unwrap()).collect();

@@ -8,10 +8,6 @@
 mod common;
 
 use common::process::{database, reqwest, scratch_database, Server};
-use matches::app::{self, Match};
-use matches::views::MatchView;
-use platform::aggregate;
-use platform::event_store::EventStoreError;
 use platform::Backend;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -119,20 +115,12 @@ fn a_sigkill_mid_game_loses_no_acknowledged_move(backend: Backend) {
     runtime.block_on(async {
         let db = scratch_database(&scratch, dir.path()).await;
         for (id, acknowledged) in ids.iter().zip(&acknowledged) {
-            let stream = app::stream(id);
-            let replayed = db
-                .read(move |conn| aggregate::replay::<Match>(conn, &stream))
-                .await
-                .map_err(|error: EventStoreError| error.to_string())
-                .unwrap();
-            let started = replayed.state.started().unwrap();
-            let turn = u64::from(started.game.turn());
+            let (turn, expected) = common::replayed_match(&db, id).await;
             // At most the one move in flight at the kill committed without its answer.
             assert!(
                 (*acknowledged..=*acknowledged + 1).contains(&turn),
                 "match {id}: {acknowledged} moves acknowledged, {turn} stored"
             );
-            let expected = serde_json::to_value(MatchView::of(started)).unwrap();
             let served = caught_up(&client, &queries.base, id, &expected).await;
             assert_eq!(served, expected, "the query side equals the replay");
             let moves: Vec<Value> = client

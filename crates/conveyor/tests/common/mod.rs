@@ -196,3 +196,17 @@ pub async fn problem(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(body["status"], status);
     body
 }
+
+/// Match `id` as the replay of its stored events makes it (snapshots ignored): its turn, and
+/// the document the API should serve for it.
+pub async fn replayed_match(db: &platform::Database, id: &str) -> (u64, Value) {
+    let stream = matches::app::stream(id);
+    let replayed = db
+        .read(move |conn| platform::aggregate::replay::<matches::app::Match>(conn, &stream))
+        .await
+        .map_err(|error: platform::event_store::EventStoreError| error.to_string())
+        .unwrap();
+    let started = replayed.state.started().expect("a started match");
+    let view = serde_json::to_value(matches::views::MatchView::of(started)).unwrap();
+    (u64::from(started.game.turn()), view)
+}
