@@ -1,11 +1,12 @@
 //! A running process: the services of its settings, composed.
 
-use crate::config::{CacheAt, DatabaseAt, Role, Settings};
+use crate::config::{BusAt, CacheAt, DatabaseAt, Role, Settings};
 use anyhow::Context;
 use cache::Cache;
 use edge::{HttpOptions, ServiceContext, ServiceModule};
-use platform::{Bus, Consumer, Database, SqlLog};
+use platform::{BrokerBus, Bus, Consumer, Database, SqlLog};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ pub static SERVICES: &[ServiceModule] = &[
 pub struct Application {
     settings: Settings,
     db: Database,
+    transport: Transport,
     context: ServiceContext,
     listeners: Vec<TcpListener>,
     addresses: Vec<SocketAddr>,
@@ -37,6 +39,7 @@ impl Application {
         // Metrics registered before the recorder exists would go nowhere.
         edge::metrics();
         let db = open_database(&settings).await?;
+        let transport = Transport::open(&settings.bus, &db).await?;
         let context = ServiceContext {
             db: db.clone(),
             cache: open_cache(&settings).await?,
@@ -55,6 +58,7 @@ impl Application {
         Ok(Application {
             settings,
             db,
+            transport,
             context,
             listeners,
             addresses,
@@ -70,10 +74,13 @@ impl Application {
     /// those in flight finish (up to `DRAIN_TIMEOUT`) and commits what is queued.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let background = CancellationToken::new();
-        let consumers = if self.settings.role == Role::Api {
+        // Every role writes, so every process relays what it writes.
+        let relay = self.transport.relay().await?;
+        let mut consumers = if self.settings.role == Role::Api {
             Vec::new()
         } else {
-            let consumers = start_consumers(&self.settings, &self.context).await?;
+            let consumers =
+                start_consumers(&self.settings, &self.context, self.transport.bus()).await?;
             // After the groups joined, so that retention knows what each of them reads.
             tokio::spawn(platform::retention::run(
                 self.db.clone(),
@@ -82,6 +89,8 @@ impl Application {
             ));
             consumers
         };
+        // Stopped last, so that it publishes what the consumers' last units emitted.
+        consumers.extend(relay);
         let apis = if self.settings.role == Role::Workers {
             Vec::new()
         } else {
@@ -173,11 +182,51 @@ async fn open_cache(settings: &Settings) -> anyhow::Result<Cache> {
     Ok(cache.scoped(&settings.database.describe()))
 }
 
+/// The transport of `--bus`.
+enum Transport {
+    SqlLog(SqlLog),
+    /// A broker, fed by the relay of the database's log.
+    Broker(BrokerBus),
+}
+
+impl Transport {
+    /// Connects to the broker, if the settings name one; one that does not answer stops
+    /// the start.
+    async fn open(bus: &BusAt, db: &Database) -> anyhow::Result<Transport> {
+        Ok(match bus {
+            BusAt::SqlLog => Transport::SqlLog(SqlLog::new(db.clone())),
+            BusAt::Redis(url) => {
+                let broker = transport_redis::RedisBroker::connect(url)
+                    .await
+                    .with_context(|| format!("connecting to the bus at {}", bus.describe()))?;
+                Transport::Broker(BrokerBus::new(db.clone(), Arc::new(broker)))
+            }
+        })
+    }
+
+    fn bus(&self) -> &dyn Bus {
+        match self {
+            Transport::SqlLog(bus) => bus,
+            Transport::Broker(bus) => bus,
+        }
+    }
+
+    /// Starts relaying the log to the broker (nothing to do on the sql-log).
+    async fn relay(&self) -> anyhow::Result<Option<Consumer>> {
+        match self {
+            Transport::SqlLog(_) => Ok(None),
+            Transport::Broker(bus) => Ok(Some(
+                bus.relay().await.context("starting the outbox relay")?,
+            )),
+        }
+    }
+}
+
 async fn start_consumers(
     settings: &Settings,
     context: &ServiceContext,
+    bus: &dyn Bus,
 ) -> anyhow::Result<Vec<Consumer>> {
-    let bus = SqlLog::new(context.db.clone());
     let mut consumers = Vec::new();
     for service in &settings.services {
         let mut subscriptions = (service.subscriptions)(context);

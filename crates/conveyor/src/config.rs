@@ -163,6 +163,7 @@ pub struct Settings {
     pub http: Vec<SocketAddr>,
     pub data_dir: PathBuf,
     pub database: DatabaseAt,
+    pub bus: BusAt,
     pub services: Vec<&'static ServiceModule>,
     pub role: Role,
     pub log_format: LogFormat,
@@ -174,6 +175,37 @@ pub struct Settings {
     pub cache_ttl: Duration,
     pub workers: WorkerOptions,
     pub snapshots: Snapshots,
+}
+
+/// Which transport carries messages between processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusAt {
+    /// The log table of the database: consumers read it there.
+    SqlLog,
+    /// Redis Streams; the URL, password included.
+    Redis(String),
+}
+
+impl BusAt {
+    fn parse(url: &str) -> Result<BusAt, ConfigError> {
+        if url == SQL_LOG {
+            return Ok(BusAt::SqlLog);
+        }
+        match url.split_once("://") {
+            Some(("redis", _)) => Ok(BusAt::Redis(url.to_owned())),
+            _ => Err(config_error(format!(
+                "--bus {}: use `{SQL_LOG}` or redis://HOST[:PORT][/DB][?partitions=N]",
+                mask_secrets(url)
+            ))),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            BusAt::SqlLog => SQL_LOG.to_owned(),
+            BusAt::Redis(url) => mask_secrets(url),
+        }
+    }
 }
 
 /// Where the read cache is.
@@ -221,13 +253,10 @@ impl SettingsArgs {
             Some(url) => DatabaseAt::parse(&url)?,
             None => DatabaseAt::Sqlite(data_dir.join(DATABASE_FILE)),
         };
-        let bus = self.bus.or(file.bus).unwrap_or_else(|| SQL_LOG.to_owned());
-        if bus != SQL_LOG {
-            return Err(config_error(format!(
-                "--bus {}: unsupported; this build has only the embedded `{SQL_LOG}` bus",
-                mask_secrets(&bus)
-            )));
-        }
+        let bus = match self.bus.or(file.bus) {
+            Some(url) => BusAt::parse(url.trim())?,
+            None => BusAt::SqlLog,
+        };
         let names = non_empty(self.services).or(file.services);
         let defaults = Retention::default();
         let retention = Retention {
@@ -286,6 +315,24 @@ impl SettingsArgs {
                 .or(file.queue_limit)
                 .unwrap_or(defaults.queue_limit),
         };
+        let services = select_services(all_services, names)?;
+        if bus != BusAt::SqlLog {
+            if let Some(service) = services.iter().find(|service| service.reads_the_log) {
+                let others: Vec<&str> = services
+                    .iter()
+                    .filter(|service| !service.reads_the_log)
+                    .map(|service| service.name)
+                    .collect();
+                return Err(config_error(format!(
+                    "--bus {}: {} reads the database's log itself and runs only on \
+                     `{SQL_LOG}`; run it in a process of its own, and name this process's \
+                     services (--services {})",
+                    bus.describe(),
+                    service.name,
+                    others.join(",")
+                )));
+            }
+        }
         Ok(Settings {
             http: http
                 .iter()
@@ -293,7 +340,8 @@ impl SettingsArgs {
                 .collect::<Result<_, _>>()?,
             data_dir,
             database,
-            services: select_services(all_services, names)?,
+            bus,
+            services,
             role: self.role.or(file.role).unwrap_or_default(),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             body_limit: self
@@ -492,7 +540,7 @@ impl Settings {
             ),
             format!("data = {:?}", self.data_dir.display().to_string()),
             format!("db = {:?}", self.database.describe()),
-            format!("bus = {SQL_LOG:?}"),
+            format!("bus = {:?}", self.bus.describe()),
             format!(
                 "services = {}",
                 list(self.services.iter().map(|s| s.name.to_owned()).collect())
@@ -544,6 +592,7 @@ mod tests {
             routes: |_| utoipa_axum::router::OpenApiRouter::new(),
             subscriptions: |_| Vec::new(),
             projections: Vec::new,
+            reads_the_log: false,
         },
         ServiceModule {
             name: "beta",
@@ -551,6 +600,7 @@ mod tests {
             routes: |_| utoipa_axum::router::OpenApiRouter::new(),
             subscriptions: |_| Vec::new(),
             projections: Vec::new,
+            reads_the_log: true,
         },
     ];
 
@@ -635,6 +685,27 @@ mod tests {
             ..Default::default()
         });
         assert!(bus.unwrap_err().0.contains("--bus"));
+        let redis = resolve(SettingsArgs {
+            bus: Some("redis://:hunter2@h:6379?partitions=8".into()),
+            services: vec!["alpha".into()],
+            ..Default::default()
+        })
+        .expect("a Redis bus");
+        assert_eq!(
+            redis.bus,
+            BusAt::Redis("redis://:hunter2@h:6379?partitions=8".into())
+        );
+        assert!(!redis.render().contains("hunter2"));
+        let log_reader = resolve(SettingsArgs {
+            bus: Some("redis://h".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            log_reader.0.contains("beta") && log_reader.0.contains("--services alpha"),
+            "{}",
+            log_reader.0
+        );
         let missing = resolve(SettingsArgs {
             config: Some("/nonexistent/c.toml".into()),
             ..Default::default()

@@ -35,6 +35,9 @@ pub struct ServiceModule {
     /// Its read models kept from the event store (each a consumer group too), which
     /// `conveyor projections` lists and rebuilds.
     pub projections: fn() -> Vec<Projection>,
+    /// Whether it reads the database's log itself (`SqlLog::watch`, `SqlLog::backlog`), and
+    /// so runs only on the sql-log bus.
+    pub reads_the_log: bool,
 }
 
 /// What the process gives each of its services.

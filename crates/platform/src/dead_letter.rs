@@ -79,6 +79,31 @@ pub(crate) fn record_corrupt(
     Ok(())
 }
 
+/// Dead-letters a message that arrived from a broker and does not decode, with its bytes as
+/// the payload. It gets an id of its own and the kind `undecodable`, so it shows and purges
+/// but cannot be replayed (its envelope does not decode either).
+pub(crate) fn record_undecodable(
+    uow: &UnitOfWork,
+    group: &str,
+    body: &[u8],
+    error: &str,
+) -> Result<(), StoreError> {
+    uow.conn().execute(
+        "INSERT INTO conveyor_dead_letters \
+         (group_name, message_id, kind, name, topic, \"key\", payload, headers, occurred_at, error, attempts, failed_at) \
+         VALUES (?, ?, 'undecodable', '', '', '', ?, '{}', ?, ?, 1, ?)",
+        (
+            group,
+            uuid::Uuid::now_v7().to_string(),
+            body,
+            now_millis(),
+            format!("the message does not decode: {error}"),
+            now_millis(),
+        ),
+    )?;
+    Ok(())
+}
+
 fn from_row(row: &Row<'_>) -> Result<DeadLetter, sql::Error> {
     Ok(DeadLetter {
         id: row.get("id")?,

@@ -14,6 +14,9 @@ pub mod header {
     /// On an event from the event store: its stream, and its version in it.
     pub const STREAM: &str = "stream";
     pub const STREAM_VERSION: &str = "stream-version";
+    /// On a replayed message crossing a broker: the one consumer group it is for (in the
+    /// log it is the `only_group` column).
+    pub const ONLY_GROUP: &str = "only-group";
 }
 
 /// What a message asks of its receiver.

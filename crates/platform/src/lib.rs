@@ -6,6 +6,7 @@
 //! binary compose them.
 
 pub mod aggregate;
+pub mod broker;
 pub mod bus;
 pub mod context;
 pub mod db;
@@ -29,6 +30,7 @@ pub mod conformance;
 pub mod testing;
 
 pub use aggregate::{Aggregate, Snapshots};
+pub use broker::{Broker, BrokerBus, BrokerError};
 pub use bus::{Bus, BusError, Consumer};
 pub use db::{Database, Migration, StoreError, UnitOfWork};
 pub use dispatch::metric;

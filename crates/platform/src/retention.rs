@@ -70,7 +70,8 @@ fn millis(duration: Duration) -> i64 {
 }
 
 /// A row is still wanted while some group reading its topic (or the one group a replayed
-/// row is for) has not acknowledged the partition it falls in past it. Groups from before
+/// row is for), or the relay to a broker (which reads every topic: `*`), has not
+/// acknowledged the partition it falls in past it. Groups from before
 /// groups recorded their topics (they have partitions but no `conveyor_groups` row, until
 /// they join again) may read anything: no row past the lowest of their offsets goes.
 /// Its parameters: the window's start and end, the cutoff, and the window's end again.
@@ -84,8 +85,10 @@ const DELETE_ACKNOWLEDGED: &str = "\
         JOIN conveyor_groups AS g ON g.group_name = reader.group_name \
         JOIN conveyor_partitions AS p ON p.group_name = reader.group_name \
           AND p.\"partition\" = conveyor_log.key_hash % g.partitions \
-        WHERE reader.topic = conveyor_log.topic AND p.position < conveyor_log.position \
-          AND (conveyor_log.only_group IS NULL OR conveyor_log.only_group = reader.group_name))";
+        WHERE p.position < conveyor_log.position \
+          AND ((reader.topic = conveyor_log.topic \
+                AND (conveyor_log.only_group IS NULL OR conveyor_log.only_group = reader.group_name)) \
+               OR reader.topic = '*'))";
 
 /// Walks the log from its oldest row in windows of `BATCH`, up to the first row newer than
 /// `cutoff`; each window is one unit of work. What stays behind (rows a group has not

@@ -6,6 +6,7 @@
 //! share of the partitions; a crashed consumer's leases lapse and the others take them over.
 //! Consumers wake when a commit moves the log head (no polling), with a slow safety poll.
 
+use crate::broker::{self, Broker, BrokerError};
 use crate::bus::{Bus, BusError, Consumer};
 use crate::db::UnitOfWork;
 use crate::db::{Database, StoreError};
@@ -110,57 +111,75 @@ impl SqlLog {
 
 impl Bus for SqlLog {
     fn subscribe(&self, subscription: Subscription) -> BoxFuture<'_, Result<Consumer, BusError>> {
-        async move {
-            if subscription.routes.is_empty() {
-                return Err(BusError::Empty(subscription.group));
-            }
-            let options = &subscription.options;
-            if options.lease < options.handler_timeout.saturating_mul(2) {
-                return Err(BusError::LeaseTooShort {
-                    group: subscription.group,
-                    lease: options.lease,
-                    handler_timeout: options.handler_timeout,
-                });
-            }
-            let group: Arc<str> = subscription.group.into();
-            let shared = Arc::new(Shared {
-                member: Uuid::now_v7().to_string(),
-                topics: subscription.topics.into(),
-                names: subscription.routes.keys().copied().collect(),
-                partitions: i64::from(subscription.options.partitions.max(1)),
-                lease: subscription.options.lease,
-                batch: i64::from(subscription.options.batch.max(1)),
-                linger: subscription.options.linger,
-                dispatcher: Dispatcher {
-                    db: self.db.clone(),
-                    group: group.clone(),
-                    routes: subscription.routes,
-                    retry: subscription.options.retry,
-                    timeout: subscription.options.handler_timeout,
-                    inbox: subscription.inbox,
-                },
-                group,
-            });
-            join(&shared).await?;
-            register_metrics(&shared);
-            let stop = CancellationToken::new();
-            let task = tokio::spawn(coordinate(shared, stop.clone()));
-            Ok(Consumer::new(stop, task))
-        }
-        .boxed()
+        start(&self.db, subscription, Lanes::Log).boxed()
     }
 }
 
-struct Shared {
-    group: Arc<str>,
-    member: String,
-    topics: Arc<[String]>,
-    names: Arc<[&'static str]>,
+/// What a group's lanes read, and what they do with it.
+pub(crate) enum Lanes {
+    /// Consumers reading the log.
+    Log,
+    /// The outbox relay: reads every row of the log and publishes it to the broker.
+    Relay(Arc<dyn Broker>),
+    /// Consumers reading the broker (`broker::run_lane`).
+    Broker(Arc<dyn Broker>),
+}
+
+/// Joins `subscription`'s group and starts its lanes, which read as `lanes` says.
+pub(crate) async fn start(
+    db: &Database,
+    subscription: Subscription,
+    lanes: Lanes,
+) -> Result<Consumer, BusError> {
+    if subscription.routes.is_empty() && !matches!(lanes, Lanes::Relay(_)) {
+        return Err(BusError::Empty(subscription.group));
+    }
+    let options = &subscription.options;
+    if options.lease < options.handler_timeout.saturating_mul(2) {
+        return Err(BusError::LeaseTooShort {
+            group: subscription.group,
+            lease: options.lease,
+            handler_timeout: options.handler_timeout,
+        });
+    }
+    let group: Arc<str> = subscription.group.into();
+    let shared = Arc::new(Shared {
+        member: Uuid::now_v7().to_string(),
+        topics: subscription.topics.into(),
+        names: subscription.routes.keys().copied().collect(),
+        partitions: i64::from(subscription.options.partitions.max(1)),
+        lease: subscription.options.lease,
+        batch: i64::from(subscription.options.batch.max(1)),
+        linger: subscription.options.linger,
+        dispatcher: Dispatcher {
+            db: db.clone(),
+            group: group.clone(),
+            routes: subscription.routes,
+            retry: subscription.options.retry,
+            timeout: subscription.options.handler_timeout,
+            inbox: subscription.inbox,
+        },
+        lanes,
+        group,
+    });
+    join(&shared).await?;
+    register_metrics(&shared);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(coordinate(shared, stop.clone()));
+    Ok(Consumer::new(stop, task))
+}
+
+pub(crate) struct Shared {
+    pub(crate) group: Arc<str>,
+    pub(crate) member: String,
+    pub(crate) topics: Arc<[String]>,
+    pub(crate) names: Arc<[&'static str]>,
     partitions: i64,
     lease: Duration,
-    batch: i64,
+    pub(crate) batch: i64,
     linger: Duration,
-    dispatcher: Dispatcher,
+    pub(crate) dispatcher: Dispatcher,
+    lanes: Lanes,
 }
 
 impl Shared {
@@ -308,7 +327,7 @@ async fn try_join(shared: &Arc<Shared>) -> Result<(), BusError> {
             "DELETE FROM conveyor_group_topics WHERE group_name = ?",
             [group],
         )?;
-        for topic in &mine.topics {
+        for topic in log_topics_read(&shared) {
             conn.execute(
                 "INSERT INTO conveyor_group_topics (group_name, topic) VALUES (?, ?)",
                 (group, topic),
@@ -326,6 +345,19 @@ async fn try_join(shared: &Arc<Shared>) -> Result<(), BusError> {
     })
     .await
 }
+
+/// The topics of the log a group reads, for retention: a group reading the broker reads
+/// none, the relay reads every one (`*`).
+fn log_topics_read(shared: &Shared) -> Vec<&str> {
+    match &shared.lanes {
+        Lanes::Log => shared.topics.iter().map(String::as_str).collect(),
+        Lanes::Relay(_) => vec![ALL_TOPICS],
+        Lanes::Broker(_) => Vec::new(),
+    }
+}
+
+/// Stands for every topic in `conveyor_group_topics`.
+pub(crate) const ALL_TOPICS: &str = "*";
 
 /// Makes the joins of `group` wait for each other, on every backend: the group's row (a
 /// placeholder with no agreement on first use, which the join fills in or rolls back) is
@@ -398,7 +430,15 @@ async fn coordinate(shared: Arc<Shared>, stop: CancellationToken) {
                 let (shared, partition, done) = (shared.clone(), *partition, lane.clone());
                 running.spawn(async move {
                     let group = shared.group.to_string();
-                    run_lane(shared, partition, done.clone()).await;
+                    match &shared.lanes {
+                        Lanes::Broker(broker) => {
+                            let broker = broker.clone();
+                            broker::run_lane(shared, broker, partition, done.clone()).await;
+                        }
+                        Lanes::Log | Lanes::Relay(_) => {
+                            run_lane(shared, partition, done.clone()).await;
+                        }
+                    }
                     // The new owner reports this partition's lag from now on.
                     metrics::gauge!(metric::CONSUMER_LAG, "group" => group, "partition" => partition.to_string())
                         .set(0.0);
@@ -593,7 +633,11 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         let head_seen = *head.borrow_and_update();
         let cursor = Cursor {
             group: shared.group.clone(),
-            topics: shared.topics.clone(),
+            // The relay reads every row, replays for one group included.
+            topics: match shared.lanes {
+                Lanes::Relay(_) => None,
+                Lanes::Log | Lanes::Broker(_) => Some(shared.topics.clone()),
+            },
             names: shared.names.clone(),
             partitions: shared.partitions,
             partition,
@@ -637,7 +681,12 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             Split::Corrupt { at, error } => {
                 dead_letter_corrupt(&shared, partition, at, error).await
             }
-            Split::Messages(batch) => deliver(&shared, partition, position, batch, &stop).await,
+            Split::Messages(batch) => match &shared.lanes {
+                Lanes::Relay(broker) => relay(&shared, broker.as_ref(), partition, batch).await,
+                Lanes::Log | Lanes::Broker(_) => {
+                    deliver(&shared, partition, position, batch, &stop).await
+                }
+            },
         };
         match step {
             Ok(acknowledged) => {
@@ -647,7 +696,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             Err(LaneEnd::Outage(error)) => {
                 outages += 1;
                 let delay = retry::OUTAGE.delay(outages);
-                tracing::warn!(%error, group = %shared.group, partition, ?delay, "the store failed; will try the batch again");
+                tracing::warn!(%error, group = %shared.group, partition, ?delay, "will try the batch again");
                 if pause(&stop, delay).await {
                     return;
                 }
@@ -662,15 +711,58 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
 }
 
 /// Why a lane's step did not acknowledge what it read.
-enum LaneEnd {
+pub(crate) enum LaneEnd {
     NotOwned,
     Stopped,
-    /// The store failed; nothing committed, and the same rows are to be tried again.
-    Outage(StoreError),
+    /// The store (or the broker) failed; nothing committed, and the same rows are to be
+    /// tried again.
+    Outage(Outage),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Outage {
+    #[error("the store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Publishes a batch of log rows to the broker, then moves the relay's offset past them.
+/// A crash in between publishes them again: consumers' inboxes make that a no-op.
+async fn relay(
+    shared: &Arc<Shared>,
+    broker: &dyn Broker,
+    partition: i64,
+    batch: Vec<(i64, Entry)>,
+) -> Result<i64, LaneEnd> {
+    let Some(&(last, _)) = batch.last() else {
+        return Ok(0);
+    };
+    let publications = batch
+        .iter()
+        .filter_map(|(_, entry)| match entry {
+            Entry::Message(envelope) => Some(broker::publication(envelope, broker.partitions())),
+            Entry::Skipped | Entry::Corrupt(_) => None,
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| LaneEnd::Outage(error.into()))?;
+    broker
+        .publish(&publications)
+        .await
+        .map_err(|error| LaneEnd::Outage(error.into()))?;
+    match shared
+        .db()
+        .write(acknowledge(shared.clone(), partition, last))
+        .await
+    {
+        Ok(true) => Ok(last),
+        Ok(false) => Err(LaneEnd::NotOwned),
+        Err(error) => Err(LaneEnd::Outage(error.into())),
+    }
 }
 
 /// A batch as read, cut before its first row that does not decode.
-enum Split {
+pub(crate) enum Split {
     Messages(Vec<(i64, Entry)>),
     /// The batch starts with an undecodable row.
     Corrupt {
@@ -679,7 +771,7 @@ enum Split {
     },
 }
 
-fn split_at_corrupt(mut batch: Vec<(i64, Entry)>) -> Split {
+pub(crate) fn split_at_corrupt(mut batch: Vec<(i64, Entry)>) -> Split {
     match batch
         .iter()
         .position(|(_, entry)| matches!(entry, Entry::Corrupt(_)))
@@ -701,7 +793,7 @@ fn split_at_corrupt(mut batch: Vec<(i64, Entry)>) -> Split {
 
 /// Delivers a batch of decoded rows: all of it and its acknowledgement in one unit of work
 /// in the common case. Returns the position acknowledged.
-async fn deliver(
+pub(crate) async fn deliver(
     shared: &Arc<Shared>,
     partition: i64,
     position: i64,
@@ -740,7 +832,7 @@ async fn deliver(
         }
         // With no handler in the batch, only the acknowledgement can have failed.
         BatchOutcome::StoreFailed(error) if error.is_infrastructure() || envelopes.is_empty() => {
-            Err(LaneEnd::Outage(error))
+            Err(LaneEnd::Outage(error.into()))
         }
         // A handler panicked: find it, and count it, one message at a time.
         BatchOutcome::StoreFailed(_) => {
@@ -774,7 +866,7 @@ async fn dead_letter_corrupt(
             Ok(at)
         }
         Ok(false) => Err(LaneEnd::NotOwned),
-        Err(error) => Err(LaneEnd::Outage(error)),
+        Err(error) => Err(LaneEnd::Outage(error.into())),
     }
 }
 
@@ -804,7 +896,7 @@ async fn recover(
             BatchOutcome::Acknowledged => {}
             BatchOutcome::NotOwned => return Err(LaneEnd::NotOwned),
             BatchOutcome::StoreFailed(error) if error.is_infrastructure() => {
-                return Err(LaneEnd::Outage(error))
+                return Err(LaneEnd::Outage(error.into()))
             }
             BatchOutcome::HandlerFailed { .. } | BatchOutcome::StoreFailed(_) => {
                 return one_by_one(shared, partition, positions, envelopes, None, stop).await
@@ -873,7 +965,7 @@ async fn one_by_one(
 }
 
 /// Sleeps for `duration`; true when stopped meanwhile.
-async fn pause(stop: &CancellationToken, duration: Duration) -> bool {
+pub(crate) async fn pause(stop: &CancellationToken, duration: Duration) -> bool {
     tokio::select! {
         () = stop.cancelled() => true,
         () = tokio::time::sleep(duration) => false,
@@ -897,13 +989,23 @@ async fn offset(shared: &Shared, partition: i64) -> Result<i64, StoreError> {
 }
 
 /// Moves the offset, but only while this member still owns the partition (a fence against a
-/// consumer whose lease lapsed); the unit of work learns whether it did.
-fn acknowledge(
+/// consumer whose lease lapsed); the unit of work learns whether it did. A lane reading the
+/// broker only checks the fence: the broker keeps its place, and `position` is the lane's
+/// own count of deliveries.
+pub(crate) fn acknowledge(
     shared: Arc<Shared>,
     partition: i64,
     position: i64,
 ) -> impl Fn(&mut UnitOfWork) -> Result<bool, StoreError> + Send + Sync + 'static {
     move |uow: &mut UnitOfWork| {
+        if let Lanes::Broker(_) = shared.lanes {
+            let owned = uow.conn().execute(
+                "UPDATE conveyor_partitions SET owner = owner \
+                 WHERE group_name = ? AND \"partition\" = ? AND owner = ?",
+                (&*shared.group, partition, &shared.member),
+            )?;
+            return Ok(owned == 1);
+        }
         let updated = uow.conn().execute(
             "UPDATE conveyor_partitions \
              SET position = CASE WHEN position < ? THEN ? ELSE position END \

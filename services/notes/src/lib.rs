@@ -27,4 +27,5 @@ pub const MODULE: ServiceModule = ServiceModule {
     },
     subscriptions: |context| app::subscriptions(context.workers.batch, context.workers.wait),
     projections: Vec::new,
+    reads_the_log: true,
 };

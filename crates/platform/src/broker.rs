@@ -1,0 +1,417 @@
+//! The port a message broker implements, and what the platform builds on it: the outbox
+//! relay and consumers that read the broker.
+//!
+//! Units of work still append to the database's log (`conveyor_log`): that is the outbox. A
+//! **relay** reads it in position order, which is commit order on every backend, and
+//! publishes each row to the broker, partitioned by key hash; it is a consumer group of the
+//! log (`RELAY_GROUP`), so several processes relay at once, each its share of the
+//! partitions, and the group's offsets are how far each partition has been published.
+//! **Consumers** read one broker partition per lane, hand the messages to the same
+//! dispatcher the sql-log uses (inbox, retries, dead letters), and acknowledge them to the
+//! broker once their unit of work committed. A partition is read by one consumer of a group
+//! at a time, under the same leases in the group's database as the sql-log's, so messages
+//! with one key are handled in order.
+//!
+//! A transport crate implements `Broker` and `PartitionReader`; `BrokerBus` is its `Bus`.
+
+use crate::bus::{Bus, BusError, Consumer};
+use crate::db::Database;
+use crate::dead_letter;
+use crate::envelope::{header, key_hash, Envelope, Kind};
+use crate::handler::{ConsumerOptions, Subscription};
+use crate::log::Entry;
+use crate::sql_log::{self, Lanes, Split};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The consumer group of the log that the relay is.
+pub const RELAY_GROUP: &str = "conveyor.relay";
+/// How long a read waits for messages before the lane looks at its stop again.
+const READ_WAIT: Duration = Duration::from_millis(500);
+/// Rows the relay publishes per batch.
+const RELAY_BATCH: u16 = 256;
+
+/// A broker that failed or could not be reached: always worth trying again.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker failed: {0}")]
+pub struct BrokerError(pub String);
+
+impl BrokerError {
+    pub fn new(error: impl std::fmt::Display) -> Self {
+        BrokerError(error.to_string())
+    }
+}
+
+/// A message on its way to the broker.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub topic: String,
+    /// `key_hash(key) % partitions`: where the message's key is read in order.
+    pub partition: u32,
+    /// The envelope's id, for brokers that drop a duplicate publication.
+    pub id: Uuid,
+    /// The envelope as `encode` wrote it.
+    pub body: Vec<u8>,
+}
+
+/// A message a reader received, numbered by the reader in the order it received them.
+#[derive(Debug)]
+pub struct Delivery {
+    pub seq: u64,
+    pub body: Vec<u8>,
+}
+
+/// What a reader reads: one partition of `topics`, for `group`.
+#[derive(Debug, Clone)]
+pub struct ReaderSpec {
+    pub group: String,
+    /// This consumer, unique in its group.
+    pub member: String,
+    pub topics: Vec<String>,
+    pub partition: u32,
+}
+
+/// A message broker.
+pub trait Broker: Send + Sync + 'static {
+    /// Into how many partitions every topic is split.
+    fn partitions(&self) -> u32;
+
+    /// Publishes `batch`, returning once the broker holds all of it (its confirms). Messages
+    /// of one partition reach it in the batch's order.
+    fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Opens the reader of one partition for a group. The caller holds the partition's lease:
+    /// the reader first takes over what earlier owners received and did not acknowledge.
+    fn open(
+        &self,
+        spec: ReaderSpec,
+    ) -> BoxFuture<'_, Result<Box<dyn PartitionReader>, BrokerError>>;
+}
+
+/// A reader of one partition, owned by one lane.
+pub trait PartitionReader: Send {
+    /// Waits up to `wait` for messages, and returns up to `max` of them, oldest first
+    /// (none if none came).
+    fn read(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>>;
+
+    /// Acknowledges the deliveries numbered `seqs`, whose effects have committed.
+    fn ack<'a>(&'a mut self, seqs: &'a [u64]) -> BoxFuture<'a, Result<(), BrokerError>>;
+}
+
+/// The envelope as it crosses a broker: JSON, with the payload (JSON itself) inline.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    id: Uuid,
+    kind: String,
+    name: String,
+    topic: String,
+    key: String,
+    headers: BTreeMap<String, String>,
+    occurred_at: i64,
+    payload: Box<serde_json::value::RawValue>,
+}
+
+/// Encodes an envelope for a broker.
+pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BrokerError> {
+    let payload = std::str::from_utf8(&envelope.payload)
+        .ok()
+        .and_then(|text| serde_json::value::RawValue::from_string(text.to_owned()).ok())
+        .ok_or_else(|| BrokerError::new(format!("message {} has no JSON payload", envelope.id)))?;
+    serde_json::to_vec(&Wire {
+        id: envelope.id,
+        kind: envelope.kind.as_str().to_owned(),
+        name: envelope.name.clone(),
+        topic: envelope.topic.clone(),
+        key: envelope.key.clone(),
+        headers: envelope.headers.clone(),
+        occurred_at: envelope.occurred_at,
+        payload,
+    })
+    .map_err(BrokerError::new)
+}
+
+/// Decodes what `encode` wrote.
+pub fn decode(body: &[u8]) -> Result<Envelope, String> {
+    let wire: Wire = serde_json::from_slice(body).map_err(|error| error.to_string())?;
+    Ok(Envelope {
+        id: wire.id,
+        kind: Kind::parse(&wire.kind).ok_or_else(|| format!("unknown kind {}", wire.kind))?,
+        name: wire.name,
+        topic: wire.topic,
+        key: wire.key,
+        payload: wire.payload.get().as_bytes().to_vec(),
+        headers: wire.headers,
+        occurred_at: wire.occurred_at,
+    })
+}
+
+/// The publication of a log row.
+pub(crate) fn publication(
+    envelope: &Envelope,
+    partitions: u32,
+) -> Result<Publication, BrokerError> {
+    let partition = key_hash(&envelope.key) % i64::from(partitions.max(1));
+    Ok(Publication {
+        topic: envelope.topic.clone(),
+        partition: u32::try_from(partition).unwrap_or_default(),
+        id: envelope.id,
+        body: encode(envelope)?,
+    })
+}
+
+/// What one consumer group sees of a delivery: its message, one it skips (another name, or
+/// a replay for another group), or why it does not decode.
+fn entry(body: &[u8], group: &str, names: &[&str]) -> Entry {
+    match decode(body) {
+        Ok(mut envelope) => {
+            let only = envelope.headers.remove(header::ONLY_GROUP);
+            if only.is_some_and(|only| only != group) || !names.contains(&envelope.name.as_str()) {
+                Entry::Skipped
+            } else {
+                Entry::Message(envelope)
+            }
+        }
+        Err(error) => Entry::Corrupt(error),
+    }
+}
+
+/// A transport over a broker: consumers read it, and `relay` publishes the database's log
+/// to it.
+pub struct BrokerBus {
+    db: Database,
+    broker: Arc<dyn Broker>,
+}
+
+impl BrokerBus {
+    pub fn new(db: Database, broker: Arc<dyn Broker>) -> Self {
+        BrokerBus { db, broker }
+    }
+
+    /// Starts this process's relay of the log to the broker; it runs until stopped. Every
+    /// process that writes should run one: relays share the log's partitions.
+    pub async fn relay(&self) -> Result<Consumer, BusError> {
+        let options = ConsumerOptions {
+            partitions: u16::try_from(self.broker.partitions()).unwrap_or(u16::MAX),
+            batch: RELAY_BATCH,
+            ..ConsumerOptions::default()
+        };
+        sql_log::start(
+            &self.db,
+            Subscription::new(RELAY_GROUP).with_options(options),
+            Lanes::Relay(self.broker.clone()),
+        )
+        .await
+    }
+}
+
+impl Bus for BrokerBus {
+    fn subscribe(&self, subscription: Subscription) -> BoxFuture<'_, Result<Consumer, BusError>> {
+        async move {
+            // The broker's topics are split when published: every group reads that split.
+            let mut subscription = subscription;
+            subscription.options.partitions =
+                u16::try_from(self.broker.partitions()).unwrap_or(u16::MAX);
+            sql_log::start(&self.db, subscription, Lanes::Broker(self.broker.clone())).await
+        }
+        .boxed()
+    }
+}
+
+/// Reads one broker partition in order and delivers it as the sql-log's lanes deliver the
+/// log: a batch and its (fencing) acknowledgement in one unit of work, then the broker's
+/// acknowledgement. Stops when cancelled or when the lease is lost.
+pub(crate) async fn run_lane(
+    shared: Arc<sql_log::Shared>,
+    broker: Arc<dyn Broker>,
+    partition: i64,
+    stop: CancellationToken,
+) {
+    let spec = ReaderSpec {
+        group: shared.group.to_string(),
+        member: shared.member.clone(),
+        topics: shared.topics.to_vec(),
+        partition: u32::try_from(partition).unwrap_or_default(),
+    };
+    let mut outages = 0;
+    let mut reader = loop {
+        let opened = tokio::select! {
+            () = stop.cancelled() => return,
+            opened = broker.open(spec.clone()) => opened,
+        };
+        match opened {
+            Ok(reader) => break reader,
+            Err(error) => {
+                outages += 1;
+                let delay = crate::retry::OUTAGE.delay(outages);
+                tracing::warn!(%error, group = %shared.group, partition, ?delay, "cannot open the partition; will try again");
+                if sql_log::pause(&stop, delay).await {
+                    return;
+                }
+            }
+        }
+    };
+    let mut waiting: VecDeque<Delivery> = VecDeque::new();
+    let batch = usize::try_from(shared.batch).unwrap_or(1).max(1);
+    let mut outages = 0;
+    while !stop.is_cancelled() {
+        if waiting.len() < batch {
+            let wait = if waiting.is_empty() {
+                READ_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let read = tokio::select! {
+                () = stop.cancelled() => return,
+                read = reader.read(batch - waiting.len(), wait) => read,
+            };
+            match read {
+                Ok(delivered) => waiting.extend(delivered),
+                Err(error) => {
+                    outages += 1;
+                    let delay = crate::retry::OUTAGE.delay(outages);
+                    tracing::warn!(%error, group = %shared.group, partition, ?delay, "cannot read the broker; will try again");
+                    if sql_log::pause(&stop, delay).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if waiting.is_empty() {
+            continue;
+        }
+        let entries: Vec<(i64, Entry)> = waiting
+            .iter()
+            .take(batch)
+            .map(|delivery| {
+                let seq = i64::try_from(delivery.seq).unwrap_or(i64::MAX);
+                (seq, entry(&delivery.body, &shared.group, &shared.names))
+            })
+            .collect();
+        let step = match sql_log::split_at_corrupt(entries) {
+            Split::Corrupt { at, error } => {
+                let body = waiting.front().map(|delivery| delivery.body.clone());
+                dead_letter_undecodable(&shared, partition, at, body.unwrap_or_default(), error)
+                    .await
+            }
+            Split::Messages(entries) => {
+                sql_log::deliver(&shared, partition, 0, entries, &stop).await
+            }
+        };
+        match step {
+            Ok(done) => {
+                outages = 0;
+                let done = u64::try_from(done).unwrap_or_default();
+                let mut seqs = Vec::new();
+                while waiting.front().is_some_and(|delivery| delivery.seq <= done) {
+                    if let Some(delivery) = waiting.pop_front() {
+                        seqs.push(delivery.seq);
+                    }
+                }
+                // A lost acknowledgement means a redelivery, which the inbox makes a no-op.
+                if let Err(error) = reader.ack(&seqs).await {
+                    tracing::warn!(%error, group = %shared.group, partition, "cannot acknowledge to the broker");
+                }
+            }
+            Err(sql_log::LaneEnd::Outage(error)) => {
+                outages += 1;
+                let delay = crate::retry::OUTAGE.delay(outages);
+                tracing::warn!(%error, group = %shared.group, partition, ?delay, "will try the batch again");
+                if sql_log::pause(&stop, delay).await {
+                    return;
+                }
+            }
+            Err(sql_log::LaneEnd::NotOwned) => {
+                tracing::info!(group = %shared.group, partition, "partition lease lost");
+                return;
+            }
+            Err(sql_log::LaneEnd::Stopped) => return,
+        }
+    }
+}
+
+/// Dead-letters a delivery that does not decode, as received, and checks the lease in the
+/// same unit of work; the lane then acknowledges it to the broker and moves on.
+async fn dead_letter_undecodable(
+    shared: &Arc<sql_log::Shared>,
+    partition: i64,
+    seq: i64,
+    body: Vec<u8>,
+    error: String,
+) -> Result<i64, sql_log::LaneEnd> {
+    tracing::error!(group = %shared.group, partition, %error, "a message from the broker does not decode; dead-lettering it");
+    let group = shared.group.clone();
+    let fence = sql_log::acknowledge(shared.clone(), partition, seq);
+    let written = shared
+        .dispatcher
+        .db
+        .write(move |uow| {
+            dead_letter::record_undecodable(uow, &group, &body, &error)?;
+            fence(uow)
+        })
+        .await;
+    match written {
+        Ok(true) => {
+            metrics::counter!(crate::metric::DEAD_LETTERED, "group" => shared.group.to_string(), "message" => "(undecodable)")
+                .increment(1);
+            Ok(seq)
+        }
+        Ok(false) => Err(sql_log::LaneEnd::NotOwned),
+        Err(error) => Err(sql_log::LaneEnd::Outage(error.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> Envelope {
+        Envelope {
+            id: Uuid::now_v7(),
+            kind: Kind::Command,
+            name: "notes.SaveNote".into(),
+            topic: "notes.commands".into(),
+            key: "k".into(),
+            payload: br#"{"content":"a \"quoted\" note"}"#.to_vec(),
+            headers: BTreeMap::from([("correlation-id".into(), "c".into())]),
+            occurred_at: 42,
+        }
+    }
+
+    #[test]
+    fn an_envelope_crosses_the_wire_unchanged() {
+        let sent = envelope();
+        let body = encode(&sent).expect("encode");
+        assert_eq!(decode(&body).expect("decode"), sent);
+    }
+
+    #[test]
+    fn a_replay_reaches_only_its_group() {
+        let mut replayed = envelope();
+        replayed
+            .headers
+            .insert(header::ONLY_GROUP.into(), "notes.workers".into());
+        let body = encode(&replayed).expect("encode");
+        let names = ["notes.SaveNote"];
+        assert!(matches!(entry(&body, "other", &names), Entry::Skipped));
+        let Entry::Message(delivered) = entry(&body, "notes.workers", &names) else {
+            panic!("the group the replay is for skipped it");
+        };
+        assert_eq!(delivered.header(header::ONLY_GROUP), None);
+    }
+
+    #[test]
+    fn a_body_that_does_not_decode_is_corrupt() {
+        assert!(matches!(entry(b"not json", "g", &["x"]), Entry::Corrupt(_)));
+    }
+}

@@ -1,0 +1,416 @@
+//! The Redis Streams transport.
+//!
+//! Each partition of a topic is a stream, `<namespace>:<topic>:<partition>`; the relay
+//! appends to it (`XADD`, a batch in one `MULTI`), and each consumer group of the platform
+//! is a Redis consumer group on it, created reading from the stream's start. The platform
+//! gives a partition to one consumer of a group at a time (its lease); that consumer first
+//! claims what earlier owners read and did not acknowledge (`XAUTOCLAIM`), reads its own
+//! pending entries, then new ones (`XREADGROUP … >`, blocking), and acknowledges (`XACK`)
+//! after its unit of work committed. So messages with one key are handled in order, and an
+//! entry whose consumer died is handled by the next owner.
+//!
+//! A reader has a connection of its own: a blocking read holds its connection.
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use platform::broker::{Delivery, PartitionReader, Publication, ReaderSpec};
+use platform::{Broker, BrokerError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The field of a stream entry that holds the envelope.
+const FIELD: &str = "m";
+/// How long a command may take, besides a blocking read's own wait.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// Pending entries claimed per `XAUTOCLAIM`.
+const CLAIM_COUNT: usize = 1000;
+/// The streams' key prefix unless the URL names one.
+pub const DEFAULT_NAMESPACE: &str = "conveyor";
+/// Partitions per topic unless the URL says otherwise.
+pub const DEFAULT_PARTITIONS: u32 = 4;
+
+/// The Redis of `redis://HOST[:PORT][/DB][?partitions=N&namespace=NAME]`.
+pub struct RedisBroker {
+    client: redis::Client,
+    publisher: ConnectionManager,
+    namespace: String,
+    partitions: u32,
+}
+
+impl RedisBroker {
+    /// Connects; a server that does not answer is an error.
+    pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
+        let settings = Settings::parse(url)?;
+        let client = redis::Client::open(settings.server.as_str()).map_err(BrokerError::new)?;
+        let publisher = manager(&client, TIMEOUT).await?;
+        Ok(RedisBroker {
+            client,
+            publisher,
+            namespace: settings.namespace,
+            partitions: settings.partitions,
+        })
+    }
+
+    /// The stream of one partition of `topic`.
+    pub fn stream(&self, topic: &str, partition: u32) -> String {
+        format!("{}:{topic}:{partition}", self.namespace)
+    }
+
+    /// Makes `group` read every partition of `topic` from the start again, as if it had
+    /// acknowledged nothing (for tests of redelivery).
+    pub async fn rewind(&self, group: &str, topic: &str) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for partition in 0..self.partitions {
+            pipe.cmd("XGROUP")
+                .arg("SETID")
+                .arg(self.stream(topic, partition))
+                .arg(group)
+                .arg("0")
+                .ignore();
+        }
+        let mut conn = self.publisher.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(BrokerError::new)
+    }
+}
+
+async fn manager(
+    client: &redis::Client,
+    response_timeout: Duration,
+) -> Result<ConnectionManager, BrokerError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(TIMEOUT)
+        .set_response_timeout(response_timeout)
+        .set_number_of_retries(2)
+        .set_max_delay(1000);
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(BrokerError::new)
+}
+
+/// What the URL says, the transport's own parameters taken out of it.
+#[derive(Debug, PartialEq, Eq)]
+struct Settings {
+    server: String,
+    namespace: String,
+    partitions: u32,
+}
+
+impl Settings {
+    fn parse(url: &str) -> Result<Settings, BrokerError> {
+        let (server, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut settings = Settings {
+            server: server.to_owned(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            partitions: DEFAULT_PARTITIONS,
+        };
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            match pair.split_once('=') {
+                Some(("partitions", value)) => {
+                    settings.partitions = value
+                        .parse()
+                        .ok()
+                        .filter(|partitions| (1..=1024).contains(partitions))
+                        .ok_or_else(|| {
+                            BrokerError::new(format!(
+                                "partitions={value}: must be a whole number from 1 to 1024"
+                            ))
+                        })?;
+                }
+                Some(("namespace", value)) if !value.is_empty() => {
+                    settings.namespace = value.to_owned();
+                }
+                _ => rest.push(pair),
+            }
+        }
+        if !rest.is_empty() {
+            settings.server = format!("{}?{}", settings.server, rest.join("&"));
+        }
+        Ok(settings)
+    }
+}
+
+impl Broker for RedisBroker {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for publication in batch {
+                pipe.cmd("XADD")
+                    .arg(self.stream(&publication.topic, publication.partition))
+                    .arg("*")
+                    .arg(FIELD)
+                    .arg(&publication.body)
+                    .ignore();
+            }
+            let mut conn = self.publisher.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(BrokerError::new)
+        }
+        .boxed()
+    }
+
+    fn open(
+        &self,
+        spec: ReaderSpec,
+    ) -> BoxFuture<'_, Result<Box<dyn PartitionReader>, BrokerError>> {
+        async move {
+            let streams: Vec<String> = spec
+                .topics
+                .iter()
+                .map(|topic| self.stream(topic, spec.partition))
+                .collect();
+            // Longer than any blocking read it sends.
+            let mut conn = manager(&self.client, TIMEOUT * 2).await?;
+            for stream in &streams {
+                create_group(&mut conn, stream, &spec.group).await?;
+                claim_pending(&mut conn, stream, &spec.group, &spec.member).await?;
+            }
+            let history = streams.iter().map(|_| Some("0".to_owned())).collect();
+            Ok(Box::new(RedisReader {
+                conn,
+                group: spec.group,
+                member: spec.member,
+                streams,
+                history,
+                next_seq: 1,
+                unacknowledged: HashMap::new(),
+            }) as Box<dyn PartitionReader>)
+        }
+        .boxed()
+    }
+}
+
+/// Creates the consumer group on `stream` (and the stream), reading from its start; one that
+/// exists is left as it is.
+async fn create_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), BrokerError> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+        created => created.map_err(BrokerError::new),
+    }
+}
+
+/// Takes over every entry of `stream` that the group's consumers read and did not
+/// acknowledge: the partition's earlier owners', which died or gave it up.
+async fn claim_pending(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    member: &str,
+) -> Result<(), BrokerError> {
+    let mut cursor = "0-0".to_owned();
+    loop {
+        let (next, _claimed, _deleted): (String, Vec<String>, redis::Value) =
+            redis::cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(group)
+                .arg(member)
+                .arg(0)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(CLAIM_COUNT)
+                .arg("JUSTID")
+                .query_async(conn)
+                .await
+                .map_err(BrokerError::new)?;
+        if next == "0-0" {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+struct RedisReader {
+    conn: ConnectionManager,
+    group: String,
+    member: String,
+    streams: Vec<String>,
+    /// Per stream: the last pending entry read again while the reader still works through
+    /// what it claimed (`None` once it has, and reads new entries).
+    history: Vec<Option<String>>,
+    next_seq: u64,
+    /// The stream (by index) and entry id of each delivery not acknowledged yet.
+    unacknowledged: HashMap<u64, (usize, String)>,
+}
+
+impl RedisReader {
+    /// `XREADGROUP` of `streams` after `ids`, blocking up to `wait` if it is not zero.
+    async fn read_streams(
+        &mut self,
+        streams: &[String],
+        ids: &[String],
+        max: usize,
+        wait: Duration,
+    ) -> Result<StreamReadReply, BrokerError> {
+        let mut options = StreamReadOptions::default()
+            .group(&self.group, &self.member)
+            .count(max);
+        if !wait.is_zero() {
+            options = options.block(usize::try_from(wait.as_millis()).unwrap_or(usize::MAX));
+        }
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg(&options)
+            .arg("STREAMS")
+            .arg(streams)
+            .arg(ids)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(BrokerError::new)?;
+        Ok(reply.unwrap_or_default())
+    }
+
+    fn index_of(&self, key: &str) -> Option<usize> {
+        self.streams.iter().position(|stream| stream == key)
+    }
+
+    fn delivery(&mut self, index: usize, entry: StreamId) -> Delivery {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        // An entry trimmed away while pending comes back without its fields: an empty body
+        // that does not decode, dead-lettered rather than lost without a trace.
+        let body = entry
+            .map
+            .get(FIELD)
+            .and_then(|value| redis::from_redis_value::<Vec<u8>>(value).ok())
+            .unwrap_or_default();
+        self.unacknowledged.insert(seq, (index, entry.id));
+        Delivery { seq, body }
+    }
+
+    /// The deliveries of a read's reply, in the order it gave them.
+    fn deliveries(&mut self, reply: StreamReadReply) -> Vec<Delivery> {
+        let mut delivered = Vec::new();
+        for key in reply.keys {
+            if let Some(index) = self.index_of(&key.key) {
+                for entry in key.ids {
+                    delivered.push(self.delivery(index, entry));
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Reads the next pending entries of the streams still in their history; a stream whose
+    /// read comes back empty has none left.
+    async fn read_history(&mut self, max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        let (streams, ids): (Vec<String>, Vec<String>) = self
+            .streams
+            .iter()
+            .zip(&self.history)
+            .filter_map(|(stream, after)| Some((stream.clone(), after.clone()?)))
+            .unzip();
+        let reply = self
+            .read_streams(&streams, &ids, max, Duration::ZERO)
+            .await?;
+        for (index, after) in self.history.iter_mut().enumerate() {
+            if after.is_none() {
+                continue;
+            }
+            let last = reply
+                .keys
+                .iter()
+                .find(|key| key.key == self.streams[index])
+                .and_then(|key| key.ids.last());
+            *after = last.map(|entry| entry.id.clone());
+        }
+        Ok(self.deliveries(reply))
+    }
+}
+
+impl PartitionReader for RedisReader {
+    fn read(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
+        async move {
+            if self.history.iter().any(Option::is_some) {
+                let delivered = self.read_history(max).await?;
+                if !delivered.is_empty() {
+                    return Ok(delivered);
+                }
+            }
+            let ids = vec![">".to_owned(); self.streams.len()];
+            let streams = self.streams.clone();
+            let reply = self.read_streams(&streams, &ids, max, wait).await?;
+            Ok(self.deliveries(reply))
+        }
+        .boxed()
+    }
+
+    fn ack<'a>(&'a mut self, seqs: &'a [u64]) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let mut by_stream: HashMap<usize, Vec<String>> = HashMap::new();
+            for seq in seqs {
+                if let Some((index, id)) = self.unacknowledged.remove(seq) {
+                    by_stream.entry(index).or_default().push(id);
+                }
+            }
+            if by_stream.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            for (index, ids) in by_stream {
+                pipe.cmd("XACK")
+                    .arg(&self.streams[index])
+                    .arg(&self.group)
+                    .arg(ids)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut self.conn)
+                .await
+                .map_err(BrokerError::new)
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_names_partitions_and_namespace_and_keeps_the_rest() {
+        let settings =
+            Settings::parse("redis://127.0.0.1:6379/2?partitions=8&protocol=resp3&namespace=x")
+                .expect("parse");
+        assert_eq!(
+            settings,
+            Settings {
+                server: "redis://127.0.0.1:6379/2?protocol=resp3".into(),
+                namespace: "x".into(),
+                partitions: 8,
+            }
+        );
+        let plain = Settings::parse("redis://127.0.0.1").expect("parse");
+        assert_eq!(plain.partitions, DEFAULT_PARTITIONS);
+        assert_eq!(plain.namespace, DEFAULT_NAMESPACE);
+        assert!(Settings::parse("redis://h?partitions=0").is_err());
+        assert!(Settings::parse("redis://h?partitions=lots").is_err());
+    }
+}
