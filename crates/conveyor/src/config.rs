@@ -72,7 +72,10 @@ pub struct SettingsArgs {
     /// mysql://USER[:PASSWORD]@HOST[:PORT]/DB (MySQL 8 or MariaDB). [default: sqlite:<data>/conveyor.db]
     #[arg(long, env = "CONVEYOR_DB", value_name = "URL")]
     pub db: Option<String>,
-    /// Message bus. [default: sql-log, the embedded log in the database]
+    /// Message bus: sql-log (consumers read the database's log) or
+    /// redis://HOST[:PORT][/DB][?partitions=N&namespace=NAME] (Redis Streams: the log is relayed
+    /// there, and consumers read it there, so services may each have a database of their own).
+    /// [default: sql-log]
     #[arg(long, env = "CONVEYOR_BUS", value_name = "URL")]
     pub bus: Option<String>,
     /// Services to run, comma-separated. [default: all]

@@ -1,0 +1,220 @@
+//! MyEvents split across two `conveyor serve` processes that share nothing but a broker:
+//! events in one, with its own database, bookings in the other, with its own.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::process::{database, reqwest, scratch_database, Server};
+use platform::testing::Scratch;
+use platform::Backend;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+/// A Redis bus of the test's own: streams in a namespace no other test uses.
+fn redis_bus() -> String {
+    let server = std::env::var("CONVEYOR_TEST_REDIS")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    format!("{server}?namespace=test-{}", uuid::Uuid::now_v7())
+}
+
+/// One service's process: its data directory and database.
+struct Service {
+    data: tempfile::TempDir,
+    scratch: Scratch,
+    db: Option<String>,
+    services: &'static str,
+}
+
+impl Service {
+    fn new(backend: Backend, services: &'static str) -> Service {
+        let (scratch, db) = database(backend);
+        Service {
+            data: tempfile::tempdir().unwrap(),
+            scratch,
+            db,
+            services,
+        }
+    }
+
+    fn start(&self, bus: &str) -> Server {
+        Server::start_with(
+            self.data.path(),
+            self.db.as_deref(),
+            &["--services", self.services, "--bus", bus],
+        )
+    }
+
+    /// Runs `sql`, a count, on this service's database.
+    async fn count(&self, sql: &'static str) -> i64 {
+        let db = scratch_database(&self.scratch, self.data.path()).await;
+        let count = db
+            .read(move |conn| Ok::<i64, platform::StoreError>(conn.scalar(sql, ())?))
+            .await
+            .unwrap();
+        db.close().await;
+        count
+    }
+}
+
+fn seed(name: &str) -> String {
+    serde_json::json!({
+        "name": name, "startdate": 1, "enddate": 2, "duration": 60,
+        "location": { "name": "hall", "halls": [{ "name": "a", "location": "b", "capacity": 10 }] }
+    })
+    .to_string()
+}
+
+async fn create_event(client: &::reqwest::Client, base: &str, name: &str) -> String {
+    let response = client
+        .post(format!("{base}/events"))
+        .body(seed(name))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    created["ID"].as_str().unwrap().to_owned()
+}
+
+/// Waits (up to 20 s) until bookings at `base` knows every event of `ids`.
+async fn wait_until_bookable(client: &::reqwest::Client, base: &str, ids: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in ids {
+        loop {
+            let status = client
+                .get(format!("{base}/events/{id}/bookings"))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "event {id} never became bookable"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn an_event_created_in_one_process_becomes_bookable_in_the_other(backend: Backend) {
+    let bus = redis_bus();
+    let events = Service::new(backend, "events");
+    let bookings = Service::new(backend, "bookings");
+    let (events_server, bookings_server) = (events.start(&bus), bookings.start(&bus));
+    let client = ::reqwest::Client::new();
+    reqwest::runtime().block_on(async {
+        let id = create_event(&client, &events_server.base, "split").await;
+        // Each process serves its own services' routes only.
+        let elsewhere = |base: &str, path: String| {
+            let (client, url) = (client.clone(), format!("{base}{path}"));
+            async move { client.get(url).send().await.unwrap().status() }
+        };
+        assert_eq!(
+            elsewhere(&events_server.base, format!("/events/{id}/bookings")).await,
+            404
+        );
+        assert_eq!(
+            elsewhere(&bookings_server.base, format!("/events/{id}")).await,
+            404
+        );
+
+        wait_until_bookable(&client, &bookings_server.base, std::slice::from_ref(&id)).await;
+        let booked = client
+            .post(format!("{}/events/{id}/bookings", bookings_server.base))
+            .body(r#"{"seats":2,"user":"ann"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(booked.status(), 201);
+    });
+    drop((events_server, bookings_server));
+    reqwest::runtime().block_on(async {
+        // Nothing of one service is in the other's database.
+        assert_eq!(
+            bookings.count("SELECT COUNT(*) FROM bookings_events").await,
+            1
+        );
+        assert_eq!(
+            events
+                .count("SELECT COUNT(*) FROM conveyor_log WHERE name = 'events.EventCreated'")
+                .await,
+            1
+        );
+        assert_eq!(
+            bookings
+                .count("SELECT COUNT(*) FROM conveyor_log WHERE name = 'events.EventCreated'")
+                .await,
+            0
+        );
+    });
+}
+
+#[test]
+fn on_redis_and_sqlite_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Backend::Sqlite);
+}
+
+#[test]
+fn on_redis_and_postgres_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Backend::Postgres);
+}
+
+#[test]
+fn on_redis_and_mariadb_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Backend::Mysql);
+}
+
+fn a_killed_bookings_process_catches_up_on_restart(backend: Backend) {
+    let bus = redis_bus();
+    let events = Service::new(backend, "events");
+    let bookings = Service::new(backend, "bookings");
+    let events_server = events.start(&bus);
+    let bookings_server = bookings.start(&bus);
+    let client = ::reqwest::Client::new();
+    let runtime = reqwest::runtime();
+    let first = runtime.block_on(create_event(&client, &events_server.base, "before"));
+    runtime.block_on(wait_until_bookable(
+        &client,
+        &bookings_server.base,
+        std::slice::from_ref(&first),
+    ));
+    bookings_server.signal("KILL");
+    drop(bookings_server);
+
+    let created: Vec<String> = runtime.block_on(async {
+        let mut created = Vec::new();
+        for n in 0..50 {
+            created
+                .push(create_event(&client, &events_server.base, &format!("while-down-{n}")).await);
+        }
+        created
+    });
+    let restarted = bookings.start(&bus);
+    runtime.block_on(async {
+        wait_until_bookable(&client, &restarted.base, &created).await;
+        // Each learned once: one inbox mark and one copy per event.
+        let learned = bookings
+            .count("SELECT COUNT(*) FROM conveyor_inbox WHERE group_name = 'bookings.learn-events'")
+            .await;
+        assert_eq!(learned, 51);
+        assert_eq!(
+            bookings.count("SELECT COUNT(*) FROM bookings_events").await,
+            51
+        );
+    });
+    drop((events_server, restarted));
+}
+
+#[test]
+fn on_redis_and_postgres_a_killed_bookings_process_catches_up_on_restart() {
+    a_killed_bookings_process_catches_up_on_restart(Backend::Postgres);
+}
+
+#[test]
+fn on_redis_and_mariadb_a_killed_bookings_process_catches_up_on_restart() {
+    a_killed_bookings_process_catches_up_on_restart(Backend::Mysql);
+}
