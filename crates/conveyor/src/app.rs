@@ -110,6 +110,7 @@ impl Application {
                 .collect::<Result<_, _>>()
                 .context("a CORS origin is not a valid header value")?,
             request_timeout: self.settings.request_timeout,
+            broker: self.transport.broker(),
         };
         let router = edge::router(apis, self.db.clone(), &options);
         let servers = TaskTracker::new();
@@ -202,6 +203,13 @@ impl Transport {
                 Transport::Broker(BrokerBus::new(db.clone(), Arc::new(broker)))
             }
         })
+    }
+
+    fn broker(&self) -> Option<Arc<dyn platform::Broker>> {
+        match self {
+            Transport::SqlLog(_) => None,
+            Transport::Broker(bus) => Some(bus.broker().clone()),
+        }
     }
 
     fn bus(&self) -> &dyn Bus {

@@ -10,6 +10,7 @@ use platform::testing::Scratch;
 use platform::Backend;
 use serde_json::Value;
 use std::time::{Duration, Instant};
+use transport_redis::testing::OwnRedis;
 
 /// A Redis bus of the test's own: streams in a namespace no other test uses.
 fn redis_bus() -> String {
@@ -217,4 +218,27 @@ fn on_redis_and_postgres_a_killed_bookings_process_catches_up_on_restart() {
 #[test]
 fn on_redis_and_mariadb_a_killed_bookings_process_catches_up_on_restart() {
     a_killed_bookings_process_catches_up_on_restart(Backend::Mysql);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_so_while_the_broker_does_not_answer() {
+    let mut redis = OwnRedis::start();
+    let app = common::spawn_app_with(&["--services", "events", "--bus", &redis.url()]).await;
+    assert_eq!(app.get("/health/ready").await.status(), 200);
+
+    tokio::task::block_in_place(|| redis.stop());
+    let problem = common::problem(app.get("/health/ready").await, 503).await;
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("the broker does not answer"), "{detail}");
+
+    tokio::task::block_in_place(|| redis.resume());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.get("/health/ready").await.status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the broker came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
 }

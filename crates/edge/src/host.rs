@@ -97,7 +97,7 @@ impl std::fmt::Debug for ServiceModule {
 }
 
 /// Edge settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpOptions {
     /// Largest request body accepted; larger ones get 413.
     pub body_limit: usize,
@@ -105,6 +105,8 @@ pub struct HttpOptions {
     pub cors_origins: Vec<HeaderValue>,
     /// A request still running after this long is answered 503.
     pub request_timeout: Duration,
+    /// The message broker, when the bus is one: readiness asks it too.
+    pub broker: Option<std::sync::Arc<dyn platform::Broker>>,
 }
 
 impl Default for HttpOptions {
@@ -113,6 +115,7 @@ impl Default for HttpOptions {
             body_limit: 1024 * 1024,
             cors_origins: Vec::new(),
             request_timeout: Duration::from_secs(30),
+            broker: None,
         }
     }
 }
@@ -173,6 +176,7 @@ pub const LOG_HEAD: &str = "conveyor_log_head";
 #[derive(Clone)]
 struct HostState {
     db: Database,
+    broker: Option<std::sync::Arc<dyn platform::Broker>>,
     /// Short enough that readiness answers with its own cause before the request timeout.
     probe_timeout: Duration,
     metrics: PrometheusHandle,
@@ -202,6 +206,7 @@ pub fn router(apis: Vec<OpenApiRouter>, db: Database, options: &HttpOptions) -> 
     metrics::gauge!(LOG_HEAD).set(*db.head().borrow() as f64);
     let state = HostState {
         db,
+        broker: options.broker.clone(),
         probe_timeout: PROBE_TIMEOUT.min(options.request_timeout / 2),
         metrics: metrics(),
         process: std::sync::Arc::new(process),
@@ -262,19 +267,37 @@ fn base_openapi() -> OpenApi {
     openapi
 }
 
-/// Ready while the database commits: the probe goes through the writer to the file.
+/// Ready while the database commits (the probe goes through the writer to the file) and
+/// the broker, if the bus is one, answers.
 async fn ready(State(state): State<HostState>) -> Response {
-    match state.db.probe(state.probe_timeout).await {
-        Ok(()) => "ready".into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "not ready: the database cannot commit");
-            Problem::new(
+    if let Err(error) = state.db.probe(state.probe_timeout).await {
+        tracing::warn!(%error, "not ready: the database cannot commit");
+        return Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the database cannot commit: {error}"),
+        )
+        .into_response();
+    }
+    if let Some(broker) = &state.broker {
+        let answered = tokio::time::timeout(state.probe_timeout, broker.ping()).await;
+        let failure = match answered {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!(
+                "it did not answer within {:?}",
+                state.probe_timeout
+            )),
+        };
+        if let Some(failure) = failure {
+            tracing::warn!(%failure, "not ready: the broker does not answer");
+            return Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("the database cannot commit: {error}"),
+                format!("the broker does not answer: {failure}"),
             )
-            .into_response()
+            .into_response();
         }
     }
+    "ready".into_response()
 }
 
 async fn render_metrics(State(state): State<HostState>) -> impl IntoResponse {

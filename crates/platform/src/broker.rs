@@ -82,6 +82,9 @@ pub trait Broker: Send + Sync + 'static {
     /// Into how many partitions every topic is split.
     fn partitions(&self) -> u32;
 
+    /// Answers once the broker does (for readiness).
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
+
     /// Publishes `batch`, returning once the broker holds all of it (its confirms). Messages
     /// of one partition reach it in the batch's order.
     fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>>;
@@ -195,6 +198,10 @@ pub struct BrokerBus {
 impl BrokerBus {
     pub fn new(db: Database, broker: Arc<dyn Broker>) -> Self {
         BrokerBus { db, broker }
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
     }
 
     /// Starts this process's relay of the log to the broker; it runs until stopped. Every

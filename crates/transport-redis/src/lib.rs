@@ -11,6 +11,9 @@
 //!
 //! A reader has a connection of its own: a blocking read holds its connection.
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use platform::broker::{Delivery, PartitionReader, Publication, ReaderSpec};
@@ -138,6 +141,17 @@ impl Settings {
 impl Broker for RedisBroker {
     fn partitions(&self) -> u32 {
         self.partitions
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move {
+            let mut conn = self.publisher.clone();
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(BrokerError::new)
+        }
+        .boxed()
     }
 
     fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>> {
@@ -273,15 +287,28 @@ impl RedisReader {
         if !wait.is_zero() {
             options = options.block(usize::try_from(wait.as_millis()).unwrap_or(usize::MAX));
         }
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
             .arg(&options)
             .arg("STREAMS")
             .arg(streams)
             .arg(ids)
             .query_async(&mut self.conn)
-            .await
-            .map_err(BrokerError::new)?;
-        Ok(reply.unwrap_or_default())
+            .await;
+        match read {
+            Ok(reply) => Ok(reply.unwrap_or_default()),
+            Err(error) => {
+                // The reply may have been lost with the connection: what it delivered is
+                // pending for this consumer, and is read again from its history.
+                self.history = vec![Some("0".to_owned()); self.streams.len()];
+                if error.code() == Some("NOGROUP") {
+                    // A server that restarted without its data: the group starts again.
+                    for stream in self.streams.clone() {
+                        create_group(&mut self.conn, &stream, &self.group).await?;
+                    }
+                }
+                Err(BrokerError::new(error))
+            }
+        }
     }
 
     fn index_of(&self, key: &str) -> Option<usize> {
