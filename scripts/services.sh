@@ -89,8 +89,10 @@ SQL
 }
 
 start_redis() {
-    answers 6379 && return 0
+    # Also where a Redis answers: the broker tests run redis-server of their own, to stop
+    # and start it.
     install_missing redis-server
+    answers 6379 && return 0
     mkdir -p "$SERVICES_DIR/redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --protected-mode yes \
         --save '' --appendonly no --dir "$SERVICES_DIR/redis" \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every test: unit, storage and transport conformance, HTTP
 # contract, concurrency and crash tests, on SQLite, PostgreSQL and MariaDB (and the notes
-# cache on Redis), then a fuzzer run of the HTTP API against its OpenAPI document.
+# cache and the Redis Streams transport on Redis), then a fuzzer run of the HTTP API against its OpenAPI document.
 # PostgreSQL, MariaDB and Redis are used where they answer on loopback and installed and started otherwise (scripts/services.sh); a test whose
 # server does not answer fails, it is never skipped. The fuzzer is installed from PyPI into
 # .venv/ on first use.
