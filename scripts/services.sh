@@ -3,9 +3,10 @@
 # (user postgres, no password), MariaDB on 127.0.0.1:3306 (user root, no password) and Redis
 # on 127.0.0.1:6379 (keeping nothing on disk). A server that already answers is left alone; one that does not is installed
 # from Debian's packages (as root, no systemd needed) and started with loopback-only,
-# trust-authentication settings meant for a test machine, never for production.
+# trust-authentication settings meant for a test machine, never for production. NATS with
+# JetStream answers on 127.0.0.1:4222 (its store in $SERVICES_DIR/nats).
 #
-#   scripts/services.sh [postgres] [mariadb] [redis]      (default: all three)
+#   scripts/services.sh [postgres] [mariadb] [redis] [nats]      (default: all four)
 #
 # Logs go to $SERVICES_DIR (default /tmp/conveyor-services). Exits non-zero if a server
 # cannot be made to answer, naming it.
@@ -100,14 +101,34 @@ start_redis() {
     wait_until answers 6379 || fail "Redis does not answer on 6379; see $SERVICES_DIR/redis.log"
 }
 
+# A real NATS handshake (INFO, CONNECT, PING, PONG), not just an open port.
+nats_answers() {
+    timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222; read -r line <&3; [[ $line == INFO* ]] || exit 1
+        printf "CONNECT {\"verbose\":false}\r\nPING\r\n" >&3; read -r line <&3; [[ $line == PONG* ]]' 2>/dev/null
+}
+
+start_nats() {
+    # Also where a NATS answers: the broker tests run nats-server of their own, to stop
+    # and start it.
+    install_missing nats-server
+    nats_answers && return 0
+    mkdir -p "$SERVICES_DIR/nats"
+    start-stop-daemon --start --quiet --background --make-pidfile \
+        --pidfile "$SERVICES_DIR/nats.pid" --output "$SERVICES_DIR/nats.log" \
+        --exec "$(command -v nats-server)" -- \
+        --addr 127.0.0.1 --port 4222 --jetstream --store_dir "$SERVICES_DIR/nats"
+    wait_until nats_answers || fail "NATS does not answer on 4222; see $SERVICES_DIR/nats.log"
+}
+
 services=("$@")
-((${#services[@]})) || services=(postgres mariadb redis)
+((${#services[@]})) || services=(postgres mariadb redis nats)
 for service in "${services[@]}"; do
     case $service in
     postgres) start_postgres ;;
     mariadb) start_mariadb ;;
     redis) start_redis ;;
-    *) fail "unknown service $service (postgres, mariadb or redis)" ;;
+    nats) start_nats ;;
+    *) fail "unknown service $service (postgres, mariadb, redis or nats)" ;;
     esac
     say "$service answers"
 done

@@ -197,12 +197,25 @@ impl Transport {
         Ok(match bus {
             BusAt::SqlLog => Transport::SqlLog(SqlLog::new(db.clone())),
             BusAt::Redis(url) => {
-                let broker = transport_redis::RedisBroker::connect(url)
-                    .await
-                    .with_context(|| format!("connecting to the bus at {}", bus.describe()))?;
-                Transport::Broker(BrokerBus::new(db.clone(), Arc::new(broker)))
+                let broker = transport_redis::RedisBroker::connect(url).await;
+                Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
+            }
+            BusAt::Nats(url) => {
+                let broker = transport_nats::NatsBroker::connect(url).await;
+                Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
             }
         })
+    }
+
+    /// The bus over a broker, if connecting to it succeeded.
+    fn over(
+        db: &Database,
+        bus: &BusAt,
+        connected: Result<Arc<dyn platform::Broker>, platform::BrokerError>,
+    ) -> anyhow::Result<Transport> {
+        let broker =
+            connected.with_context(|| format!("connecting to the bus at {}", bus.describe()))?;
+        Ok(Transport::Broker(BrokerBus::new(db.clone(), broker)))
     }
 
     fn broker(&self) -> Option<Arc<dyn platform::Broker>> {

@@ -72,9 +72,10 @@ pub struct SettingsArgs {
     /// mysql://USER[:PASSWORD]@HOST[:PORT]/DB (MySQL 8 or MariaDB). [default: sqlite:<data>/conveyor.db]
     #[arg(long, env = "CONVEYOR_DB", value_name = "URL")]
     pub db: Option<String>,
-    /// Message bus: sql-log (consumers read the database's log) or
-    /// redis://HOST[:PORT][/DB][?partitions=N&namespace=NAME] (Redis Streams: the log is relayed
-    /// there, and consumers read it there, so services may each have a database of their own).
+    /// Message bus: sql-log (consumers read the database's log), redis://HOST[:PORT][/DB]
+    /// (Redis Streams) or nats://HOST[:PORT] (NATS JetStream), a broker URL with
+    /// ?partitions=N (4) and ?namespace=NAME (conveyor). On a broker the log is relayed there
+    /// and consumers read it there, so services may each have a database of their own.
     /// [default: sql-log]
     #[arg(long, env = "CONVEYOR_BUS", value_name = "URL")]
     pub bus: Option<String>,
@@ -187,6 +188,8 @@ pub enum BusAt {
     SqlLog,
     /// Redis Streams; the URL, password included.
     Redis(String),
+    /// NATS JetStream; the URL, password included.
+    Nats(String),
 }
 
 impl BusAt {
@@ -196,8 +199,10 @@ impl BusAt {
         }
         match url.split_once("://") {
             Some(("redis", _)) => Ok(BusAt::Redis(url.to_owned())),
+            Some(("nats", _)) => Ok(BusAt::Nats(url.to_owned())),
             _ => Err(config_error(format!(
-                "--bus {}: use `{SQL_LOG}` or redis://HOST[:PORT][/DB][?partitions=N]",
+                "--bus {}: use `{SQL_LOG}`, redis://HOST[:PORT][/DB] or nats://HOST[:PORT] \
+                 (either with ?partitions=N&namespace=NAME)",
                 mask_secrets(url)
             ))),
         }
@@ -206,7 +211,7 @@ impl BusAt {
     pub fn describe(&self) -> String {
         match self {
             BusAt::SqlLog => SQL_LOG.to_owned(),
-            BusAt::Redis(url) => mask_secrets(url),
+            BusAt::Redis(url) | BusAt::Nats(url) => mask_secrets(url),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! MyEvents split across two `conveyor serve` processes that share nothing but a broker:
-//! events in one, with its own database, bookings in the other, with its own.
+//! MyEvents split across two `conveyor serve` processes that share nothing but a broker
+//! (Redis Streams, NATS JetStream): events in one, with its own database, bookings in the
+//! other, with its own.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,11 +13,46 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use transport_redis::testing::OwnRedis;
 
-/// A Redis bus of the test's own: streams in a namespace no other test uses.
-fn redis_bus() -> String {
-    let server = std::env::var("CONVEYOR_TEST_REDIS")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    format!("{server}?namespace=test-{}", uuid::Uuid::now_v7())
+#[derive(Clone, Copy)]
+enum Broker {
+    Redis,
+    Nats,
+}
+
+/// A bus of the test's own on `broker`: names in a namespace no other test uses, deleted
+/// when it is dropped.
+struct TestBus {
+    url: String,
+    broker: Broker,
+}
+
+impl TestBus {
+    fn new(broker: Broker) -> TestBus {
+        let (variable, default) = match broker {
+            Broker::Redis => ("CONVEYOR_TEST_REDIS", "redis://127.0.0.1:6379"),
+            Broker::Nats => ("CONVEYOR_TEST_NATS", "nats://127.0.0.1:4222"),
+        };
+        let server = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
+        let namespace = format!("test{}", uuid::Uuid::now_v7().simple());
+        TestBus {
+            url: format!("{server}?namespace={namespace}"),
+            broker,
+        }
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        // Redis keeps nothing on disk here; JetStream keeps its streams.
+        if let Broker::Nats = self.broker {
+            let url = self.url.clone();
+            reqwest::runtime().block_on(async move {
+                if let Ok(nats) = transport_nats::NatsBroker::connect(&url).await {
+                    let _ = nats.delete_namespace().await;
+                }
+            });
+        }
+    }
 }
 
 /// One service's process: its data directory and database.
@@ -101,11 +137,12 @@ async fn wait_until_bookable(client: &::reqwest::Client, base: &str, ids: &[Stri
     }
 }
 
-fn an_event_created_in_one_process_becomes_bookable_in_the_other(backend: Backend) {
-    let bus = redis_bus();
+fn an_event_created_in_one_process_becomes_bookable_in_the_other(broker: Broker, backend: Backend) {
+    let bus = TestBus::new(broker);
+    let bus = bus.url.as_str();
     let events = Service::new(backend, "events");
     let bookings = Service::new(backend, "bookings");
-    let (events_server, bookings_server) = (events.start(&bus), bookings.start(&bus));
+    let (events_server, bookings_server) = (events.start(bus), bookings.start(bus));
     let client = ::reqwest::Client::new();
     reqwest::runtime().block_on(async {
         let id = create_event(&client, &events_server.base, "split").await;
@@ -156,25 +193,36 @@ fn an_event_created_in_one_process_becomes_bookable_in_the_other(backend: Backen
 
 #[test]
 fn on_redis_and_sqlite_an_event_created_in_one_process_becomes_bookable_in_the_other() {
-    an_event_created_in_one_process_becomes_bookable_in_the_other(Backend::Sqlite);
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Redis, Backend::Sqlite);
 }
 
 #[test]
 fn on_redis_and_postgres_an_event_created_in_one_process_becomes_bookable_in_the_other() {
-    an_event_created_in_one_process_becomes_bookable_in_the_other(Backend::Postgres);
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Redis, Backend::Postgres);
 }
 
 #[test]
 fn on_redis_and_mariadb_an_event_created_in_one_process_becomes_bookable_in_the_other() {
-    an_event_created_in_one_process_becomes_bookable_in_the_other(Backend::Mysql);
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Redis, Backend::Mysql);
 }
 
-fn a_killed_bookings_process_catches_up_on_restart(backend: Backend) {
-    let bus = redis_bus();
+#[test]
+fn on_nats_and_postgres_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Nats, Backend::Postgres);
+}
+
+#[test]
+fn on_nats_and_mariadb_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Nats, Backend::Mysql);
+}
+
+fn a_killed_bookings_process_catches_up_on_restart(broker: Broker, backend: Backend) {
+    let bus = TestBus::new(broker);
+    let bus = bus.url.as_str();
     let events = Service::new(backend, "events");
     let bookings = Service::new(backend, "bookings");
-    let events_server = events.start(&bus);
-    let bookings_server = bookings.start(&bus);
+    let events_server = events.start(bus);
+    let bookings_server = bookings.start(bus);
     let client = ::reqwest::Client::new();
     let runtime = reqwest::runtime();
     let first = runtime.block_on(create_event(&client, &events_server.base, "before"));
@@ -194,7 +242,7 @@ fn a_killed_bookings_process_catches_up_on_restart(backend: Backend) {
         }
         created
     });
-    let restarted = bookings.start(&bus);
+    let restarted = bookings.start(bus);
     runtime.block_on(async {
         wait_until_bookable(&client, &restarted.base, &created).await;
         // Each learned once: one inbox mark and one copy per event.
@@ -212,12 +260,12 @@ fn a_killed_bookings_process_catches_up_on_restart(backend: Backend) {
 
 #[test]
 fn on_redis_and_postgres_a_killed_bookings_process_catches_up_on_restart() {
-    a_killed_bookings_process_catches_up_on_restart(Backend::Postgres);
+    a_killed_bookings_process_catches_up_on_restart(Broker::Redis, Backend::Postgres);
 }
 
 #[test]
-fn on_redis_and_mariadb_a_killed_bookings_process_catches_up_on_restart() {
-    a_killed_bookings_process_catches_up_on_restart(Backend::Mysql);
+fn on_nats_and_mariadb_a_killed_bookings_process_catches_up_on_restart() {
+    a_killed_bookings_process_catches_up_on_restart(Broker::Nats, Backend::Mysql);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,14 +48,74 @@ impl BrokerError {
     }
 }
 
+/// Partitions per topic unless the bus URL says otherwise.
+pub const DEFAULT_PARTITIONS: u32 = 4;
+/// The prefix of the broker's names (streams, subjects) unless the bus URL says otherwise.
+pub const DEFAULT_NAMESPACE: &str = "conveyor";
+
+/// What a bus URL says beside the server: `?partitions=N` (every topic is split into N,
+/// 1 to 1024) and `?namespace=NAME` (the prefix of the broker's names, so deployments can
+/// share a server). Other parameters stay in `server`, for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusUrl {
+    pub server: String,
+    pub partitions: u32,
+    pub namespace: String,
+}
+
+impl BusUrl {
+    pub fn parse(url: &str) -> Result<BusUrl, BrokerError> {
+        let (server, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut parsed = BusUrl {
+            server: server.to_owned(),
+            partitions: DEFAULT_PARTITIONS,
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+        };
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            match pair.split_once('=') {
+                Some(("partitions", value)) => {
+                    parsed.partitions = value
+                        .parse()
+                        .ok()
+                        .filter(|partitions| (1..=1024).contains(partitions))
+                        .ok_or_else(|| {
+                            BrokerError::new(format!(
+                                "partitions={value}: must be a whole number from 1 to 1024"
+                            ))
+                        })?;
+                }
+                Some(("namespace", value)) => {
+                    let valid = !value.is_empty()
+                        && value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                    if !valid {
+                        return Err(BrokerError::new(format!(
+                            "namespace={value}: must be letters, digits, '-' or '_'"
+                        )));
+                    }
+                    parsed.namespace = value.to_owned();
+                }
+                _ => rest.push(pair),
+            }
+        }
+        if !rest.is_empty() {
+            parsed.server = format!("{}?{}", parsed.server, rest.join("&"));
+        }
+        Ok(parsed)
+    }
+}
+
 /// A message on its way to the broker.
 #[derive(Debug, Clone)]
 pub struct Publication {
     pub topic: String,
     /// `key_hash(key) % partitions`: where the message's key is read in order.
     pub partition: u32,
-    /// The envelope's id, for brokers that drop a duplicate publication.
-    pub id: Uuid,
+    /// What identifies this publication, for brokers that drop a duplicate: the envelope's
+    /// id, or for a replay (the same envelope again) the id and the replay's log position.
+    pub dedupe_id: String,
     /// The envelope as `encode` wrote it.
     pub body: Vec<u8>,
 }
@@ -158,16 +218,21 @@ pub fn decode(body: &[u8]) -> Result<Envelope, String> {
     })
 }
 
-/// The publication of a log row.
+/// The publication of the log row at `position`.
 pub(crate) fn publication(
     envelope: &Envelope,
+    position: i64,
     partitions: u32,
 ) -> Result<Publication, BrokerError> {
     let partition = key_hash(&envelope.key) % i64::from(partitions.max(1));
+    let dedupe_id = match envelope.header(header::ONLY_GROUP) {
+        Some(_) => format!("{}@{position}", envelope.id),
+        None => envelope.id.to_string(),
+    };
     Ok(Publication {
         topic: envelope.topic.clone(),
         partition: u32::try_from(partition).unwrap_or_default(),
-        id: envelope.id,
+        dedupe_id,
         body: encode(envelope)?,
     })
 }
@@ -249,7 +314,7 @@ pub(crate) async fn run_lane(
         topics: shared.topics.to_vec(),
         partition: u32::try_from(partition).unwrap_or_default(),
     };
-    let mut outages = 0;
+    let mut outages = Outages::new(&shared.group, partition);
     let mut reader = loop {
         let opened = tokio::select! {
             () = stop.cancelled() => return,
@@ -258,10 +323,10 @@ pub(crate) async fn run_lane(
         match opened {
             Ok(reader) => break reader,
             Err(error) => {
-                outages += 1;
-                let delay = crate::retry::OUTAGE.delay(outages);
-                tracing::warn!(%error, group = %shared.group, partition, ?delay, "cannot open the partition; will try again");
-                if sql_log::pause(&stop, delay).await {
+                if outages
+                    .wait(&stop, &error, "cannot open the partition")
+                    .await
+                {
                     return;
                 }
             }
@@ -269,9 +334,9 @@ pub(crate) async fn run_lane(
     };
     let mut waiting: VecDeque<Delivery> = VecDeque::new();
     let batch = usize::try_from(shared.batch).unwrap_or(1).max(1);
-    let mut outages = 0;
     while !stop.is_cancelled() {
         if waiting.len() < batch {
+            // Waits for messages only when it has none in hand.
             let wait = if waiting.is_empty() {
                 READ_WAIT
             } else {
@@ -284,10 +349,7 @@ pub(crate) async fn run_lane(
             match read {
                 Ok(delivered) => waiting.extend(delivered),
                 Err(error) => {
-                    outages += 1;
-                    let delay = crate::retry::OUTAGE.delay(outages);
-                    tracing::warn!(%error, group = %shared.group, partition, ?delay, "cannot read the broker; will try again");
-                    if sql_log::pause(&stop, delay).await {
+                    if outages.wait(&stop, &error, "cannot read the broker").await {
                         return;
                     }
                     continue;
@@ -297,33 +359,13 @@ pub(crate) async fn run_lane(
         if waiting.is_empty() {
             continue;
         }
-        let entries: Vec<(i64, Entry)> = waiting
-            .iter()
-            .take(batch)
-            .map(|delivery| {
-                let seq = i64::try_from(delivery.seq).unwrap_or(i64::MAX);
-                (seq, entry(&delivery.body, &shared.group, &shared.names))
-            })
-            .collect();
-        let step = match sql_log::split_at_corrupt(entries) {
-            Split::Corrupt { at, error } => {
-                let body = waiting.front().map(|delivery| delivery.body.clone());
-                dead_letter_undecodable(&shared, partition, at, body.unwrap_or_default(), error)
-                    .await
-            }
-            Split::Messages(entries) => {
-                sql_log::deliver(&shared, partition, 0, entries, &stop).await
-            }
-        };
-        match step {
+        match deliver_front(&shared, partition, &waiting, batch, &stop).await {
             Ok(done) => {
-                outages = 0;
+                outages.clear();
                 let done = u64::try_from(done).unwrap_or_default();
                 let mut seqs = Vec::new();
-                while waiting.front().is_some_and(|delivery| delivery.seq <= done) {
-                    if let Some(delivery) = waiting.pop_front() {
-                        seqs.push(delivery.seq);
-                    }
+                while let Some(delivery) = waiting.pop_front_if(|delivery| delivery.seq <= done) {
+                    seqs.push(delivery.seq);
                 }
                 // A lost acknowledgement means a redelivery, which the inbox makes a no-op.
                 if let Err(error) = reader.ack(&seqs).await {
@@ -331,10 +373,10 @@ pub(crate) async fn run_lane(
                 }
             }
             Err(sql_log::LaneEnd::Outage(error)) => {
-                outages += 1;
-                let delay = crate::retry::OUTAGE.delay(outages);
-                tracing::warn!(%error, group = %shared.group, partition, ?delay, "will try the batch again");
-                if sql_log::pause(&stop, delay).await {
+                if outages
+                    .wait(&stop, &error, "will try the batch again")
+                    .await
+                {
                     return;
                 }
             }
@@ -344,6 +386,67 @@ pub(crate) async fn run_lane(
             }
             Err(sql_log::LaneEnd::Stopped) => return,
         }
+    }
+}
+
+/// Delivers up to `batch` of the deliveries in hand, from the front, as a sql-log lane
+/// delivers rows (a delivery that does not decode goes alone, to the dead letters). Returns
+/// the seq up to which they are done.
+async fn deliver_front(
+    shared: &Arc<sql_log::Shared>,
+    partition: i64,
+    waiting: &VecDeque<Delivery>,
+    batch: usize,
+    stop: &CancellationToken,
+) -> Result<i64, sql_log::LaneEnd> {
+    let entries: Vec<(i64, Entry)> = waiting
+        .iter()
+        .take(batch)
+        .map(|delivery| {
+            let seq = i64::try_from(delivery.seq).unwrap_or(i64::MAX);
+            (seq, entry(&delivery.body, &shared.group, &shared.names))
+        })
+        .collect();
+    match sql_log::split_at_corrupt(entries) {
+        Split::Corrupt { at, error } => {
+            let body = waiting.front().map(|delivery| delivery.body.clone());
+            dead_letter_undecodable(shared, partition, at, body.unwrap_or_default(), error).await
+        }
+        Split::Messages(entries) => sql_log::deliver(shared, partition, 0, entries, stop).await,
+    }
+}
+
+/// The failures of a lane in a row, and the growing pause after each.
+struct Outages<'a> {
+    group: &'a str,
+    partition: i64,
+    count: u32,
+}
+
+impl<'a> Outages<'a> {
+    fn new(group: &'a str, partition: i64) -> Self {
+        Outages {
+            group,
+            partition,
+            count: 0,
+        }
+    }
+
+    /// Logs the failure and waits out its pause; true when stopped meanwhile.
+    async fn wait(
+        &mut self,
+        stop: &CancellationToken,
+        error: &(dyn std::fmt::Display + Sync),
+        what: &str,
+    ) -> bool {
+        self.count += 1;
+        let delay = crate::retry::OUTAGE.delay(self.count);
+        tracing::warn!(%error, group = %self.group, partition = self.partition, ?delay, "{what}");
+        sql_log::pause(stop, delay).await
+    }
+
+    fn clear(&mut self) {
+        self.count = 0;
     }
 }
 
@@ -415,6 +518,48 @@ mod tests {
             panic!("the group the replay is for skipped it");
         };
         assert_eq!(delivered.header(header::ONLY_GROUP), None);
+    }
+
+    #[test]
+    fn the_url_names_partitions_and_namespace_and_keeps_the_rest() {
+        let url = BusUrl::parse("redis://127.0.0.1:6379/2?partitions=8&protocol=resp3&namespace=x")
+            .expect("parse");
+        assert_eq!(
+            url,
+            BusUrl {
+                server: "redis://127.0.0.1:6379/2?protocol=resp3".into(),
+                partitions: 8,
+                namespace: "x".into(),
+            }
+        );
+        let plain = BusUrl::parse("nats://127.0.0.1").expect("parse");
+        assert_eq!(plain.partitions, DEFAULT_PARTITIONS);
+        assert_eq!(plain.namespace, DEFAULT_NAMESPACE);
+        for bad in [
+            "redis://h?partitions=0",
+            "redis://h?partitions=lots",
+            "nats://h?namespace=a.b",
+            "nats://h?namespace=",
+        ] {
+            assert!(BusUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_replay_is_not_a_duplicate_of_its_original_but_a_republished_row_is() {
+        let original = envelope();
+        let mut replayed = original.clone();
+        replayed
+            .headers
+            .insert(header::ONLY_GROUP.into(), "notes.workers".into());
+        let id = |envelope: &Envelope, position| {
+            publication(envelope, position, 4)
+                .expect("publication")
+                .dedupe_id
+        };
+        assert_eq!(id(&original, 7), id(&original, 7));
+        assert_ne!(id(&original, 7), id(&replayed, 9));
+        assert_ne!(id(&replayed, 9), id(&replayed, 12));
     }
 
     #[test]

@@ -148,6 +148,68 @@ impl Fixture for SqlLogFixture {
     }
 }
 
+/// How a broker fixture makes a group read a topic from its start again.
+pub type Rewind = Box<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A broker transport on a fresh database of its own: the database's log relayed to the
+/// broker, and consumers reading the broker.
+pub struct BrokerFixture {
+    db: Database,
+    bus: crate::BrokerBus,
+    _relay: crate::Consumer,
+    rewind: Rewind,
+    /// Runs when the fixture is dropped: the transport's own cleanup (its streams, say).
+    cleanup: Option<Box<dyn FnOnce() + Send + Sync>>,
+    _place: crate::testing::Scratch,
+}
+
+impl BrokerFixture {
+    /// `broker` on a fresh database of `backend`; `rewind` does what `Fixture::rewind`
+    /// asks on the broker, and `cleanup` runs once the fixture is dropped.
+    pub async fn on(
+        backend: Backend,
+        broker: Arc<dyn crate::Broker>,
+        rewind: Rewind,
+        cleanup: Box<dyn FnOnce() + Send + Sync>,
+    ) -> BrokerFixture {
+        let place = crate::testing::Scratch::new(backend).await;
+        let db = place.open().await;
+        db.migrate(MIGRATIONS).await.expect("migrate");
+        let bus = crate::BrokerBus::new(db.clone(), broker);
+        let relay = bus.relay().await.expect("start the relay");
+        BrokerFixture {
+            db,
+            bus,
+            _relay: relay,
+            rewind,
+            cleanup: Some(cleanup),
+            _place: place,
+        }
+    }
+}
+
+impl Fixture for BrokerFixture {
+    fn db(&self) -> &Database {
+        &self.db
+    }
+
+    fn bus(&self) -> &dyn Bus {
+        &self.bus
+    }
+
+    fn rewind<'a>(&'a self, group: &'a str) -> BoxFuture<'a, ()> {
+        (self.rewind)(group.to_owned())
+    }
+}
+
+impl Drop for BrokerFixture {
+    fn drop(&mut self) {
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup();
+        }
+    }
+}
+
 /// Starts a consumer of `subscription` on the fixture's bus.
 async fn start(fixture: &impl Fixture, subscription: Subscription) -> crate::Consumer {
     fixture

@@ -740,8 +740,12 @@ async fn relay(
     };
     let publications = batch
         .iter()
-        .filter_map(|(_, entry)| match entry {
-            Entry::Message(envelope) => Some(broker::publication(envelope, broker.partitions())),
+        .filter_map(|(position, entry)| match entry {
+            Entry::Message(envelope) => Some(broker::publication(
+                envelope,
+                *position,
+                broker.partitions(),
+            )),
             Entry::Skipped | Entry::Corrupt(_) => None,
         })
         .collect::<Result<Vec<_>, _>>()

@@ -16,7 +16,7 @@ pub mod testing;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use platform::broker::{Delivery, PartitionReader, Publication, ReaderSpec};
+use platform::broker::{BusUrl, Delivery, PartitionReader, Publication, ReaderSpec};
 use platform::{Broker, BrokerError};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
@@ -29,10 +29,6 @@ const FIELD: &str = "m";
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Pending entries claimed per `XAUTOCLAIM`.
 const CLAIM_COUNT: usize = 1000;
-/// The streams' key prefix unless the URL names one.
-pub const DEFAULT_NAMESPACE: &str = "conveyor";
-/// Partitions per topic unless the URL says otherwise.
-pub const DEFAULT_PARTITIONS: u32 = 4;
 
 /// The Redis of `redis://HOST[:PORT][/DB][?partitions=N&namespace=NAME]`.
 pub struct RedisBroker {
@@ -45,14 +41,14 @@ pub struct RedisBroker {
 impl RedisBroker {
     /// Connects; a server that does not answer is an error.
     pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
-        let settings = Settings::parse(url)?;
-        let client = redis::Client::open(settings.server.as_str()).map_err(BrokerError::new)?;
+        let url = BusUrl::parse(url)?;
+        let client = redis::Client::open(url.server.as_str()).map_err(BrokerError::new)?;
         let publisher = manager(&client, TIMEOUT).await?;
         Ok(RedisBroker {
             client,
             publisher,
-            namespace: settings.namespace,
-            partitions: settings.partitions,
+            namespace: url.namespace,
+            partitions: url.partitions,
         })
     }
 
@@ -93,49 +89,6 @@ async fn manager(
         .get_connection_manager_with_config(config)
         .await
         .map_err(BrokerError::new)
-}
-
-/// What the URL says, the transport's own parameters taken out of it.
-#[derive(Debug, PartialEq, Eq)]
-struct Settings {
-    server: String,
-    namespace: String,
-    partitions: u32,
-}
-
-impl Settings {
-    fn parse(url: &str) -> Result<Settings, BrokerError> {
-        let (server, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut settings = Settings {
-            server: server.to_owned(),
-            namespace: DEFAULT_NAMESPACE.to_owned(),
-            partitions: DEFAULT_PARTITIONS,
-        };
-        let mut rest = Vec::new();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            match pair.split_once('=') {
-                Some(("partitions", value)) => {
-                    settings.partitions = value
-                        .parse()
-                        .ok()
-                        .filter(|partitions| (1..=1024).contains(partitions))
-                        .ok_or_else(|| {
-                            BrokerError::new(format!(
-                                "partitions={value}: must be a whole number from 1 to 1024"
-                            ))
-                        })?;
-                }
-                Some(("namespace", value)) if !value.is_empty() => {
-                    settings.namespace = value.to_owned();
-                }
-                _ => rest.push(pair),
-            }
-        }
-        if !rest.is_empty() {
-            settings.server = format!("{}?{}", settings.server, rest.join("&"));
-        }
-        Ok(settings)
-    }
 }
 
 impl Broker for RedisBroker {
@@ -414,30 +367,5 @@ impl PartitionReader for RedisReader {
                 .map_err(BrokerError::new)
         }
         .boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_url_names_partitions_and_namespace_and_keeps_the_rest() {
-        let settings =
-            Settings::parse("redis://127.0.0.1:6379/2?partitions=8&protocol=resp3&namespace=x")
-                .expect("parse");
-        assert_eq!(
-            settings,
-            Settings {
-                server: "redis://127.0.0.1:6379/2?protocol=resp3".into(),
-                namespace: "x".into(),
-                partitions: 8,
-            }
-        );
-        let plain = Settings::parse("redis://127.0.0.1").expect("parse");
-        assert_eq!(plain.partitions, DEFAULT_PARTITIONS);
-        assert_eq!(plain.namespace, DEFAULT_NAMESPACE);
-        assert!(Settings::parse("redis://h?partitions=0").is_err());
-        assert!(Settings::parse("redis://h?partitions=lots").is_err());
     }
 }

@@ -1,0 +1,301 @@
+//! The NATS JetStream transport.
+//!
+//! Each topic is a stream, `<namespace>_<topic>` (dots made underscores), of the subjects
+//! `<namespace>.<topic>.<partition>`. The relay publishes a batch without waiting between
+//! messages, then waits for every acknowledgement (JetStream's confirm), each message with
+//! its envelope id as `Nats-Msg-Id`, so the stream drops a republished duplicate within its
+//! window. Each platform group reads each partition through a durable pull consumer,
+//! `<group>-<partition>`, filtered to the partition's subject; the platform gives the
+//! partition to one consumer of the group at a time (its lease).
+//!
+//! Taking a partition over, a reader recreates its durable consumer from the stream
+//! sequence after the old one's acknowledgement floor: what the earlier owner received and
+//! did not acknowledge comes first, in order, rather than after JetStream's acknowledgement
+//! timeout. Acknowledgements are sent in order, so the floor is where the partition is.
+//! Works with nats-server 2.9 (no account queries, no 2.10 consumer fields).
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use platform::broker::{BusUrl, Delivery, PartitionReader, Publication, ReaderSpec};
+use platform::{Broker, BrokerError};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a received message may stay unacknowledged before JetStream sends it again:
+/// longer than a handler's retries, so that only a reader that died leaves messages behind.
+const ACK_WAIT: Duration = Duration::from_secs(300);
+
+/// The JetStream of `nats://HOST[:PORT][?partitions=N&namespace=NAME]`.
+pub struct NatsBroker {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    namespace: String,
+    partitions: u32,
+    /// Topics whose stream this process has made sure of.
+    streams: Mutex<HashSet<String>>,
+}
+
+impl NatsBroker {
+    /// Connects; a server that does not answer is an error. The client reconnects by itself
+    /// afterwards.
+    pub async fn connect(url: &str) -> Result<NatsBroker, BrokerError> {
+        let url = BusUrl::parse(url)?;
+        let client = async_nats::connect(url.server.as_str())
+            .await
+            .map_err(BrokerError::new)?;
+        Ok(NatsBroker {
+            jetstream: jetstream::new(client.clone()),
+            client,
+            namespace: url.namespace,
+            partitions: url.partitions,
+            streams: Mutex::default(),
+        })
+    }
+
+    /// The stream of `topic`.
+    pub fn stream_name(&self, topic: &str) -> String {
+        format!("{}_{}", self.namespace, topic.replace('.', "_"))
+    }
+
+    fn subject(&self, topic: &str, partition: u32) -> String {
+        format!("{}.{topic}.{partition}", self.namespace)
+    }
+
+    fn consumer_name(group: &str, partition: u32) -> String {
+        format!("{}-{partition}", group.replace('.', "_"))
+    }
+
+    /// Creates `topic`'s stream unless this process already did.
+    async fn stream(&self, topic: &str) -> Result<stream::Stream, BrokerError> {
+        let stream = self
+            .jetstream
+            .get_or_create_stream(stream::Config {
+                name: self.stream_name(topic),
+                subjects: vec![format!("{}.{topic}.*", self.namespace)],
+                storage: stream::StorageType::File,
+                ..stream::Config::default()
+            })
+            .await
+            .map_err(BrokerError::new)?;
+        if let Ok(mut known) = self.streams.lock() {
+            known.insert(topic.to_owned());
+        }
+        Ok(stream)
+    }
+
+    fn knows(&self, topic: &str) -> bool {
+        self.streams
+            .lock()
+            .map(|known| known.contains(topic))
+            .unwrap_or(false)
+    }
+
+    /// Makes `group` read every partition of `topic` from the start again, as if it had
+    /// acknowledged nothing (for tests of redelivery).
+    pub async fn rewind(&self, group: &str, topic: &str) -> Result<(), BrokerError> {
+        let stream = self.stream(topic).await?;
+        for partition in 0..self.partitions {
+            // A consumer that is not there has nothing to forget.
+            let _ = stream
+                .delete_consumer(&Self::consumer_name(group, partition))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Deletes the streams of this broker's namespace (for tests).
+    pub async fn delete_namespace(&self) -> Result<(), BrokerError> {
+        let prefix = format!("{}_", self.namespace);
+        let names: Vec<String> = self
+            .jetstream
+            .stream_names()
+            .filter_map(|name| async move { name.ok() })
+            .collect()
+            .await;
+        for name in names.into_iter().filter(|name| name.starts_with(&prefix)) {
+            self.jetstream
+                .delete_stream(&name)
+                .await
+                .map_err(BrokerError::new)?;
+        }
+        Ok(())
+    }
+}
+
+impl Broker for NatsBroker {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async move { self.client.flush().await.map_err(BrokerError::new) }.boxed()
+    }
+
+    fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            for publication in batch {
+                if !self.knows(&publication.topic) {
+                    self.stream(&publication.topic).await?;
+                }
+            }
+            let mut confirms = Vec::with_capacity(batch.len());
+            for publication in batch {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    publication.dedupe_id.as_str(),
+                );
+                let confirm = self
+                    .jetstream
+                    .publish_with_headers(
+                        self.subject(&publication.topic, publication.partition),
+                        headers,
+                        publication.body.clone().into(),
+                    )
+                    .await
+                    .map_err(BrokerError::new)?;
+                confirms.push(confirm);
+            }
+            for confirm in confirms {
+                confirm.await.map_err(BrokerError::new)?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn open(
+        &self,
+        spec: ReaderSpec,
+    ) -> BoxFuture<'_, Result<Box<dyn PartitionReader>, BrokerError>> {
+        async move {
+            let mut consumers = Vec::with_capacity(spec.topics.len());
+            for topic in &spec.topics {
+                let stream = self.stream(topic).await?;
+                let name = Self::consumer_name(&spec.group, spec.partition);
+                consumers
+                    .push(take_over(&stream, &name, self.subject(topic, spec.partition)).await?);
+            }
+            Ok(Box::new(NatsReader {
+                consumers,
+                next_seq: 1,
+                unacknowledged: HashMap::new(),
+            }) as Box<dyn PartitionReader>)
+        }
+        .boxed()
+    }
+}
+
+/// The durable consumer `name` of `subject`, made afresh from after its acknowledgement
+/// floor: what its earlier owner received and did not acknowledge is delivered again, first.
+async fn take_over(
+    stream: &stream::Stream,
+    name: &str,
+    subject: String,
+) -> Result<consumer::PullConsumer, BrokerError> {
+    let deliver_policy = match stream.consumer_info(name).await {
+        Ok(info) => {
+            stream
+                .delete_consumer(name)
+                .await
+                .map_err(BrokerError::new)?;
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: info.ack_floor.stream_sequence + 1,
+            }
+        }
+        Err(_) => consumer::DeliverPolicy::All,
+    };
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            filter_subject: subject,
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            ..consumer::pull::Config::default()
+        })
+        .await
+        .map_err(BrokerError::new)
+}
+
+struct NatsReader {
+    /// One per topic of the group.
+    consumers: Vec<consumer::PullConsumer>,
+    next_seq: u64,
+    unacknowledged: HashMap<u64, jetstream::Message>,
+}
+
+impl NatsReader {
+    /// Takes in a whole pull's messages (a pull left half read would leave the rest
+    /// delivered, and unacknowledged until JetStream's timeout).
+    async fn take(
+        &mut self,
+        pulled: Result<consumer::pull::Batch, consumer::pull::BatchError>,
+        delivered: &mut Vec<Delivery>,
+    ) -> Result<(), BrokerError> {
+        let mut messages = pulled.map_err(BrokerError::new)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(BrokerError::new)?;
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            delivered.push(Delivery {
+                seq,
+                body: message.payload.to_vec(),
+            });
+            self.unacknowledged.insert(seq, message);
+        }
+        Ok(())
+    }
+}
+
+impl PartitionReader for NatsReader {
+    fn read(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
+        async move {
+            let mut delivered = Vec::new();
+            // What is there now, from every topic.
+            for index in 0..self.consumers.len() {
+                let left = max.saturating_sub(delivered.len());
+                if left == 0 {
+                    break;
+                }
+                let pulled = self.consumers[index]
+                    .fetch()
+                    .max_messages(left)
+                    .messages()
+                    .await;
+                self.take(pulled, &mut delivered).await?;
+            }
+            if !delivered.is_empty() || wait.is_zero() {
+                return Ok(delivered);
+            }
+            // Nothing: wait for the first message of the first topic, then take what
+            // came meanwhile. A group of several topics waits on one of them only; the
+            // others are looked at when it wakes, at most `wait` later.
+            if let Some(first) = self.consumers.first() {
+                let pulled = first.batch().max_messages(1).expires(wait).messages().await;
+                self.take(pulled, &mut delivered).await?;
+            }
+            Ok(delivered)
+        }
+        .boxed()
+    }
+
+    fn ack<'a>(&'a mut self, seqs: &'a [u64]) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            for seq in seqs {
+                if let Some(message) = self.unacknowledged.remove(seq) {
+                    message.ack().await.map_err(BrokerError::new)?;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
