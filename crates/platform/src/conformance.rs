@@ -13,7 +13,7 @@ use crate::sql_log::SqlLog;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -626,4 +626,117 @@ pub async fn stop_returns_while_a_backlog_remains(fixture: &impl Fixture) {
         handled < 5000,
         "the whole backlog was worked off before stopping"
     );
+}
+
+/// Messages, and keys among them, of `a_broker_restart_mid_stream_loses_nothing`.
+const MESSAGES: u32 = 1000;
+const KEYS: u32 = 10;
+
+fn recording_restarted() -> Subscription {
+    Subscription::new("restarted")
+        .with_options(ConsumerOptions {
+            lease: Duration::from_secs(2),
+            handler_timeout: Duration::from_millis(500),
+            ..ConsumerOptions::default()
+        })
+        .on(|incoming: Incoming<Ping>, uow: &mut UnitOfWork| {
+            uow.conn().execute(
+                "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+                 VALUES ('restarted', 'only', ?, ?, ?)",
+                (
+                    incoming.envelope.id.to_string(),
+                    &incoming.message.key,
+                    incoming.message.seq,
+                ),
+            )?;
+            Ok::<_, HandlerError>(())
+        })
+}
+
+/// Every message `recording_restarted` handled: its id, key and seq, in the order handled.
+async fn handled_in_order(db: &Database) -> Vec<(String, String, i64)> {
+    db.read(|conn| {
+        Ok::<_, crate::StoreError>(conn.query_map(
+            "SELECT message_id, \"key\", seq FROM conformance_handled ORDER BY row_id",
+            (),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?)
+    })
+    .await
+    .expect("read what was handled")
+}
+
+/// A restart of the broker in the middle of a stream of 1 000 messages: publishing and
+/// consuming resume by themselves, nothing is lost, nothing is handled twice, and order per
+/// key holds. `restart` stops the broker and starts it again on its data; it blocks.
+pub async fn a_broker_restart_mid_stream_loses_nothing(
+    broker: Arc<dyn crate::Broker>,
+    restart: impl FnOnce(),
+) {
+    let place = crate::testing::Scratch::new(Backend::Sqlite).await;
+    let db = place.open().await;
+    db.migrate(MIGRATIONS).await.expect("migrate");
+    let bus = crate::BrokerBus::new(db.clone(), broker);
+    let _relay = bus.relay().await.expect("start the relay");
+    let _consumer = bus
+        .subscribe(recording_restarted())
+        .await
+        .expect("subscribe");
+
+    let publishing = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            for unit in 0..MESSAGES / KEYS {
+                db.write(move |uow| {
+                    for key in 0..KEYS {
+                        uow.emit(&Ping {
+                            key: format!("key-{key}"),
+                            seq: unit,
+                        })?;
+                    }
+                    Ok::<_, crate::StoreError>(())
+                })
+                .await
+                .expect("publish");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // Mid-stream: once some, not all, have gone through.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handled_in_order(&db).await.len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing went through before the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::task::block_in_place(restart);
+    publishing.await.expect("the publishing task");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let rows = handled_in_order(&db).await;
+        if rows.len() >= MESSAGES as usize || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A moment more, for a second handling to show if there were one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows_after = handled_in_order(&db).await;
+    assert_eq!(rows.len(), MESSAGES as usize, "messages lost");
+    assert_eq!(
+        rows_after.len(),
+        MESSAGES as usize,
+        "a message was handled twice"
+    );
+    let distinct: HashSet<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert_eq!(distinct.len(), MESSAGES as usize);
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    for (_, key, seq) in &rows {
+        let expected = next.entry(key).or_insert(0);
+        assert_eq!(*seq, *expected, "{key} out of order");
+        *expected += 1;
+    }
 }

@@ -14,6 +14,9 @@
 //! timeout. Acknowledgements are sent in order, so the floor is where the partition is.
 //! Works with nats-server 2.9 (no account queries, no 2.10 consumer fields).
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use futures::future::BoxFuture;
@@ -27,6 +30,9 @@ use std::time::Duration;
 /// How long a received message may stay unacknowledged before JetStream sends it again:
 /// longer than a handler's retries, so that only a reader that died leaves messages behind.
 const ACK_WAIT: Duration = Duration::from_secs(300);
+/// How much longer than it asked the server to wait a pull may take before it is given up:
+/// a server that restarted has forgotten the pull and would never end it.
+const PULL_MARGIN: Duration = Duration::from_secs(5);
 
 /// The JetStream of `nats://HOST[:PORT][?partitions=N&namespace=NAME]`.
 pub struct NatsBroker {
@@ -172,21 +178,32 @@ impl Broker for NatsBroker {
         spec: ReaderSpec,
     ) -> BoxFuture<'_, Result<Box<dyn PartitionReader>, BrokerError>> {
         async move {
-            let mut consumers = Vec::with_capacity(spec.topics.len());
+            let mut partitions = Vec::with_capacity(spec.topics.len());
             for topic in &spec.topics {
-                let stream = self.stream(topic).await?;
-                let name = Self::consumer_name(&spec.group, spec.partition);
-                consumers
-                    .push(take_over(&stream, &name, self.subject(topic, spec.partition)).await?);
+                partitions.push(Partition {
+                    stream: self.stream(topic).await?,
+                    consumer_name: Self::consumer_name(&spec.group, spec.partition),
+                    subject: self.subject(topic, spec.partition),
+                });
             }
-            Ok(Box::new(NatsReader {
-                consumers,
+            let mut reader = NatsReader {
+                partitions,
+                consumers: Vec::new(),
                 next_seq: 1,
                 unacknowledged: HashMap::new(),
-            }) as Box<dyn PartitionReader>)
+            };
+            reader.take_over().await?;
+            Ok(Box::new(reader) as Box<dyn PartitionReader>)
         }
         .boxed()
     }
+}
+
+/// One partition of one of a group's topics.
+struct Partition {
+    stream: stream::Stream,
+    consumer_name: String,
+    subject: String,
 }
 
 /// The durable consumer `name` of `subject`, made afresh from after its acknowledgement
@@ -222,23 +239,63 @@ async fn take_over(
 }
 
 struct NatsReader {
-    /// One per topic of the group.
+    partitions: Vec<Partition>,
+    /// One per partition, or none while they are to be made again (after a failed pull).
     consumers: Vec<consumer::PullConsumer>,
     next_seq: u64,
     unacknowledged: HashMap<u64, jetstream::Message>,
 }
 
 impl NatsReader {
+    /// Makes the partitions' consumers afresh from their acknowledgement floors.
+    async fn take_over(&mut self) -> Result<(), BrokerError> {
+        let mut consumers = Vec::with_capacity(self.partitions.len());
+        for partition in &self.partitions {
+            consumers.push(
+                take_over(
+                    &partition.stream,
+                    &partition.consumer_name,
+                    partition.subject.clone(),
+                )
+                .await?,
+            );
+        }
+        self.consumers = consumers;
+        Ok(())
+    }
+
     /// Takes in a whole pull's messages (a pull left half read would leave the rest
-    /// delivered, and unacknowledged until JetStream's timeout).
+    /// delivered, and unacknowledged until JetStream's timeout), giving up `limit` after.
     async fn take(
         &mut self,
-        pulled: Result<consumer::pull::Batch, consumer::pull::BatchError>,
+        pull: impl std::future::Future<
+            Output = Result<consumer::pull::Batch, consumer::pull::BatchError>,
+        >,
+        limit: Duration,
         delivered: &mut Vec<Delivery>,
     ) -> Result<(), BrokerError> {
-        let mut messages = pulled.map_err(BrokerError::new)?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(BrokerError::new)?;
+        let whole = async {
+            let mut messages = pull.await.map_err(BrokerError::new)?;
+            let mut taken = Vec::new();
+            while let Some(message) = messages.next().await {
+                taken.push(message.map_err(BrokerError::new)?);
+            }
+            Ok::<_, BrokerError>(taken)
+        };
+        let taken = match tokio::time::timeout(limit, whole).await {
+            Ok(taken) => taken,
+            Err(_) => Err(BrokerError::new("a pull did not end")),
+        };
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(error) => {
+                // What the pull delivered may be lost with it: the consumers are made again
+                // from their floors before the next read, so it comes again, in order.
+                self.consumers.clear();
+                return Err(error);
+            }
+        };
+        for message in taken {
             let seq = self.next_seq;
             self.next_seq += 1;
             delivered.push(Delivery {
@@ -258,6 +315,9 @@ impl PartitionReader for NatsReader {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
         async move {
+            if self.consumers.is_empty() {
+                self.take_over().await?;
+            }
             let mut delivered = Vec::new();
             // What is there now, from every topic.
             for index in 0..self.consumers.len() {
@@ -265,12 +325,9 @@ impl PartitionReader for NatsReader {
                 if left == 0 {
                     break;
                 }
-                let pulled = self.consumers[index]
-                    .fetch()
-                    .max_messages(left)
-                    .messages()
-                    .await;
-                self.take(pulled, &mut delivered).await?;
+                let consumer = self.consumers[index].clone();
+                let pull = consumer.fetch().max_messages(left).messages();
+                self.take(pull, PULL_MARGIN, &mut delivered).await?;
             }
             if !delivered.is_empty() || wait.is_zero() {
                 return Ok(delivered);
@@ -278,9 +335,9 @@ impl PartitionReader for NatsReader {
             // Nothing: wait for the first message of the first topic, then take what
             // came meanwhile. A group of several topics waits on one of them only; the
             // others are looked at when it wakes, at most `wait` later.
-            if let Some(first) = self.consumers.first() {
-                let pulled = first.batch().max_messages(1).expires(wait).messages().await;
-                self.take(pulled, &mut delivered).await?;
+            if let Some(first) = self.consumers.first().cloned() {
+                let pull = first.batch().max_messages(1).expires(wait).messages();
+                self.take(pull, wait + PULL_MARGIN, &mut delivered).await?;
             }
             Ok(delivered)
         }

@@ -13,6 +13,9 @@ use transport_redis::testing::OwnRedis;
 use transport_redis::RedisBroker;
 
 const KEYS: u32 = 20;
+
+/// A stream entry as `XRANGE` gives it: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
 const PER_KEY: u32 = 25;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +77,7 @@ async fn two_relays_publish_every_row_once_in_order_per_key() {
     let published = loop {
         let mut published: Vec<Ping> = Vec::new();
         for stream in &streams {
-            let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+            let entries: Vec<Entry> = redis::cmd("XRANGE")
                 .arg(stream)
                 .arg("-")
                 .arg("+")
