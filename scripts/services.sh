@@ -4,9 +4,10 @@
 # on 127.0.0.1:6379 (keeping nothing on disk). A server that already answers is left alone; one that does not is installed
 # from Debian's packages (as root, no systemd needed) and started with loopback-only,
 # trust-authentication settings meant for a test machine, never for production. NATS with
-# JetStream answers on 127.0.0.1:4222 (its store in $SERVICES_DIR/nats).
+# JetStream answers on 127.0.0.1:4222 (its store in $SERVICES_DIR/nats), RabbitMQ on
+# 127.0.0.1:5672 (user guest, loopback only).
 #
-#   scripts/services.sh [postgres] [mariadb] [redis] [nats]      (default: all four)
+#   scripts/services.sh [postgres] [mariadb] [redis] [nats] [rabbitmq]      (default: all)
 #
 # Logs go to $SERVICES_DIR (default /tmp/conveyor-services). Exits non-zero if a server
 # cannot be made to answer, naming it.
@@ -120,15 +121,39 @@ start_nats() {
     wait_until nats_answers || fail "NATS does not answer on 4222; see $SERVICES_DIR/nats.log"
 }
 
+start_rabbitmq() {
+    answers 5672 && return 0
+    install_missing rabbitmq-server
+    install -d -o rabbitmq -g rabbitmq /etc/rabbitmq /var/lib/rabbitmq /var/log/rabbitmq
+    cat >/etc/rabbitmq/rabbitmq-env.conf <<'CONF'
+NODENAME=rabbit@localhost
+NODE_IP_ADDRESS=127.0.0.1
+NODE_PORT=5672
+SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+CONF
+    printf 'listeners.tcp.default = 127.0.0.1:5672\nloopback_users.guest = true\n' \
+        >/etc/rabbitmq/rabbitmq.conf
+    printf '[].\n' >/etc/rabbitmq/enabled_plugins
+    # epmd first, on loopback, so that neither the server nor its CLI starts one on 0.0.0.0.
+    answers 4369 || epmd -address 127.0.0.1 -daemon
+    rabbitmq-server -detached >"$SERVICES_DIR/rabbitmq.log" 2>&1
+    wait_until answers 5672 || fail "RabbitMQ does not answer on 5672; see $SERVICES_DIR/rabbitmq.log"
+    # The port opens just before the broker has finished booting.
+    timeout "$WAIT_SECONDS" rabbitmqctl -q await_startup >/dev/null ||
+        fail "RabbitMQ did not finish starting; see /var/log/rabbitmq"
+}
+
 services=("$@")
-((${#services[@]})) || services=(postgres mariadb redis nats)
+((${#services[@]})) || services=(postgres mariadb redis nats rabbitmq)
 for service in "${services[@]}"; do
     case $service in
     postgres) start_postgres ;;
     mariadb) start_mariadb ;;
     redis) start_redis ;;
     nats) start_nats ;;
-    *) fail "unknown service $service (postgres, mariadb, redis or nats)" ;;
+    rabbitmq) start_rabbitmq ;;
+    *) fail "unknown service $service (postgres, mariadb, redis, nats or rabbitmq)" ;;
     esac
     say "$service answers"
 done

@@ -204,6 +204,10 @@ impl Transport {
                 let broker = transport_nats::NatsBroker::connect(url).await;
                 Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
             }
+            BusAt::Amqp(url) => {
+                let broker = transport_amqp::AmqpBroker::connect(url).await;
+                Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
+            }
         })
     }
 

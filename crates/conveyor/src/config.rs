@@ -73,7 +73,8 @@ pub struct SettingsArgs {
     #[arg(long, env = "CONVEYOR_DB", value_name = "URL")]
     pub db: Option<String>,
     /// Message bus: sql-log (consumers read the database's log), redis://HOST[:PORT][/DB]
-    /// (Redis Streams) or nats://HOST[:PORT] (NATS JetStream), a broker URL with
+    /// (Redis Streams), nats://HOST[:PORT] (NATS JetStream) or
+    /// amqp://USER:PASSWORD@HOST[:PORT]/VHOST (RabbitMQ), a broker URL with
     /// ?partitions=N (4) and ?namespace=NAME (conveyor). On a broker the log is relayed there
     /// and consumers read it there, so services may each have a database of their own.
     /// [default: sql-log]
@@ -190,6 +191,8 @@ pub enum BusAt {
     Redis(String),
     /// NATS JetStream; the URL, password included.
     Nats(String),
+    /// RabbitMQ; the URL, password included.
+    Amqp(String),
 }
 
 impl BusAt {
@@ -200,9 +203,10 @@ impl BusAt {
         match url.split_once("://") {
             Some(("redis", _)) => Ok(BusAt::Redis(url.to_owned())),
             Some(("nats", _)) => Ok(BusAt::Nats(url.to_owned())),
+            Some(("amqp", _)) => Ok(BusAt::Amqp(url.to_owned())),
             _ => Err(config_error(format!(
-                "--bus {}: use `{SQL_LOG}`, redis://HOST[:PORT][/DB] or nats://HOST[:PORT] \
-                 (either with ?partitions=N&namespace=NAME)",
+                "--bus {}: use `{SQL_LOG}`, redis://HOST[:PORT][/DB], nats://HOST[:PORT] or \
+                 amqp://USER:PASSWORD@HOST[:PORT]/VHOST (any with ?partitions=N&namespace=NAME)",
                 mask_secrets(url)
             ))),
         }
@@ -211,7 +215,7 @@ impl BusAt {
     pub fn describe(&self) -> String {
         match self {
             BusAt::SqlLog => SQL_LOG.to_owned(),
-            BusAt::Redis(url) | BusAt::Nats(url) => mask_secrets(url),
+            BusAt::Redis(url) | BusAt::Nats(url) | BusAt::Amqp(url) => mask_secrets(url),
         }
     }
 }
@@ -689,7 +693,7 @@ mod tests {
         );
         assert!(!server.render().contains("hunter2"));
         let bus = resolve(SettingsArgs {
-            bus: Some("amqp://x".into()),
+            bus: Some("kafka://x".into()),
             ..Default::default()
         });
         assert!(bus.unwrap_err().0.contains("--bus"));

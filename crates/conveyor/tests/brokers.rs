@@ -1,5 +1,5 @@
 //! MyEvents split across two `conveyor serve` processes that share nothing but a broker
-//! (Redis Streams, NATS JetStream): events in one, with its own database, bookings in the
+//! (Redis Streams, NATS JetStream, RabbitMQ): events in one, with its own database, bookings in the
 //! other, with its own.
 
 #![allow(clippy::unwrap_used)]
@@ -17,6 +17,7 @@ use transport_redis::testing::OwnRedis;
 enum Broker {
     Redis,
     Nats,
+    Amqp,
 }
 
 /// A bus of the test's own on `broker`: names in a namespace no other test uses, deleted
@@ -31,6 +32,10 @@ impl TestBus {
         let (variable, default) = match broker {
             Broker::Redis => ("CONVEYOR_TEST_REDIS", "redis://127.0.0.1:6379"),
             Broker::Nats => ("CONVEYOR_TEST_NATS", "nats://127.0.0.1:4222"),
+            Broker::Amqp => (
+                "CONVEYOR_TEST_AMQP",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
         };
         let server = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
         let namespace = format!("test{}", uuid::Uuid::now_v7().simple());
@@ -43,14 +48,24 @@ impl TestBus {
 
 impl Drop for TestBus {
     fn drop(&mut self) {
-        // Redis keeps nothing on disk here; JetStream keeps its streams.
-        if let Broker::Nats = self.broker {
-            let url = self.url.clone();
-            reqwest::runtime().block_on(async move {
+        // Redis keeps nothing on disk here; JetStream keeps its streams, RabbitMQ its
+        // exchanges and queues.
+        let url = self.url.clone();
+        match self.broker {
+            Broker::Redis => {}
+            Broker::Nats => reqwest::runtime().block_on(async move {
                 if let Ok(nats) = transport_nats::NatsBroker::connect(&url).await {
                     let _ = nats.delete_namespace().await;
                 }
-            });
+            }),
+            Broker::Amqp => reqwest::runtime().block_on(async move {
+                if let Ok(rabbit) = transport_amqp::AmqpBroker::connect(&url).await {
+                    let _ = rabbit
+                        .delete(&["bookings.learn-events"], "events.events")
+                        .await;
+                    let _ = rabbit.delete(&[], "bookings.events").await;
+                }
+            }),
         }
     }
 }
@@ -256,6 +271,21 @@ fn a_killed_bookings_process_catches_up_on_restart(broker: Broker, backend: Back
         );
     });
     drop((events_server, restarted));
+}
+
+#[test]
+fn on_rabbitmq_and_postgres_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Amqp, Backend::Postgres);
+}
+
+#[test]
+fn on_rabbitmq_and_mariadb_an_event_created_in_one_process_becomes_bookable_in_the_other() {
+    an_event_created_in_one_process_becomes_bookable_in_the_other(Broker::Amqp, Backend::Mysql);
+}
+
+#[test]
+fn on_rabbitmq_and_postgres_a_killed_bookings_process_catches_up_on_restart() {
+    a_killed_bookings_process_catches_up_on_restart(Broker::Amqp, Backend::Postgres);
 }
 
 #[test]

@@ -149,6 +149,14 @@ pub trait Broker: Send + Sync + 'static {
     /// of one partition reach it in the batch's order.
     fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>>;
 
+    /// Makes ready what `group` reads of `topics` before it first reads, so that it receives
+    /// every message published from now on (a broker that keeps only what is routed to a
+    /// queue needs the queues). Nothing to do for one that keeps its history.
+    fn join(&self, group: &str, topics: &[String]) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let _ = (group, topics);
+        async { Ok(()) }.boxed()
+    }
+
     /// Opens the reader of one partition for a group. The caller holds the partition's lease:
     /// the reader first takes over what earlier owners received and did not acknowledge.
     fn open(
@@ -293,6 +301,9 @@ impl Bus for BrokerBus {
             let mut subscription = subscription;
             subscription.options.partitions =
                 u16::try_from(self.broker.partitions()).unwrap_or(u16::MAX);
+            self.broker
+                .join(&subscription.group, &subscription.topics)
+                .await?;
             sql_log::start(&self.db, subscription, Lanes::Broker(self.broker.clone())).await
         }
         .boxed()

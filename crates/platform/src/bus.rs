@@ -19,6 +19,8 @@ impl From<crate::sql::Error> for BusError {
 pub enum BusError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
     #[error(
         "consumer group {group} has {existing} partitions; it cannot be opened with {requested}"
     )]

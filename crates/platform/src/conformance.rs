@@ -148,8 +148,9 @@ impl Fixture for SqlLogFixture {
     }
 }
 
-/// How a broker fixture makes a group read a topic from its start again.
-pub type Rewind = Box<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
+/// How a broker fixture makes a group (the second argument) read the fixture's topic from
+/// its start again; the first is the fixture's database.
+pub type Rewind = Box<dyn Fn(Database, String) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// A broker transport on a fresh database of its own: the database's log relayed to the
 /// broker, and consumers reading the broker.
@@ -158,10 +159,14 @@ pub struct BrokerFixture {
     bus: crate::BrokerBus,
     _relay: crate::Consumer,
     rewind: Rewind,
-    /// Runs when the fixture is dropped: the transport's own cleanup (its streams, say).
-    cleanup: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Runs when the fixture is dropped, with the groups that joined: the transport's own
+    /// cleanup (its streams or queues, say).
+    cleanup: Option<Cleanup>,
     _place: crate::testing::Scratch,
 }
+
+/// What a broker fixture runs when dropped, given the groups that joined.
+pub type Cleanup = Box<dyn FnOnce(Vec<String>) + Send + Sync>;
 
 impl BrokerFixture {
     /// `broker` on a fresh database of `backend`; `rewind` does what `Fixture::rewind`
@@ -170,7 +175,7 @@ impl BrokerFixture {
         backend: Backend,
         broker: Arc<dyn crate::Broker>,
         rewind: Rewind,
-        cleanup: Box<dyn FnOnce() + Send + Sync>,
+        cleanup: Cleanup,
     ) -> BrokerFixture {
         let place = crate::testing::Scratch::new(backend).await;
         let db = place.open().await;
@@ -198,16 +203,56 @@ impl Fixture for BrokerFixture {
     }
 
     fn rewind<'a>(&'a self, group: &'a str) -> BoxFuture<'a, ()> {
-        (self.rewind)(group.to_owned())
+        (self.rewind)(self.db.clone(), group.to_owned())
     }
 }
 
 impl Drop for BrokerFixture {
     fn drop(&mut self) {
-        if let Some(cleanup) = self.cleanup.take() {
-            cleanup();
-        }
+        let Some(cleanup) = self.cleanup.take() else {
+            return;
+        };
+        let db = self.db.clone();
+        let groups = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(db.read(|conn| {
+                Ok::<_, crate::StoreError>(conn.query_map(
+                    "SELECT group_name FROM conveyor_groups",
+                    (),
+                    |row| row.get::<String>(0),
+                )?)
+            }))
+        })
+        .unwrap_or_default();
+        cleanup(groups);
     }
+}
+
+/// Publishes every message of `topic` in `db`'s log to `broker` again, in order: how a
+/// fixture rewinds a group on a broker whose queues keep nothing once acknowledged
+/// (RabbitMQ). Every group reading the topic gets them again.
+pub async fn republish(db: &Database, broker: &dyn crate::Broker, topic: &str) {
+    let topic = topic.to_owned();
+    let rows = db
+        .read(move |conn| {
+            Ok::<_, crate::StoreError>(conn.query_map(
+                &format!(
+                    "SELECT position, {} FROM conveyor_log WHERE topic = ? ORDER BY position",
+                    crate::log::ENVELOPE_COLUMNS
+                ),
+                [&topic],
+                |row| Ok((row.get::<i64>(0)?, crate::log::envelope_from_row(row, 1)?)),
+            )?)
+        })
+        .await
+        .expect("read the log");
+    let publications: Vec<_> = rows
+        .iter()
+        .map(|(position, envelope)| {
+            crate::broker::publication(envelope, *position, broker.partitions())
+                .expect("a publication")
+        })
+        .collect();
+    broker.publish(&publications).await.expect("republish");
 }
 
 /// Starts a consumer of `subscription` on the fixture's bus.

@@ -23,11 +23,11 @@ async fn fixture(backend: Backend) -> BrokerFixture {
     BrokerFixture::on(
         backend,
         broker,
-        Box::new(move |group| {
+        Box::new(move |_db, group| {
             let broker = rewinding.clone();
             async move { broker.rewind(&group, Ping::TOPIC).await.expect("rewind") }.boxed()
         }),
-        Box::new(move || {
+        Box::new(move |_groups| {
             // Dropped inside the test's runtime, which cannot be blocked on: a thread and a
             // runtime of its own delete the streams.
             let _ = std::thread::spawn(move || {

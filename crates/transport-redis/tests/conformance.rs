@@ -23,11 +23,11 @@ async fn fixture(backend: Backend) -> BrokerFixture {
     BrokerFixture::on(
         backend,
         broker,
-        Box::new(move |group| {
+        Box::new(move |_db, group| {
             let broker = rewinding.clone();
             async move { broker.rewind(&group, Ping::TOPIC).await.expect("rewind") }.boxed()
         }),
-        Box::new(move || delete_namespace(&namespace)),
+        Box::new(move |_groups| delete_namespace(&namespace)),
     )
     .await
 }
