@@ -326,23 +326,57 @@ pub(crate) async fn run_lane(
         partition: u32::try_from(partition).unwrap_or_default(),
     };
     let mut outages = Outages::new(&shared.group, partition);
-    let mut reader = loop {
+    while !stop.is_cancelled() {
         let opened = tokio::select! {
             () = stop.cancelled() => return,
-            opened = broker.open(spec.clone()) => opened,
+            opened = within(BROKER_CALL, broker.open(spec.clone())) => opened,
         };
-        match opened {
-            Ok(reader) => break reader,
-            Err(error) => {
-                if outages
-                    .wait(&stop, &error, "cannot open the partition")
-                    .await
-                {
-                    return;
+        let failure = match opened {
+            Ok(reader) => {
+                match read_partition(&shared, partition, reader, &mut outages, &stop).await {
+                    Some(failure) => failure,
+                    None => return,
                 }
             }
+            Err(error) => error,
+        };
+        // The reader and what it held go: a fresh one takes over what was not acknowledged.
+        if outages
+            .wait(
+                &stop,
+                &failure,
+                "the broker failed; opening the partition again",
+            )
+            .await
+        {
+            return;
         }
-    };
+    }
+}
+
+/// How long a call to the broker may take (a read: besides its own wait) before it is given
+/// up: a connection the broker dropped may not know it for a while.
+pub const BROKER_CALL: Duration = Duration::from_secs(10);
+
+/// `call`, or an error once `limit` has passed.
+pub async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| Err(BrokerError::new(format!("no answer within {limit:?}"))))
+}
+
+/// Reads the partition through `reader` and delivers what it reads, until stopped or the
+/// lease is lost (`None`), or until the broker fails (the failure).
+async fn read_partition(
+    shared: &Arc<sql_log::Shared>,
+    partition: i64,
+    mut reader: Box<dyn PartitionReader>,
+    outages: &mut Outages<'_>,
+    stop: &CancellationToken,
+) -> Option<BrokerError> {
     let mut waiting: VecDeque<Delivery> = VecDeque::new();
     let batch = usize::try_from(shared.batch).unwrap_or(1).max(1);
     while !stop.is_cancelled() {
@@ -354,23 +388,18 @@ pub(crate) async fn run_lane(
                 Duration::ZERO
             };
             let read = tokio::select! {
-                () = stop.cancelled() => return,
-                read = reader.read(batch - waiting.len(), wait) => read,
+                () = stop.cancelled() => return None,
+                read = within(wait + BROKER_CALL, reader.read(batch - waiting.len(), wait)) => read,
             };
             match read {
                 Ok(delivered) => waiting.extend(delivered),
-                Err(error) => {
-                    if outages.wait(&stop, &error, "cannot read the broker").await {
-                        return;
-                    }
-                    continue;
-                }
+                Err(error) => return Some(error),
             }
         }
         if waiting.is_empty() {
             continue;
         }
-        match deliver_front(&shared, partition, &waiting, batch, &stop).await {
+        match deliver_front(shared, partition, &waiting, batch, stop).await {
             Ok(done) => {
                 outages.clear();
                 let done = u64::try_from(done).unwrap_or_default();
@@ -378,26 +407,25 @@ pub(crate) async fn run_lane(
                 while let Some(delivery) = waiting.pop_front_if(|delivery| delivery.seq <= done) {
                     seqs.push(delivery.seq);
                 }
-                // A lost acknowledgement means a redelivery, which the inbox makes a no-op.
-                if let Err(error) = reader.ack(&seqs).await {
-                    tracing::warn!(%error, group = %shared.group, partition, "cannot acknowledge to the broker");
+                // Handled and committed: a lost acknowledgement means a redelivery, which
+                // the inbox makes a no-op.
+                if let Err(error) = within(BROKER_CALL, reader.ack(&seqs)).await {
+                    return Some(error);
                 }
             }
             Err(sql_log::LaneEnd::Outage(error)) => {
-                if outages
-                    .wait(&stop, &error, "will try the batch again")
-                    .await
-                {
-                    return;
+                if outages.wait(stop, &error, "will try the batch again").await {
+                    return None;
                 }
             }
             Err(sql_log::LaneEnd::NotOwned) => {
                 tracing::info!(group = %shared.group, partition, "partition lease lost");
-                return;
+                return None;
             }
-            Err(sql_log::LaneEnd::Stopped) => return,
+            Err(sql_log::LaneEnd::Stopped) => return None,
         }
     }
+    None
 }
 
 /// Delivers up to `batch` of the deliveries in hand, from the front, as a sql-log lane

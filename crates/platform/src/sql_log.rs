@@ -750,8 +750,7 @@ async fn relay(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| LaneEnd::Outage(error.into()))?;
-    broker
-        .publish(&publications)
+    broker::within(broker::BROKER_CALL, broker.publish(&publications))
         .await
         .map_err(|error| LaneEnd::Outage(error.into()))?;
     match shared

@@ -14,6 +14,9 @@
 //! not reach that group (RabbitMQ drops what no queue is bound to). The connection is made
 //! again after a failure, by the publisher and by every reader, each on its next call.
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use futures::future::BoxFuture;
 use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
@@ -24,7 +27,9 @@ use lapin::options::{
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use platform::broker::{BusUrl, Delivery, PartitionReader, Publication, ReaderSpec};
+use platform::broker::{
+    within, BusUrl, Delivery, PartitionReader, Publication, ReaderSpec, BROKER_CALL,
+};
 use platform::{Broker, BrokerError};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -54,6 +59,11 @@ struct Connector {
 }
 
 impl Connector {
+    /// Forgets the connection, so that the next channel comes with a new one.
+    async fn forget(&self) {
+        *self.connection.lock().await = None;
+    }
+
     async fn channel(&self) -> Result<Channel, BrokerError> {
         let mut slot = self.connection.lock().await;
         let connection = match slot.as_ref() {
@@ -68,7 +78,14 @@ impl Connector {
                 connection
             }
         };
-        connection.create_channel().await.map_err(BrokerError::new)
+        match connection.create_channel().await {
+            Ok(channel) => Ok(channel),
+            Err(error) => {
+                // A connection the broker dropped may not know it yet: make a new one next.
+                *slot = None;
+                Err(BrokerError::new(error))
+            }
+        }
     }
 }
 
@@ -243,10 +260,12 @@ impl Broker for AmqpBroker {
                 }
                 Ok(())
             };
-            let result = published.await;
+            let result = within(BROKER_CALL, published).await;
             if result.is_err() {
-                // The channel may be closed by the failure: the next batch opens another.
+                // The channel, even the connection, may be gone without knowing it yet: the
+                // next batch opens new ones.
                 *self.publisher.lock().await = None;
+                self.connector.forget().await;
             }
             result
         }
@@ -279,17 +298,11 @@ impl Broker for AmqpBroker {
                 .iter()
                 .map(|topic| self.binding(&spec.group, topic, spec.partition))
                 .collect();
-            let mut reader = AmqpReader {
-                connector: self.connector.clone(),
-                member: spec.member,
-                queues,
-                channel: None,
-                deliveries: SelectAll::new(),
-                next_seq: 1,
-                unacknowledged: HashMap::new(),
-            };
-            reader.consume().await?;
-            Ok(Box::new(reader) as Box<dyn PartitionReader>)
+            let reader = AmqpReader::consume(&self.connector, &spec.member, queues).await;
+            if reader.is_err() {
+                self.connector.forget().await;
+            }
+            Ok(Box::new(reader?) as Box<dyn PartitionReader>)
         }
         .boxed()
     }
@@ -303,11 +316,7 @@ struct Binding {
 }
 
 struct AmqpReader {
-    connector: Arc<Connector>,
-    member: String,
-    queues: Vec<Binding>,
-    /// The channel consuming the queues; none while it is to be made again.
-    channel: Option<Channel>,
+    channel: Channel,
     deliveries: SelectAll<lapin::Consumer>,
     next_seq: u64,
     unacknowledged: HashMap<u64, lapin::acker::Acker>,
@@ -315,19 +324,23 @@ struct AmqpReader {
 
 impl AmqpReader {
     /// Opens a channel, declares and binds the queues, and consumes them exclusively.
-    async fn consume(&mut self) -> Result<(), BrokerError> {
-        let channel = self.connector.channel().await?;
+    async fn consume(
+        connector: &Connector,
+        member: &str,
+        queues: Vec<Binding>,
+    ) -> Result<AmqpReader, BrokerError> {
+        let channel = connector.channel().await?;
         channel
             .basic_qos(PREFETCH, BasicQosOptions::default())
             .await
             .map_err(BrokerError::new)?;
         let mut deliveries = SelectAll::new();
-        for binding in &self.queues {
+        for binding in &queues {
             declare_queue(&channel, binding).await?;
             let consumer = channel
                 .basic_consume(
                     &binding.queue,
-                    &format!("{}-{}", self.member, binding.queue),
+                    &format!("{member}-{}", binding.queue),
                     BasicConsumeOptions {
                         exclusive: true,
                         ..BasicConsumeOptions::default()
@@ -338,10 +351,12 @@ impl AmqpReader {
                 .map_err(BrokerError::new)?;
             deliveries.push(consumer);
         }
-        self.channel = Some(channel);
-        self.deliveries = deliveries;
-        self.unacknowledged.clear();
-        Ok(())
+        Ok(AmqpReader {
+            channel,
+            deliveries,
+            next_seq: 1,
+            unacknowledged: HashMap::new(),
+        })
     }
 
     fn delivered(&mut self, delivery: lapin::message::Delivery) -> Delivery {
@@ -353,30 +368,18 @@ impl AmqpReader {
             body: delivery.data,
         }
     }
-
-    /// Gives the channel up after a failure: what it held unacknowledged goes back to the
-    /// queues, in place, and comes again on the next channel.
-    fn broken(&mut self, error: impl std::fmt::Display) -> BrokerError {
-        close_later(self.channel.take());
-        BrokerError::new(error)
-    }
 }
 
-/// Closes a channel from a task of its own (a reader is dropped where it cannot wait).
-fn close_later(channel: Option<Channel>) {
-    let Some(channel) = channel else {
-        return;
-    };
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            let _ = channel.close(200, "reader closed").await;
-        });
-    }
-}
-
+/// What the channel held unacknowledged goes back to its queues, in place, for the next
+/// reader. Closed from a task of its own: a reader is dropped where it cannot wait.
 impl Drop for AmqpReader {
     fn drop(&mut self) {
-        close_later(self.channel.take());
+        let channel = self.channel.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = channel.close(200, "reader closed").await;
+            });
+        }
     }
 }
 
@@ -387,24 +390,26 @@ impl PartitionReader for AmqpReader {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
         async move {
-            if self.channel.is_none() {
-                self.consume().await?;
-            }
+            let cancelled = || BrokerError::new("the broker cancelled the consumer");
             let mut delivered = Vec::new();
             if !wait.is_zero() {
                 match tokio::time::timeout(wait, self.deliveries.next()).await {
                     Err(_) => return Ok(delivered),
-                    Ok(Some(Ok(delivery))) => delivered.push(self.delivered(delivery)),
-                    Ok(Some(Err(error))) => return Err(self.broken(error)),
-                    Ok(None) => return Err(self.broken("the broker cancelled the consumer")),
+                    Ok(Some(delivery)) => {
+                        let delivery = delivery.map_err(BrokerError::new)?;
+                        delivered.push(self.delivered(delivery));
+                    }
+                    Ok(None) => return Err(cancelled()),
                 }
             }
             while delivered.len() < max {
                 match self.deliveries.next().now_or_never() {
                     None => break,
-                    Some(Some(Ok(delivery))) => delivered.push(self.delivered(delivery)),
-                    Some(Some(Err(error))) => return Err(self.broken(error)),
-                    Some(None) => return Err(self.broken("the broker cancelled the consumer")),
+                    Some(Some(delivery)) => {
+                        let delivery = delivery.map_err(BrokerError::new)?;
+                        delivered.push(self.delivered(delivery));
+                    }
+                    Some(None) => return Err(cancelled()),
                 }
             }
             Ok(delivered)

@@ -30,9 +30,6 @@ use std::time::Duration;
 /// How long a received message may stay unacknowledged before JetStream sends it again:
 /// longer than a handler's retries, so that only a reader that died leaves messages behind.
 const ACK_WAIT: Duration = Duration::from_secs(300);
-/// How much longer than it asked the server to wait a pull may take before it is given up:
-/// a server that restarted has forgotten the pull and would never end it.
-const PULL_MARGIN: Duration = Duration::from_secs(5);
 
 /// The JetStream of `nats://HOST[:PORT][?partitions=N&namespace=NAME]`.
 pub struct NatsBroker {
@@ -240,7 +237,7 @@ async fn take_over(
 
 struct NatsReader {
     partitions: Vec<Partition>,
-    /// One per partition, or none while they are to be made again (after a failed pull).
+    /// One per partition.
     consumers: Vec<consumer::PullConsumer>,
     next_seq: u64,
     unacknowledged: HashMap<u64, jetstream::Message>,
@@ -264,38 +261,18 @@ impl NatsReader {
         Ok(())
     }
 
-    /// Takes in a whole pull's messages (a pull left half read would leave the rest
-    /// delivered, and unacknowledged until JetStream's timeout), giving up `limit` after.
+    /// Takes in a whole pull's messages: a pull left half read would leave the rest
+    /// delivered, and unacknowledged until JetStream's timeout. (A pull that a restarted
+    /// server forgot never ends: the lane gives the reader up, and the next one takes over
+    /// from the acknowledgement floor.)
     async fn take(
         &mut self,
-        pull: impl std::future::Future<
-            Output = Result<consumer::pull::Batch, consumer::pull::BatchError>,
-        >,
-        limit: Duration,
+        pull: Result<consumer::pull::Batch, consumer::pull::BatchError>,
         delivered: &mut Vec<Delivery>,
     ) -> Result<(), BrokerError> {
-        let whole = async {
-            let mut messages = pull.await.map_err(BrokerError::new)?;
-            let mut taken = Vec::new();
-            while let Some(message) = messages.next().await {
-                taken.push(message.map_err(BrokerError::new)?);
-            }
-            Ok::<_, BrokerError>(taken)
-        };
-        let taken = match tokio::time::timeout(limit, whole).await {
-            Ok(taken) => taken,
-            Err(_) => Err(BrokerError::new("a pull did not end")),
-        };
-        let taken = match taken {
-            Ok(taken) => taken,
-            Err(error) => {
-                // What the pull delivered may be lost with it: the consumers are made again
-                // from their floors before the next read, so it comes again, in order.
-                self.consumers.clear();
-                return Err(error);
-            }
-        };
-        for message in taken {
+        let mut messages = pull.map_err(BrokerError::new)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(BrokerError::new)?;
             let seq = self.next_seq;
             self.next_seq += 1;
             delivered.push(Delivery {
@@ -315,9 +292,6 @@ impl PartitionReader for NatsReader {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
         async move {
-            if self.consumers.is_empty() {
-                self.take_over().await?;
-            }
             let mut delivered = Vec::new();
             // What is there now, from every topic.
             for index in 0..self.consumers.len() {
@@ -326,8 +300,8 @@ impl PartitionReader for NatsReader {
                     break;
                 }
                 let consumer = self.consumers[index].clone();
-                let pull = consumer.fetch().max_messages(left).messages();
-                self.take(pull, PULL_MARGIN, &mut delivered).await?;
+                let pull = consumer.fetch().max_messages(left).messages().await;
+                self.take(pull, &mut delivered).await?;
             }
             if !delivered.is_empty() || wait.is_zero() {
                 return Ok(delivered);
@@ -336,8 +310,8 @@ impl PartitionReader for NatsReader {
             // came meanwhile. A group of several topics waits on one of them only; the
             // others are looked at when it wakes, at most `wait` later.
             if let Some(first) = self.consumers.first().cloned() {
-                let pull = first.batch().max_messages(1).expires(wait).messages();
-                self.take(pull, wait + PULL_MARGIN, &mut delivered).await?;
+                let pull = first.batch().max_messages(1).expires(wait).messages().await;
+                self.take(pull, &mut delivered).await?;
             }
             Ok(delivered)
         }

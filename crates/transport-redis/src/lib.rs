@@ -240,28 +240,15 @@ impl RedisReader {
         if !wait.is_zero() {
             options = options.block(usize::try_from(wait.as_millis()).unwrap_or(usize::MAX));
         }
-        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg(&options)
             .arg("STREAMS")
             .arg(streams)
             .arg(ids)
             .query_async(&mut self.conn)
-            .await;
-        match read {
-            Ok(reply) => Ok(reply.unwrap_or_default()),
-            Err(error) => {
-                // The reply may have been lost with the connection: what it delivered is
-                // pending for this consumer, and is read again from its history.
-                self.history = vec![Some("0".to_owned()); self.streams.len()];
-                if error.code() == Some("NOGROUP") {
-                    // A server that restarted without its data: the group starts again.
-                    for stream in self.streams.clone() {
-                        create_group(&mut self.conn, &stream, &self.group).await?;
-                    }
-                }
-                Err(BrokerError::new(error))
-            }
-        }
+            .await
+            .map_err(BrokerError::new)?;
+        Ok(reply.unwrap_or_default())
     }
 
     fn index_of(&self, key: &str) -> Option<usize> {
