@@ -87,6 +87,13 @@ impl Application {
                 self.settings.retention,
                 background.clone(),
             ));
+            if let Some(broker) = self.transport.broker() {
+                tokio::spawn(platform::retention::run_on_broker(
+                    broker,
+                    self.settings.retention,
+                    background.clone(),
+                ));
+            }
             consumers
         };
         // Stopped last, so that it publishes what the consumers' last units emitted.

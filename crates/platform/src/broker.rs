@@ -149,6 +149,14 @@ pub trait Broker: Send + Sync + 'static {
     /// of one partition reach it in the batch's order.
     fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>>;
 
+    /// Deletes what every group has acknowledged and is older than `older_than`, the rule the
+    /// log's retention keeps; returns how many messages went. Nothing to do for a broker
+    /// whose queues drop what they delivered (RabbitMQ), or that prunes by its own limits.
+    fn prune(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, BrokerError>> {
+        let _ = older_than;
+        async { Ok(0) }.boxed()
+    }
+
     /// Makes ready what `group` reads of `topics` before it first reads, so that it receives
     /// every message published from now on (a broker that keeps only what is routed to a
     /// queue needs the queues). Nothing to do for one that keeps its history.

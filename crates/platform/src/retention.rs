@@ -56,6 +56,26 @@ pub async fn run(db: Database, retention: Retention, stop: CancellationToken) {
     }
 }
 
+/// Prunes `broker` by the log's retention every `PRUNE_INTERVAL` until `stop`.
+pub async fn run_on_broker(
+    broker: std::sync::Arc<dyn crate::Broker>,
+    retention: Retention,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match broker.prune(retention.log).await {
+            Ok(pruned) => tracing::debug!(pruned, "broker retention pass"),
+            Err(error) => tracing::warn!(%error, "broker retention pass failed; will try again"),
+        }
+    }
+}
+
 /// One retention pass over the log and the inbox.
 pub async fn prune(db: &Database, retention: Retention) -> Result<Pruned, StoreError> {
     let now = now_millis();

@@ -7,7 +7,9 @@
 //! claims what earlier owners read and did not acknowledge (`XAUTOCLAIM`), reads its own
 //! pending entries, then new ones (`XREADGROUP … >`, blocking), and acknowledges (`XACK`)
 //! after its unit of work committed. So messages with one key are handled in order, and an
-//! entry whose consumer died is handled by the next owner.
+//! entry whose consumer died is handled by the next owner. Retention trims each stream to
+//! what is younger than the log's retention or not yet acknowledged by every group
+//! (`XTRIM … MINID`).
 //!
 //! A reader has a connection of its own: a blocking read holds its connection.
 
@@ -57,6 +59,29 @@ impl RedisBroker {
         format!("{}:{topic}:{partition}", self.namespace)
     }
 
+    /// Every stream of this broker's namespace (`SCAN`, which does not hold the server up as
+    /// `KEYS` would).
+    async fn streams(&self, conn: &mut ConnectionManager) -> Result<Vec<String>, BrokerError> {
+        let mut streams = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}:*", self.namespace))
+                .arg("COUNT")
+                .arg(500)
+                .query_async(conn)
+                .await
+                .map_err(BrokerError::new)?;
+            streams.extend(keys);
+            if next == 0 {
+                return Ok(streams);
+            }
+            cursor = next;
+        }
+    }
+
     /// Makes `group` read every partition of `topic` from the start again, as if it had
     /// acknowledged nothing (for tests of redelivery).
     pub async fn rewind(&self, group: &str, topic: &str) -> Result<(), BrokerError> {
@@ -103,6 +128,48 @@ impl Broker for RedisBroker {
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(BrokerError::new)
+        }
+        .boxed()
+    }
+
+    fn join(&self, group: &str, topics: &[String]) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let streams: Vec<String> = topics
+            .iter()
+            .flat_map(|topic| (0..self.partitions).map(move |partition| (topic, partition)))
+            .map(|(topic, partition)| self.stream(topic, partition))
+            .collect();
+        let group = group.to_owned();
+        async move {
+            let mut conn = self.publisher.clone();
+            for stream in &streams {
+                create_group(&mut conn, stream, &group).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn prune(&self, older_than: Duration) -> BoxFuture<'_, Result<u64, BrokerError>> {
+        async move {
+            let mut conn = self.publisher.clone();
+            let streams = self.streams(&mut conn).await?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let cutoff = now.saturating_sub(older_than).as_millis();
+            let mut pruned = 0;
+            for stream in streams {
+                let keep_from = keep_from(&mut conn, &stream, cutoff).await?;
+                let trimmed: u64 = redis::cmd("XTRIM")
+                    .arg(&stream)
+                    .arg("MINID")
+                    .arg(keep_from.to_string())
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(BrokerError::new)?;
+                pruned += trimmed;
+            }
+            Ok(pruned)
         }
         .boxed()
     }
@@ -159,6 +226,70 @@ impl Broker for RedisBroker {
         }
         .boxed()
     }
+}
+
+/// A stream entry id, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct EntryId(u128, u64);
+
+impl EntryId {
+    fn parse(id: &str) -> Option<EntryId> {
+        let (millis, seq) = id.split_once('-')?;
+        Some(EntryId(millis.parse().ok()?, seq.parse().ok()?))
+    }
+
+    /// The first id after this one.
+    fn next(self) -> EntryId {
+        EntryId(self.0, self.1 + 1)
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// The oldest entry of `stream` to keep: those before the cutoff (ms since the epoch) go,
+/// unless a group has not acknowledged them yet (its oldest pending entry, or what it has
+/// not been delivered). The log's retention rule, on a stream.
+async fn keep_from(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    cutoff: u128,
+) -> Result<EntryId, BrokerError> {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(BrokerError::new)?;
+    let mut keep = EntryId(cutoff, 0);
+    for group in groups {
+        let text = |field: &str| {
+            group
+                .get(field)
+                .and_then(|value| redis::from_redis_value::<String>(value).ok())
+        };
+        let (Some(name), Some(delivered)) = (text("name"), text("last-delivered-id")) else {
+            continue;
+        };
+        let mut floor = EntryId::parse(&delivered).map_or(EntryId(0, 0), EntryId::next);
+        let (count, oldest, _, _): (u64, Option<String>, Option<String>, redis::Value) =
+            redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(&name)
+                .query_async(conn)
+                .await
+                .map_err(BrokerError::new)?;
+        if count > 0 {
+            if let Some(oldest) = oldest.as_deref().and_then(EntryId::parse) {
+                floor = floor.min(oldest);
+            }
+        }
+        keep = keep.min(floor);
+    }
+    Ok(keep)
 }
 
 /// Creates the consumer group on `stream` (and the stream), reading from its start; one that
