@@ -190,6 +190,26 @@ async fn open_cache(settings: &Settings) -> anyhow::Result<Cache> {
     Ok(cache.scoped(&settings.database.describe()))
 }
 
+/// The broker `bus` names, connected (none for the sql-log); one that does not answer is an
+/// error.
+pub async fn connect_broker(bus: &BusAt) -> anyhow::Result<Option<Arc<dyn platform::Broker>>> {
+    let connected: Result<Arc<dyn platform::Broker>, platform::BrokerError> = match bus {
+        BusAt::SqlLog => return Ok(None),
+        BusAt::Redis(url) => transport_redis::RedisBroker::connect(url)
+            .await
+            .map(|broker| Arc::new(broker) as _),
+        BusAt::Nats(url) => transport_nats::NatsBroker::connect(url)
+            .await
+            .map(|broker| Arc::new(broker) as _),
+        BusAt::Amqp(url) => transport_amqp::AmqpBroker::connect(url)
+            .await
+            .map(|broker| Arc::new(broker) as _),
+    };
+    let broker =
+        connected.with_context(|| format!("connecting to the bus at {}", bus.describe()))?;
+    Ok(Some(broker))
+}
+
 /// The transport of `--bus`.
 enum Transport {
     SqlLog(SqlLog),
@@ -201,32 +221,10 @@ impl Transport {
     /// Connects to the broker, if the settings name one; one that does not answer stops
     /// the start.
     async fn open(bus: &BusAt, db: &Database) -> anyhow::Result<Transport> {
-        Ok(match bus {
-            BusAt::SqlLog => Transport::SqlLog(SqlLog::new(db.clone())),
-            BusAt::Redis(url) => {
-                let broker = transport_redis::RedisBroker::connect(url).await;
-                Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
-            }
-            BusAt::Nats(url) => {
-                let broker = transport_nats::NatsBroker::connect(url).await;
-                Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
-            }
-            BusAt::Amqp(url) => {
-                let broker = transport_amqp::AmqpBroker::connect(url).await;
-                Transport::over(db, bus, broker.map(|broker| Arc::new(broker) as _))?
-            }
+        Ok(match connect_broker(bus).await? {
+            None => Transport::SqlLog(SqlLog::new(db.clone())),
+            Some(broker) => Transport::Broker(BrokerBus::new(db.clone(), broker)),
         })
-    }
-
-    /// The bus over a broker, if connecting to it succeeded.
-    fn over(
-        db: &Database,
-        bus: &BusAt,
-        connected: Result<Arc<dyn platform::Broker>, platform::BrokerError>,
-    ) -> anyhow::Result<Transport> {
-        let broker =
-            connected.with_context(|| format!("connecting to the bus at {}", bus.describe()))?;
-        Ok(Transport::Broker(BrokerBus::new(db.clone(), broker)))
     }
 
     fn broker(&self) -> Option<Arc<dyn platform::Broker>> {

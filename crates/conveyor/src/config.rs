@@ -196,7 +196,7 @@ pub enum BusAt {
 }
 
 impl BusAt {
-    fn parse(url: &str) -> Result<BusAt, ConfigError> {
+    pub fn parse(url: &str) -> Result<BusAt, ConfigError> {
         if url == SQL_LOG {
             return Ok(BusAt::SqlLog);
         }

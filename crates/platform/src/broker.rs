@@ -107,6 +107,43 @@ impl BusUrl {
     }
 }
 
+/// What the raw-client baselines of `conveyor bench bus` do, the same for every broker:
+/// `producers` tasks publish `messages` in all, `batch` at a time with the broker's confirms,
+/// over `partitions` partitions, while one reader per partition reads and acknowledges them.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    pub messages: usize,
+    pub batch: usize,
+    pub producers: usize,
+    pub partitions: u32,
+}
+
+impl Baseline {
+    /// A message body of `size` bytes (at least the clock's) carrying when it was sent.
+    pub fn body(size: usize) -> Vec<u8> {
+        let mut body = now_micros().to_le_bytes().to_vec();
+        body.resize(size.max(16), b'.');
+        body
+    }
+
+    /// How long ago a body of `body` was sent.
+    pub fn latency(body: &[u8]) -> Duration {
+        let sent = body
+            .get(..16)
+            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+            .map_or(0, u128::from_le_bytes);
+        Duration::from_micros(u64::try_from(now_micros().saturating_sub(sent)).unwrap_or(0))
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros()
+}
+
 /// A message on its way to the broker.
 #[derive(Debug, Clone)]
 pub struct Publication {

@@ -14,6 +14,7 @@
 //! not reach that group (RabbitMQ drops what no queue is bound to). The connection is made
 //! again after a failure, by the publisher and by every reader, each on its next call.
 
+pub mod baseline;
 #[cfg(feature = "testing")]
 pub mod testing;
 

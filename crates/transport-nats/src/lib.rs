@@ -14,6 +14,7 @@
 //! timeout. Acknowledgements are sent in order, so the floor is where the partition is.
 //! Works with nats-server 2.9 (no account queries, no 2.10 consumer fields).
 
+pub mod baseline;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -13,6 +13,7 @@
 //!
 //! A reader has a connection of its own: a blocking read holds its connection.
 
+pub mod baseline;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -57,6 +58,20 @@ impl RedisBroker {
     /// The stream of one partition of `topic`.
     pub fn stream(&self, topic: &str, partition: u32) -> String {
         format!("{}:{topic}:{partition}", self.namespace)
+    }
+
+    /// Deletes every stream of this broker's namespace (for tests and benches).
+    pub async fn delete_namespace(&self) -> Result<(), BrokerError> {
+        let mut conn = self.publisher.clone();
+        let streams = self.streams(&mut conn).await?;
+        if streams.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("DEL")
+            .arg(streams)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(BrokerError::new)
     }
 
     /// Every stream of this broker's namespace (`SCAN`, which does not hold the server up as

@@ -1,5 +1,5 @@
-//! `conveyor bench myevents` (here), `conveyor bench notes` (`notes.rs`) and `conveyor bench
-//! eventstore` (`eventstore.rs`).
+//! `conveyor bench myevents` (here), `conveyor bench notes` (`notes.rs`), `conveyor bench
+//! eventstore` (`eventstore.rs`) and `conveyor bench bus` (`bus.rs`).
 //!
 //! `conveyor bench myevents`: MyEvents' throughput and latency on the embedded default or on
 //! a PostgreSQL or MySQL/MariaDB server, each figure beside a baseline measured in the same
@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod bus;
 mod eventstore;
 mod notes;
 
@@ -37,6 +38,9 @@ pub enum BenchCommand {
     /// The event store: append and load throughput on SQLite and PostgreSQL beside the peer
     /// cqrs-es + postgres-es, and matches' moves per second through HTTP.
     Eventstore(eventstore::EventStoreBenchArgs),
+    /// Messages through Conveyor's outbox, relay and a broker transport (publish to handled
+    /// per second, latency p50 and p99) beside the broker's own client doing the same work.
+    Bus(bus::BusBenchArgs),
     /// The GET baseline's server: a bare axum handler answering `/event` with the bytes of
     /// FILE. Prints its address, then serves until killed.
     #[command(hide = true)]
@@ -77,6 +81,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Myevents(args) => myevents(args).await,
         BenchCommand::Notes(args) => notes::notes(args).await,
         BenchCommand::Eventstore(args) => eventstore::eventstore(args).await,
+        BenchCommand::Bus(args) => bus::bus(args).await,
         BenchCommand::BareAxum { file } => serve_bare_axum(Bytes::from(std::fs::read(file)?)).await,
         BenchCommand::NotesBaseline { sqlite, db } => notes::serve_baseline(sqlite, db).await,
     }
