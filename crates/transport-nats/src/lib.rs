@@ -228,7 +228,9 @@ async fn take_over(
             durable_name: Some(name.to_owned()),
             filter_subject: subject,
             deliver_policy,
-            ack_policy: consumer::AckPolicy::Explicit,
+            // A reader acknowledges in order, so acknowledging the last message of a batch
+            // acknowledges the batch: one acknowledgement instead of one per message.
+            ack_policy: consumer::AckPolicy::All,
             ack_wait: ACK_WAIT,
             ..consumer::pull::Config::default()
         })
@@ -241,7 +243,8 @@ struct NatsReader {
     /// One per partition.
     consumers: Vec<consumer::PullConsumer>,
     next_seq: u64,
-    unacknowledged: HashMap<u64, jetstream::Message>,
+    /// Each delivery not acknowledged yet, and the consumer (by index) it came from.
+    unacknowledged: HashMap<u64, (usize, jetstream::Message)>,
 }
 
 impl NatsReader {
@@ -268,6 +271,7 @@ impl NatsReader {
     /// from the acknowledgement floor.)
     async fn take(
         &mut self,
+        consumer: usize,
         pull: Result<consumer::pull::Batch, consumer::pull::BatchError>,
         delivered: &mut Vec<Delivery>,
     ) -> Result<(), BrokerError> {
@@ -280,7 +284,7 @@ impl NatsReader {
                 seq,
                 body: message.payload.to_vec(),
             });
-            self.unacknowledged.insert(seq, message);
+            self.unacknowledged.insert(seq, (consumer, message));
         }
         Ok(())
     }
@@ -302,7 +306,7 @@ impl PartitionReader for NatsReader {
                 }
                 let consumer = self.consumers[index].clone();
                 let pull = consumer.fetch().max_messages(left).messages().await;
-                self.take(pull, &mut delivered).await?;
+                self.take(index, pull, &mut delivered).await?;
             }
             if !delivered.is_empty() || wait.is_zero() {
                 return Ok(delivered);
@@ -312,7 +316,7 @@ impl PartitionReader for NatsReader {
             // others are looked at when it wakes, at most `wait` later.
             if let Some(first) = self.consumers.first().cloned() {
                 let pull = first.batch().max_messages(1).expires(wait).messages().await;
-                self.take(pull, &mut delivered).await?;
+                self.take(0, pull, &mut delivered).await?;
             }
             Ok(delivered)
         }
@@ -321,10 +325,20 @@ impl PartitionReader for NatsReader {
 
     fn ack<'a>(&'a mut self, seqs: &'a [u64]) -> BoxFuture<'a, Result<(), BrokerError>> {
         async move {
+            // The newest of each consumer's acknowledges the ones before it.
+            let mut newest: HashMap<usize, (u64, jetstream::Message)> = HashMap::new();
             for seq in seqs {
-                if let Some(message) = self.unacknowledged.remove(seq) {
-                    message.ack().await.map_err(BrokerError::new)?;
+                if let Some((consumer, message)) = self.unacknowledged.remove(seq) {
+                    let replaces = newest
+                        .get(&consumer)
+                        .is_none_or(|(newest_seq, _)| newest_seq < seq);
+                    if replaces {
+                        newest.insert(consumer, (*seq, message));
+                    }
                 }
+            }
+            for (_, message) in newest.into_values() {
+                message.ack().await.map_err(BrokerError::new)?;
             }
             Ok(())
         }
