@@ -131,3 +131,59 @@ async fn what_every_group_acknowledged_goes_once_old_and_nothing_else() {
     assert_eq!(prune(Duration::ZERO).await, 40);
     assert_eq!(stream_lengths(&broker, &server).await, 0);
 }
+
+/// Rows of the log that were published, and rows that were not, on a bus whose relay stopped
+/// before the second lot: the log's retention takes only the published ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_what_the_relay_has_not_published() {
+    let server =
+        std::env::var("CONVEYOR_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let namespace = format!("conveyor-test-{}", uuid::Uuid::now_v7());
+    let broker = Arc::new(
+        RedisBroker::connect(&format!("{server}?namespace={namespace}"))
+            .await
+            .expect("connect"),
+    );
+    let place = Scratch::new(Backend::Sqlite).await;
+    let db = place.open().await;
+    db.migrate(MIGRATIONS).await.expect("migrate");
+    let bus = BrokerBus::new(db.clone(), broker.clone());
+    let publish = |count: u32| {
+        db.write(move |uow| {
+            for seq in 0..count {
+                uow.emit(&Ping {
+                    key: format!("key-{seq}"),
+                    seq,
+                })?;
+            }
+            Ok::<_, platform::StoreError>(())
+        })
+    };
+    let relay = bus.relay().await.expect("relay");
+    publish(10).await.expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stream_lengths(&broker, &server).await < 10 {
+        assert!(Instant::now() < deadline, "the relay did not publish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+    publish(5).await.expect("publish");
+    // Older than the retention (zero) by a clear millisecond.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+
+    let retention = platform::retention::Retention {
+        log: Duration::ZERO,
+        inbox: Duration::from_secs(3600),
+    };
+    let pruned = platform::retention::prune(&db, retention)
+        .await
+        .expect("prune");
+    assert_eq!(pruned.log_rows, 10);
+    let left: i64 = db
+        .read(|conn| {
+            Ok::<_, platform::StoreError>(conn.scalar("SELECT COUNT(*) FROM conveyor_log", ())?)
+        })
+        .await
+        .expect("count");
+    assert_eq!(left, 5, "a row the relay had not published went");
+}
