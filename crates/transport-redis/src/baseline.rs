@@ -7,6 +7,28 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How durable the Redis of `url` makes a write (its `appendonly` and `appendfsync`): the
+/// raw client's messages are as durable as that, Conveyor's also commit to its database.
+pub async fn durability(url: &str) -> Result<String, BrokerError> {
+    let server = BusUrl::parse(url)?.server;
+    let client = redis::Client::open(server.as_str()).map_err(BrokerError::new)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(BrokerError::new)?;
+    let mut settings = Vec::new();
+    for setting in ["appendonly", "appendfsync"] {
+        let (name, value): (String, String) = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(setting)
+            .query_async(&mut conn)
+            .await
+            .map_err(BrokerError::new)?;
+        settings.push(format!("{name} {value}"));
+    }
+    Ok(settings.join(", "))
+}
+
 /// Runs the baseline against the Redis of `url`, in streams of its own that it deletes
 /// after; returns how long it took and every message's latency.
 pub async fn run(
