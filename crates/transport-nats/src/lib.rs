@@ -11,7 +11,9 @@
 //! Taking a partition over, a reader recreates its durable consumer from the stream
 //! sequence after the old one's acknowledgement floor: what the earlier owner received and
 //! did not acknowledge comes first, in order, rather than after JetStream's acknowledgement
-//! timeout. Acknowledgements are sent in order, so the floor is where the partition is.
+//! timeout. Acknowledgements are sent in order, one per batch (its last message, under
+//! `AckPolicy::All`), so the floor is where the partition is. A reader keeps each
+//! consumer's pull open, with the next messages on the way while the lane handles some.
 //! Works with nats-server 2.9 (no account queries, no 2.10 consumer fields).
 
 pub mod baseline;
@@ -21,6 +23,7 @@ pub mod testing;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use futures::future::BoxFuture;
+use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use platform::broker::{BusUrl, Delivery, PartitionReader, Publication, ReaderSpec};
 use platform::{Broker, BrokerError};
@@ -28,6 +31,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Messages each consumer pulls at a time, and keeps on the way.
+const BATCH: usize = 256;
 /// How long a received message may stay unacknowledged before JetStream sends it again:
 /// longer than a handler's retries, so that only a reader that died leaves messages behind.
 const ACK_WAIT: Duration = Duration::from_secs(300);
@@ -186,7 +191,7 @@ impl Broker for NatsBroker {
             }
             let mut reader = NatsReader {
                 partitions,
-                consumers: Vec::new(),
+                messages: SelectAll::new(),
                 next_seq: 1,
                 unacknowledged: HashMap::new(),
             };
@@ -238,55 +243,53 @@ async fn take_over(
         .map_err(BrokerError::new)
 }
 
+/// What a reader receives: the consumer (by index) and the message, or why it failed.
+type Received = (usize, Result<jetstream::Message, consumer::pull::MessagesError>);
+
 struct NatsReader {
     partitions: Vec<Partition>,
-    /// One per partition.
-    consumers: Vec<consumer::PullConsumer>,
+    /// The partitions' consumers' messages, as they come: each consumer keeps a pull open
+    /// and its next batch on the way while the lane handles one.
+    messages: SelectAll<BoxStream<'static, Received>>,
     next_seq: u64,
     /// Each delivery not acknowledged yet, and the consumer (by index) it came from.
     unacknowledged: HashMap<u64, (usize, jetstream::Message)>,
 }
 
 impl NatsReader {
-    /// Makes the partitions' consumers afresh from their acknowledgement floors.
+    /// Makes the partitions' consumers afresh from their acknowledgement floors and starts
+    /// their message streams.
     async fn take_over(&mut self) -> Result<(), BrokerError> {
-        let mut consumers = Vec::with_capacity(self.partitions.len());
-        for partition in &self.partitions {
-            consumers.push(
-                take_over(
-                    &partition.stream,
-                    &partition.consumer_name,
-                    partition.subject.clone(),
-                )
-                .await?,
-            );
+        let mut messages = SelectAll::new();
+        for (index, partition) in self.partitions.iter().enumerate() {
+            let consumer = take_over(
+                &partition.stream,
+                &partition.consumer_name,
+                partition.subject.clone(),
+            )
+            .await?;
+            let stream = consumer
+                .stream()
+                .max_messages_per_batch(BATCH)
+                .messages()
+                .await
+                .map_err(BrokerError::new)?;
+            messages.push(stream.map(move |message| (index, message)).boxed());
         }
-        self.consumers = consumers;
+        self.messages = messages;
         Ok(())
     }
 
-    /// Takes in a whole pull's messages: a pull left half read would leave the rest
-    /// delivered, and unacknowledged until JetStream's timeout. (A pull that a restarted
-    /// server forgot never ends: the lane gives the reader up, and the next one takes over
-    /// from the acknowledgement floor.)
-    async fn take(
-        &mut self,
-        consumer: usize,
-        pull: Result<consumer::pull::Batch, consumer::pull::BatchError>,
-        delivered: &mut Vec<Delivery>,
-    ) -> Result<(), BrokerError> {
-        let mut messages = pull.map_err(BrokerError::new)?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(BrokerError::new)?;
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            delivered.push(Delivery {
-                seq,
-                body: message.payload.to_vec(),
-            });
-            self.unacknowledged.insert(seq, (consumer, message));
-        }
-        Ok(())
+    fn delivered(&mut self, (consumer, message): Received) -> Result<Delivery, BrokerError> {
+        let message = message.map_err(BrokerError::new)?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let delivery = Delivery {
+            seq,
+            body: message.payload.to_vec(),
+        };
+        self.unacknowledged.insert(seq, (consumer, message));
+        Ok(delivery)
     }
 }
 
@@ -297,26 +300,21 @@ impl PartitionReader for NatsReader {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
         async move {
+            let ended = || BrokerError::new("the consumer's messages ended");
             let mut delivered = Vec::new();
-            // What is there now, from every topic.
-            for index in 0..self.consumers.len() {
-                let left = max.saturating_sub(delivered.len());
-                if left == 0 {
-                    break;
+            if !wait.is_zero() {
+                match tokio::time::timeout(wait, self.messages.next()).await {
+                    Err(_) => return Ok(delivered),
+                    Ok(Some(received)) => delivered.push(self.delivered(received)?),
+                    Ok(None) => return Err(ended()),
                 }
-                let consumer = self.consumers[index].clone();
-                let pull = consumer.fetch().max_messages(left).messages().await;
-                self.take(index, pull, &mut delivered).await?;
             }
-            if !delivered.is_empty() || wait.is_zero() {
-                return Ok(delivered);
-            }
-            // Nothing: wait for the first message of the first topic, then take what
-            // came meanwhile. A group of several topics waits on one of them only; the
-            // others are looked at when it wakes, at most `wait` later.
-            if let Some(first) = self.consumers.first().cloned() {
-                let pull = first.batch().max_messages(1).expires(wait).messages().await;
-                self.take(0, pull, &mut delivered).await?;
+            while delivered.len() < max {
+                match self.messages.next().now_or_never() {
+                    None => break,
+                    Some(Some(received)) => delivered.push(self.delivered(received)?),
+                    Some(None) => return Err(ended()),
+                }
             }
             Ok(delivered)
         }
