@@ -27,8 +27,8 @@ pub struct BusBenchArgs {
     /// and deletes them after).
     #[arg(long, value_name = "URL")]
     pub bus: String,
-    /// Messages per run.
-    #[arg(long, default_value_t = 20_000)]
+    /// Messages per run (fewer measure the clients before they reach their pace).
+    #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
     /// Messages per unit of work, and per confirmed batch of the raw client.
     #[arg(long, default_value_t = 64)]
