@@ -119,6 +119,33 @@ pub struct Baseline {
 }
 
 impl Baseline {
+    /// Batches each producer publishes.
+    pub fn batches_per_producer(&self) -> usize {
+        self.messages / self.batch.max(1) / self.producers.max(1)
+    }
+
+    /// Messages a run publishes in all: whole batches of every producer.
+    pub fn expected(&self) -> usize {
+        self.batches_per_producer() * self.batch * self.producers
+    }
+
+    /// Waits for a run's producers, then its readers: the time since `started`, and every
+    /// message's latency.
+    pub async fn finish(
+        started: std::time::Instant,
+        producers: Vec<tokio::task::JoinHandle<Result<(), BrokerError>>>,
+        readers: Vec<tokio::task::JoinHandle<Result<Vec<Duration>, BrokerError>>>,
+    ) -> Result<(Duration, Vec<Duration>), BrokerError> {
+        for producer in producers {
+            producer.await.map_err(BrokerError::new)??;
+        }
+        let mut latencies = Vec::new();
+        for reader in readers {
+            latencies.extend(reader.await.map_err(BrokerError::new)??);
+        }
+        Ok((started.elapsed(), latencies))
+    }
+
     /// A message body of `size` bytes (at least the clock's) carrying when it was sent.
     pub fn body(size: usize) -> Vec<u8> {
         let mut body = now_micros().to_le_bytes().to_vec();

@@ -42,18 +42,13 @@ pub struct Pruned {
 
 /// Prunes every `PRUNE_INTERVAL` until `stop`.
 pub async fn run(db: Database, retention: Retention, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(PRUNE_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    every_interval(stop, || async {
         match prune(&db, retention).await {
             Ok(pruned) => tracing::debug!(?pruned, "retention pass"),
             Err(error) => tracing::warn!(%error, "retention pass failed; will try again"),
         }
-    }
+    })
+    .await;
 }
 
 /// Prunes `broker` by the log's retention every `PRUNE_INTERVAL` until `stop`.
@@ -62,6 +57,21 @@ pub async fn run_on_broker(
     retention: Retention,
     stop: CancellationToken,
 ) {
+    every_interval(stop, || async {
+        match broker.prune(retention.log).await {
+            Ok(pruned) => tracing::debug!(pruned, "broker retention pass"),
+            Err(error) => tracing::warn!(%error, "broker retention pass failed; will try again"),
+        }
+    })
+    .await;
+}
+
+/// Runs `pass` every `PRUNE_INTERVAL` until `stop`.
+async fn every_interval<F, P>(stop: CancellationToken, mut pass: P)
+where
+    P: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
     let mut tick = tokio::time::interval(PRUNE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -69,10 +79,7 @@ pub async fn run_on_broker(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match broker.prune(retention.log).await {
-            Ok(pruned) => tracing::debug!(pruned, "broker retention pass"),
-            Err(error) => tracing::warn!(%error, "broker retention pass failed; will try again"),
-        }
+        pass().await;
     }
 }
 

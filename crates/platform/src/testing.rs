@@ -17,6 +17,28 @@ const MYSQL_DEFAULT: &str = "mysql://root@127.0.0.1:3306/mysql";
 /// Test databases are named with this prefix, so that leftovers can be found and dropped.
 pub const PREFIX: &str = "conveyor_test_";
 
+/// A port on loopback that nothing listens on (for a server a test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Waits until something listens on `port` (`up`) or nothing does (`!up`), up to
+/// `limit`; `what` names the server in the panic that says it did not.
+pub fn wait_for_port(port: u16, up: bool, what: &str, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() != up {
+        let state = if up { "start" } else { "stop" };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not {state}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A database that exists for one test and is dropped after it.
 pub struct Scratch {
     backend: Backend,

@@ -44,9 +44,7 @@ pub async fn run(
         )
         .await
         .map_err(BrokerError::new)?;
-    let expected = baseline.messages / baseline.batch / baseline.producers
-        * baseline.batch
-        * baseline.producers;
+    let expected = baseline.expected();
     let received = Arc::new(AtomicUsize::new(0));
     let mut queues = Vec::new();
     let mut readers = Vec::new();
@@ -125,7 +123,7 @@ pub async fn run(
                 .confirm_select(ConfirmSelectOptions::default())
                 .await
                 .map_err(BrokerError::new)?;
-            let batches = baseline.messages / baseline.batch / baseline.producers;
+            let batches = baseline.batches_per_producer();
             let partitions = usize::try_from(baseline.partitions).unwrap_or(1);
             for n in 0..batches {
                 let routing_key = ((producer + n) % partitions).to_string();
@@ -151,14 +149,7 @@ pub async fn run(
             Ok::<_, BrokerError>(())
         }));
     }
-    for producer in producers {
-        producer.await.map_err(BrokerError::new)??;
-    }
-    let mut latencies = Vec::new();
-    for reader in readers {
-        latencies.extend(reader.await.map_err(BrokerError::new)??);
-    }
-    let elapsed = started.elapsed();
+    let (elapsed, latencies) = Baseline::finish(started, producers, readers).await?;
     for queue in &queues {
         setup
             .queue_delete(queue, QueueDeleteOptions::default())

@@ -2,10 +2,11 @@
 //! `rabbitmq-server`, its database and logs in a directory of its own, so a restart keeps
 //! its durable queues and persistent messages).
 
+use platform::testing::{free_port, wait_for_port};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The node's start script, which runs as whoever starts it (`/usr/sbin`'s switches to the
 /// `rabbitmq` user, which cannot write the test's directory).
@@ -23,10 +24,7 @@ impl OwnRabbit {
         let dir = tempfile::tempdir().expect("a temporary directory");
         // Below 45536: the node's distribution port is this one plus 20000.
         let port = loop {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|listener| listener.local_addr())
-                .expect("a free port")
-                .port();
+            let port = free_port();
             if port < 45536 {
                 break port;
             }
@@ -62,11 +60,7 @@ impl OwnRabbit {
             .process_group(0)
             .spawn()
             .expect("rabbitmq-server (install it with scripts/services.sh rabbitmq)");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "rabbitmq-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, true, "rabbitmq-server", Duration::from_secs(60));
         child
     }
 
@@ -84,11 +78,7 @@ impl OwnRabbit {
     fn stop(&mut self) {
         let group = format!("-{}", self.child.id());
         let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            assert!(Instant::now() < deadline, "rabbitmq-server did not stop");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(self.port, false, "rabbitmq-server", Duration::from_secs(30));
         let _ = self.child.wait();
         // The Erlang node outlives the script by a moment; its port closing is the sign.
         std::thread::sleep(Duration::from_millis(500));

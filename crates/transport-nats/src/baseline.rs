@@ -32,9 +32,7 @@ pub async fn run(
         })
         .await
         .map_err(BrokerError::new)?;
-    let expected = baseline.messages / baseline.batch / baseline.producers
-        * baseline.batch
-        * baseline.producers;
+    let expected = baseline.expected();
     let received = Arc::new(AtomicUsize::new(0));
     let mut readers = Vec::new();
     for partition in 0..baseline.partitions {
@@ -73,7 +71,7 @@ pub async fn run(
     for producer in 0..baseline.producers {
         let (context, name) = (context.clone(), name.clone());
         producers.push(tokio::spawn(async move {
-            let batches = baseline.messages / baseline.batch / baseline.producers;
+            let batches = baseline.batches_per_producer();
             let partitions = usize::try_from(baseline.partitions).unwrap_or(1);
             for n in 0..batches {
                 let subject = format!("{name}.{}", (producer + n) % partitions);
@@ -93,14 +91,7 @@ pub async fn run(
             Ok::<_, BrokerError>(())
         }));
     }
-    for producer in producers {
-        producer.await.map_err(BrokerError::new)??;
-    }
-    let mut latencies = Vec::new();
-    for reader in readers {
-        latencies.extend(reader.await.map_err(BrokerError::new)??);
-    }
-    let elapsed = started.elapsed();
+    let (elapsed, latencies) = Baseline::finish(started, producers, readers).await?;
     context
         .delete_stream(&name)
         .await

@@ -244,7 +244,10 @@ async fn take_over(
 }
 
 /// What a reader receives: the consumer (by index) and the message, or why it failed.
-type Received = (usize, Result<jetstream::Message, consumer::pull::MessagesError>);
+type Received = (
+    usize,
+    Result<jetstream::Message, consumer::pull::MessagesError>,
+);
 
 struct NatsReader {
     partitions: Vec<Partition>,

@@ -1,8 +1,9 @@
 //! A NATS server of a test's own, which it may stop and start (Debian's `nats-server` with
 //! JetStream, its store in a directory of its own, so a restart keeps what it had).
 
+use platform::testing::{free_port, wait_for_port};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A `nats-server -js` on a port of its own.
 pub struct OwnNats {
@@ -14,10 +15,7 @@ pub struct OwnNats {
 impl OwnNats {
     pub fn start() -> OwnNats {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let child = Self::spawn(&dir, port);
         OwnNats { dir, port, child }
     }
@@ -37,11 +35,7 @@ impl OwnNats {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server (install it with scripts/services.sh nats)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_port(port, true, "nats-server", Duration::from_secs(10));
         child
     }
 

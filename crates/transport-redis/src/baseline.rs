@@ -70,7 +70,7 @@ pub async fn run(
     for producer in 0..baseline.producers {
         let (mut conn, streams) = (conn.clone(), streams.clone());
         producers.push(tokio::spawn(async move {
-            let batches = baseline.messages / baseline.batch / baseline.producers;
+            let batches = baseline.batches_per_producer();
             for n in 0..batches {
                 let mut pipe = redis::pipe();
                 pipe.atomic();
@@ -90,14 +90,7 @@ pub async fn run(
             Ok::<_, BrokerError>(())
         }));
     }
-    for producer in producers {
-        producer.await.map_err(BrokerError::new)??;
-    }
-    let mut latencies = Vec::new();
-    for reader in readers {
-        latencies.extend(reader.await.map_err(BrokerError::new)??);
-    }
-    let elapsed = started.elapsed();
+    let (elapsed, latencies) = Baseline::finish(started, producers, readers).await?;
     redis::cmd("DEL")
         .arg(&streams)
         .query_async::<()>(&mut conn)
@@ -116,9 +109,7 @@ async fn read(
         .get_multiplexed_async_connection()
         .await
         .map_err(BrokerError::new)?;
-    let expected = baseline.messages / baseline.batch / baseline.producers
-        * baseline.batch
-        * baseline.producers;
+    let expected = baseline.expected();
     let mut latencies = Vec::new();
     while received.load(Ordering::SeqCst) < expected {
         let options = redis::streams::StreamReadOptions::default()

@@ -71,24 +71,52 @@ async fn stream_lengths(broker: &RedisBroker, server: &str) -> u64 {
     total
 }
 
+/// A bus on Redis (streams of the test's own) over a fresh SQLite file.
+struct Setup {
+    server: String,
+    broker: Arc<RedisBroker>,
+    _place: Scratch,
+    db: Database,
+    bus: BrokerBus,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let server = std::env::var("CONVEYOR_TEST_REDIS")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let namespace = format!("conveyor-test-{}", uuid::Uuid::now_v7());
+        let broker = Arc::new(
+            RedisBroker::connect(&format!("{server}?namespace={namespace}"))
+                .await
+                .expect("connect"),
+        );
+        let place = Scratch::new(Backend::Sqlite).await;
+        let db = place.open().await;
+        db.migrate(MIGRATIONS).await.expect("migrate");
+        let bus = BrokerBus::new(db.clone(), broker.clone());
+        Setup {
+            server,
+            broker,
+            _place: place,
+            db,
+            bus,
+        }
+    }
+}
+
 async fn start(bus: &BrokerBus, group: &'static str) -> Consumer {
     bus.subscribe(counting(group)).await.expect("subscribe")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_every_group_acknowledged_goes_once_old_and_nothing_else() {
-    let server =
-        std::env::var("CONVEYOR_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let namespace = format!("conveyor-test-{}", uuid::Uuid::now_v7());
-    let broker = Arc::new(
-        RedisBroker::connect(&format!("{server}?namespace={namespace}"))
-            .await
-            .expect("connect"),
-    );
-    let place = Scratch::new(Backend::Sqlite).await;
-    let db = place.open().await;
-    db.migrate(MIGRATIONS).await.expect("migrate");
-    let bus = BrokerBus::new(db.clone(), broker.clone());
+    let Setup {
+        server,
+        broker,
+        _place,
+        db,
+        bus,
+    } = Setup::new().await;
     let _relay = bus.relay().await.expect("relay");
     // A group that joined and has read nothing yet.
     start(&bus, "laggard").await.stop().await;
@@ -136,18 +164,13 @@ async fn what_every_group_acknowledged_goes_once_old_and_nothing_else() {
 /// before the second lot: the log's retention takes only the published ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_keeps_what_the_relay_has_not_published() {
-    let server =
-        std::env::var("CONVEYOR_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let namespace = format!("conveyor-test-{}", uuid::Uuid::now_v7());
-    let broker = Arc::new(
-        RedisBroker::connect(&format!("{server}?namespace={namespace}"))
-            .await
-            .expect("connect"),
-    );
-    let place = Scratch::new(Backend::Sqlite).await;
-    let db = place.open().await;
-    db.migrate(MIGRATIONS).await.expect("migrate");
-    let bus = BrokerBus::new(db.clone(), broker.clone());
+    let Setup {
+        server,
+        broker,
+        _place,
+        db,
+        bus,
+    } = Setup::new().await;
     let publish = |count: u32| {
         db.write(move |uow| {
             for seq in 0..count {
