@@ -22,7 +22,7 @@ use crate::handler::{ConsumerOptions, Subscription};
 use crate::log::Entry;
 use crate::sql_log::{self, Lanes, Split};
 use futures::future::BoxFuture;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -249,6 +249,36 @@ pub trait PartitionReader: Send {
 
     /// Acknowledges the deliveries numbered `seqs`, whose effects have committed.
     fn ack<'a>(&'a mut self, seqs: &'a [u64]) -> BoxFuture<'a, Result<(), BrokerError>>;
+}
+
+/// Up to `max` items of a reader's `stream` of received messages: waits up to `wait` for
+/// the first (returning none if it does not come), then takes what has come already. A
+/// stream that ended (the broker cancelled the consumer) is an error.
+pub async fn take_ready<S>(
+    stream: &mut S,
+    max: usize,
+    wait: Duration,
+) -> Result<Vec<S::Item>, BrokerError>
+where
+    S: futures::Stream + Unpin,
+{
+    let ended = || BrokerError::new("the broker ended the consumer");
+    let mut taken = Vec::new();
+    if !wait.is_zero() {
+        match tokio::time::timeout(wait, stream.next()).await {
+            Err(_) => return Ok(taken),
+            Ok(Some(item)) => taken.push(item),
+            Ok(None) => return Err(ended()),
+        }
+    }
+    while taken.len() < max {
+        match stream.next().now_or_never() {
+            None => break,
+            Some(Some(item)) => taken.push(item),
+            Some(None) => return Err(ended()),
+        }
+    }
+    Ok(taken)
 }
 
 /// The envelope as it crosses a broker: JSON, with the payload (JSON itself) inline.

@@ -5,11 +5,10 @@
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use platform::broker::{Baseline, BusUrl};
 use platform::BrokerError;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,45 +31,21 @@ pub async fn run(
         .await
         .map_err(BrokerError::new)?;
     let exchange = format!("bench-raw-{}", platform::uuid::Uuid::now_v7().simple());
-    setup
-        .exchange_declare(
-            &exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::new)?;
     let expected = baseline.expected();
     let received = Arc::new(AtomicUsize::new(0));
     let mut queues = Vec::new();
     let mut readers = Vec::new();
     for partition in 0..baseline.partitions {
         let queue = format!("{exchange}.{partition}");
-        setup
-            .queue_declare(
-                &queue,
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::new)?;
-        setup
-            .queue_bind(
-                &queue,
-                &exchange,
-                &partition.to_string(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::new)?;
+        crate::declare_queue(
+            &setup,
+            &crate::Binding {
+                exchange: exchange.clone(),
+                queue: queue.clone(),
+                routing_key: partition.to_string(),
+            },
+        )
+        .await?;
         let channel = connection
             .create_channel()
             .await

@@ -20,7 +20,7 @@ pub mod testing;
 
 use futures::future::BoxFuture;
 use futures::stream::SelectAll;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -29,7 +29,7 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use platform::broker::{
-    within, BusUrl, Delivery, PartitionReader, Publication, ReaderSpec, BROKER_CALL,
+    take_ready, within, BusUrl, Delivery, PartitionReader, Publication, ReaderSpec, BROKER_CALL,
 };
 use platform::{Broker, BrokerError};
 use std::collections::{HashMap, HashSet};
@@ -184,7 +184,7 @@ async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), Broke
 }
 
 /// Declares the binding's exchange and durable queue, and binds them.
-async fn declare_queue(channel: &Channel, binding: &Binding) -> Result<(), BrokerError> {
+pub(crate) async fn declare_queue(channel: &Channel, binding: &Binding) -> Result<(), BrokerError> {
     declare_exchange(channel, &binding.exchange).await?;
     channel
         .queue_declare(
@@ -310,7 +310,7 @@ impl Broker for AmqpBroker {
 }
 
 /// A group's queue of one topic and partition.
-struct Binding {
+pub(crate) struct Binding {
     exchange: String,
     queue: String,
     routing_key: String,
@@ -391,29 +391,11 @@ impl PartitionReader for AmqpReader {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
         async move {
-            let cancelled = || BrokerError::new("the broker cancelled the consumer");
-            let mut delivered = Vec::new();
-            if !wait.is_zero() {
-                match tokio::time::timeout(wait, self.deliveries.next()).await {
-                    Err(_) => return Ok(delivered),
-                    Ok(Some(delivery)) => {
-                        let delivery = delivery.map_err(BrokerError::new)?;
-                        delivered.push(self.delivered(delivery));
-                    }
-                    Ok(None) => return Err(cancelled()),
-                }
-            }
-            while delivered.len() < max {
-                match self.deliveries.next().now_or_never() {
-                    None => break,
-                    Some(Some(delivery)) => {
-                        let delivery = delivery.map_err(BrokerError::new)?;
-                        delivered.push(self.delivered(delivery));
-                    }
-                    Some(None) => return Err(cancelled()),
-                }
-            }
-            Ok(delivered)
+            let received = take_ready(&mut self.deliveries, max, wait).await?;
+            received
+                .into_iter()
+                .map(|delivery| Ok(self.delivered(delivery.map_err(BrokerError::new)?)))
+                .collect()
         }
         .boxed()
     }

@@ -25,7 +25,7 @@ use async_nats::HeaderMap;
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use platform::broker::{BusUrl, Delivery, PartitionReader, Publication, ReaderSpec};
+use platform::broker::{take_ready, BusUrl, Delivery, PartitionReader, Publication, ReaderSpec};
 use platform::{Broker, BrokerError};
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -303,23 +303,11 @@ impl PartitionReader for NatsReader {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BrokerError>> {
         async move {
-            let ended = || BrokerError::new("the consumer's messages ended");
-            let mut delivered = Vec::new();
-            if !wait.is_zero() {
-                match tokio::time::timeout(wait, self.messages.next()).await {
-                    Err(_) => return Ok(delivered),
-                    Ok(Some(received)) => delivered.push(self.delivered(received)?),
-                    Ok(None) => return Err(ended()),
-                }
-            }
-            while delivered.len() < max {
-                match self.messages.next().now_or_never() {
-                    None => break,
-                    Some(Some(received)) => delivered.push(self.delivered(received)?),
-                    Some(None) => return Err(ended()),
-                }
-            }
-            Ok(delivered)
+            let received = take_ready(&mut self.messages, max, wait).await?;
+            received
+                .into_iter()
+                .map(|received| self.delivered(received))
+                .collect()
         }
         .boxed()
     }
