@@ -200,16 +200,21 @@ impl BusAt {
         if url == SQL_LOG {
             return Ok(BusAt::SqlLog);
         }
-        match url.split_once("://") {
-            Some(("redis", _)) => Ok(BusAt::Redis(url.to_owned())),
-            Some(("nats", _)) => Ok(BusAt::Nats(url.to_owned())),
-            Some(("amqp", _)) => Ok(BusAt::Amqp(url.to_owned())),
-            _ => Err(config_error(format!(
-                "--bus {}: use `{SQL_LOG}`, redis://HOST[:PORT][/DB], nats://HOST[:PORT] or \
-                 amqp://USER:PASSWORD@HOST[:PORT]/VHOST (any with ?partitions=N&namespace=NAME)",
-                mask_secrets(url)
-            ))),
-        }
+        let broker = match url.split_once("://") {
+            Some(("redis", _)) => BusAt::Redis(url.to_owned()),
+            Some(("nats", _)) => BusAt::Nats(url.to_owned()),
+            Some(("amqp", _)) => BusAt::Amqp(url.to_owned()),
+            _ => {
+                return Err(config_error(format!(
+                    "--bus {}: use `{SQL_LOG}`, redis://HOST[:PORT][/DB], nats://HOST[:PORT] or \
+                     amqp://USER:PASSWORD@HOST[:PORT]/VHOST (any with ?partitions=N&namespace=NAME)",
+                    mask_secrets(url)
+                )))
+            }
+        };
+        platform::broker::BusUrl::parse(url)
+            .map_err(|error| config_error(format!("--bus {}: {}", mask_secrets(url), error.0)))?;
+        Ok(broker)
     }
 
     pub fn describe(&self) -> String {
@@ -697,6 +702,12 @@ mod tests {
             ..Default::default()
         });
         assert!(bus.unwrap_err().0.contains("--bus"));
+        let partitions = resolve(SettingsArgs {
+            bus: Some("nats://h?partitions=0".into()),
+            services: vec!["alpha".into()],
+            ..Default::default()
+        });
+        assert!(partitions.unwrap_err().0.contains("partitions=0"));
         let redis = resolve(SettingsArgs {
             bus: Some("redis://:hunter2@h:6379?partitions=8".into()),
             services: vec!["alpha".into()],
