@@ -48,11 +48,13 @@ impl TestBus {
 
 impl Drop for TestBus {
     fn drop(&mut self) {
-        // Redis keeps nothing on disk here; JetStream keeps its streams, RabbitMQ its
-        // exchanges and queues.
         let url = self.url.clone();
         match self.broker {
-            Broker::Redis => {}
+            Broker::Redis => reqwest::runtime().block_on(async move {
+                if let Ok(redis) = transport_redis::RedisBroker::connect(&url).await {
+                    let _ = redis.delete_namespace().await;
+                }
+            }),
             Broker::Nats => reqwest::runtime().block_on(async move {
                 if let Ok(nats) = transport_nats::NatsBroker::connect(&url).await {
                     let _ = nats.delete_namespace().await;

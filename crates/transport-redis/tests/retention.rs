@@ -158,6 +158,7 @@ async fn what_every_group_acknowledged_goes_once_old_and_nothing_else() {
     );
     assert_eq!(prune(Duration::ZERO).await, 40);
     assert_eq!(stream_lengths(&broker, &server).await, 0);
+    broker.delete_namespace().await.expect("clean up");
 }
 
 /// Rows of the log that were published, and rows that were not, on a bus whose relay stopped
@@ -209,4 +210,5 @@ async fn the_log_keeps_what_the_relay_has_not_published() {
         .await
         .expect("count");
     assert_eq!(left, 5, "a row the relay had not published went");
+    broker.delete_namespace().await.expect("clean up");
 }
