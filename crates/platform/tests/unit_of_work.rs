@@ -5,9 +5,13 @@
 mod common;
 
 use platform::conformance::{Ping, MIGRATIONS};
+use platform::sql::Conn;
 use platform::sql::FromValue;
 use platform::testing::Scratch;
 use platform::{Backend, Database, StoreError};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 async fn open(scratch: &Scratch) -> Database {
     let db = scratch.open().await;
@@ -65,6 +69,22 @@ on_every_backend!(
     a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when_it_did_not,
     processes_open_the_database_while_another_appends_to_the_log,
 );
+
+mod postgres_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_whose_statement_is_cancelled_runs_again_and_commits() {
+        let scratch = platform::testing::Scratch::new(platform::Backend::Postgres).await;
+        super::a_unit_whose_statement_is_cancelled_runs_again_and_commits(scratch).await;
+    }
+}
+
+mod mariadb_only {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_whose_statement_is_cancelled_runs_again_and_commits() {
+        let scratch = platform::testing::Scratch::new(platform::Backend::Mysql).await;
+        super::a_unit_whose_statement_is_cancelled_runs_again_and_commits(scratch).await;
+    }
+}
 
 async fn failing_units_roll_back_alone_and_their_messages_are_never_published(scratch: Scratch) {
     let db = open(&scratch).await;
@@ -412,4 +432,86 @@ async fn processes_open_the_database_while_another_appends_to_the_log(scratch: S
         writer.await.expect("a writer task");
     }
     db.close().await;
+}
+
+/// A statement cancelled from outside the unit (an administrator's `pg_cancel_backend` or
+/// `KILL QUERY`; PostgreSQL's lock timeout has also been seen to cancel the next statement
+/// of its session) fails that run of the unit only: it runs again and commits.
+async fn a_unit_whose_statement_is_cancelled_runs_again_and_commits(scratch: Scratch) {
+    let db = open(&scratch).await;
+    let backend = scratch.backend();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let write = db.write(move |uow| {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            uow.conn().scalar::<i64>(long_statement(backend), ())?;
+        }
+        uow.conn().execute(
+            "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+             VALUES ('g', 'c', 'm', 'k', 1)",
+            (),
+        )?;
+        Ok::<_, StoreError>(())
+    });
+    let (written, ()) = std::thread::scope(|scope| {
+        let admin = scope.spawn(|| scratch.connect()).join().expect("connect");
+        if backend == Backend::Mysql {
+            admin
+                .execute_batch(
+                    "BEGIN; INSERT INTO conformance_handled \
+                     (group_name, consumer, message_id, `key`, seq) \
+                     VALUES ('g', 'c', 'held', 'k', 0)",
+                )
+                .expect("hold a row lock");
+        }
+        let cancel = scope.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cancel_the_long_statement(&admin, backend) {
+                assert!(Instant::now() < deadline, "the statement never started");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            admin.execute_batch("ROLLBACK").expect("release the lock");
+        });
+        let written =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(write));
+        (written, cancel.join().expect("cancel"))
+    });
+    written.expect("the unit runs again and commits");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
+    assert_eq!(rows, [1]);
+}
+
+/// A statement that runs until it is cancelled: a sleep on PostgreSQL; on MariaDB, where a
+/// cancelled prepared `SLEEP` just returns early, a wait for the administrator's row lock.
+fn long_statement(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => "SELECT COUNT(*) FROM pg_sleep(30)",
+        _ => "SELECT COUNT(*) FROM conformance_handled FOR UPDATE",
+    }
+}
+
+/// Cancels `long_statement` as an administrator would; whether it was running.
+fn cancel_the_long_statement(admin: &Conn, backend: Backend) -> bool {
+    let (running, cancel) = match backend {
+        Backend::Postgres => (
+            "SELECT pid FROM pg_stat_activity \
+             WHERE query = 'SELECT COUNT(*) FROM pg_sleep(30)' AND pid <> pg_backend_pid()",
+            "SELECT pg_cancel_backend",
+        ),
+        _ => (
+            "SELECT id FROM information_schema.processlist \
+             WHERE info LIKE 'SELECT COUNT(*) FROM conformance_handled FOR UPDATE%'",
+            "KILL QUERY ",
+        ),
+    };
+    let sessions: Vec<i64> = admin
+        .query_map(running, (), |row| row.get(0))
+        .expect("list sessions");
+    for session in &sessions {
+        admin
+            .execute_batch(&format!("{cancel}({session})"))
+            .expect("cancel the statement");
+    }
+    !sessions.is_empty()
 }

@@ -57,8 +57,16 @@ impl MysqlSession {
         })
     }
 
+    /// Rows a statement returns are read and dropped: the error of a `SELECT` that fails
+    /// after it started (a killed lock wait) arrives with them, and `exec_drop` loses it.
     pub(crate) fn execute(&mut self, sql: &str, values: &[Value<'_>]) -> Result<u64, Error> {
-        self.conn.exec_drop(translated(sql), params(values))?;
+        let mut results = self.conn.exec_iter(translated(sql), params(values))?;
+        while let Some(result) = results.iter() {
+            for row in result {
+                row?;
+            }
+        }
+        drop(results);
         Ok(self.conn.affected_rows())
     }
 
@@ -167,9 +175,10 @@ pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a
     })
 }
 
-/// Deadlocks and lock waits past `innodb_lock_wait_timeout`.
+/// Deadlocks, lock waits past `innodb_lock_wait_timeout`, and statements an administrator
+/// interrupted (`KILL QUERY`): each fails the statement and leaves the session usable.
 pub(super) fn is_conflict(error: &mysql::Error) -> bool {
-    matches!(error, mysql::Error::MySqlError(server) if matches!(server.code, 1205 | 1213))
+    matches!(error, mysql::Error::MySqlError(server) if matches!(server.code, 1205 | 1213 | 1317))
 }
 
 /// Connection loss, a server going away, a full disk or table, lock waits and deadlocks.
@@ -184,10 +193,13 @@ pub(super) fn is_infrastructure(error: &mysql::Error) -> bool {
                 | DriverError::Timeout
                 | DriverError::PacketOutOfSync
         ),
-        // Lock wait timeout, deadlock, table full, disk full, too many connections,
-        // server shutting down, connection killed.
+        // Lock wait timeout, deadlock, query interrupted, table full, disk full, too many
+        // connections, server shutting down, connection killed.
         E::MySqlError(server) => {
-            matches!(server.code, 1205 | 1213 | 1114 | 1021 | 1040 | 1053 | 1927)
+            matches!(
+                server.code,
+                1205 | 1213 | 1317 | 1114 | 1021 | 1040 | 1053 | 1927
+            )
         }
         _ => false,
     }

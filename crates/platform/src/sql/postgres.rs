@@ -208,13 +208,18 @@ pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a
     Ok(read?.unwrap_or(ValueRef::Null))
 }
 
-/// Deadlocks, serialization failures and lock waits past `lock_timeout`.
+/// Deadlocks, serialization failures, lock waits past `lock_timeout`, and cancelled
+/// statements. The platform cancels none of its own, yet CI saw a writer's statement
+/// "cancelled due to user request" under lock contention, with nobody cancelling: the
+/// signal PostgreSQL's lock timeout sends its own backend can land on the next statement.
+/// An administrator's `pg_cancel_backend` is answered the same way: the unit runs again.
 pub(super) fn is_conflict(error: &postgres::Error) -> bool {
     error.code().is_some_and(|code| {
         [
             SqlState::T_R_SERIALIZATION_FAILURE,
             SqlState::T_R_DEADLOCK_DETECTED,
             SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::QUERY_CANCELED,
         ]
         .contains(code)
     })
