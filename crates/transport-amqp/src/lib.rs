@@ -366,7 +366,7 @@ impl AmqpReader {
         self.unacknowledged.insert(seq, delivery.acker);
         Delivery {
             seq,
-            body: delivery.data,
+            body: delivery.data.into(),
         }
     }
 }

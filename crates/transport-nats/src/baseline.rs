@@ -1,8 +1,10 @@
 //! The raw-client baseline of `conveyor bench bus`: JetStream publishes awaited a batch at a
 //! time, and a durable pull consumer per partition subject fetching and acknowledging, with
-//! no database at all.
+//! no database at all. Each publish carries a `Nats-Msg-Id`, as the transport's do: the
+//! stream's duplicate detection is part of the work the transport is asked to do.
 
 use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
 use futures::StreamExt;
 use platform::broker::{Baseline, BusUrl};
 use platform::BrokerError;
@@ -77,9 +79,16 @@ pub async fn run(
                 let subject = format!("{name}.{}", (producer + n) % partitions);
                 let mut confirms = Vec::with_capacity(baseline.batch);
                 for _ in 0..baseline.batch {
+                    let mut headers = HeaderMap::new();
+                    let id = platform::uuid::Uuid::now_v7().to_string();
+                    headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
                     confirms.push(
                         context
-                            .publish(subject.clone(), Baseline::body(body_size).into())
+                            .publish_with_headers(
+                                subject.clone(),
+                                headers,
+                                Baseline::body(body_size).into(),
+                            )
                             .await
                             .map_err(BrokerError::new)?,
                     );

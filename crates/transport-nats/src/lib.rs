@@ -21,7 +21,7 @@ pub mod baseline;
 pub mod testing;
 
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
@@ -151,19 +151,23 @@ impl Broker for NatsBroker {
                 }
             }
             let mut confirms = Vec::with_capacity(batch.len());
+            // A batch goes to a few subjects: each is spelled once.
+            let mut subjects: HashMap<(&str, u32), Subject> = HashMap::new();
             for publication in batch {
                 let mut headers = HeaderMap::new();
                 headers.insert(
                     async_nats::header::NATS_MESSAGE_ID,
                     publication.dedupe_id.as_str(),
                 );
+                let subject = subjects
+                    .entry((&publication.topic, publication.partition))
+                    .or_insert_with(|| {
+                        Subject::from(self.subject(&publication.topic, publication.partition))
+                    })
+                    .clone();
                 let confirm = self
                     .jetstream
-                    .publish_with_headers(
-                        self.subject(&publication.topic, publication.partition),
-                        headers,
-                        publication.body.clone().into(),
-                    )
+                    .publish_with_headers(subject, headers, publication.body.clone())
                     .await
                     .map_err(BrokerError::new)?;
                 confirms.push(confirm);
@@ -289,7 +293,7 @@ impl NatsReader {
         self.next_seq += 1;
         let delivery = Delivery {
             seq,
-            body: message.payload.to_vec(),
+            body: message.payload.clone(),
         };
         self.unacknowledged.insert(seq, (consumer, message));
         Ok(delivery)

@@ -201,7 +201,7 @@ impl Broker for RedisBroker {
                     .arg(self.stream(&publication.topic, publication.partition))
                     .arg("*")
                     .arg(FIELD)
-                    .arg(&publication.body)
+                    .arg(publication.body.as_ref())
                     .ignore();
             }
             let mut conn = self.publisher.clone();
@@ -412,7 +412,10 @@ impl RedisReader {
             .and_then(|value| redis::from_redis_value::<Vec<u8>>(value).ok())
             .unwrap_or_default();
         self.unacknowledged.insert(seq, (index, entry.id));
-        Delivery { seq, body }
+        Delivery {
+            seq,
+            body: body.into(),
+        }
     }
 
     /// The deliveries of a read's reply, in the order it gave them.
