@@ -42,6 +42,7 @@ impl Application {
         let transport = Transport::open(&settings.bus, &db).await?;
         let context = ServiceContext {
             db: db.clone(),
+            bus: transport.bus(),
             cache: open_cache(&settings).await?,
             workers: settings.workers.clone(),
             snapshots: settings.snapshots,
@@ -77,10 +78,13 @@ impl Application {
         // Every role writes, so every process relays what it writes.
         let relay = self.transport.relay().await?;
         let mut consumers = if self.settings.role == Role::Api {
+            self.transport
+                .join_groups(&self.settings, &self.context)
+                .await?;
             Vec::new()
         } else {
             let consumers =
-                start_consumers(&self.settings, &self.context, self.transport.bus()).await?;
+                start_consumers(&self.settings, &self.context, &*self.context.bus).await?;
             // After the groups joined, so that retention knows what each of them reads.
             tokio::spawn(platform::retention::run(
                 self.db.clone(),
@@ -212,9 +216,9 @@ pub async fn connect_broker(bus: &BusAt) -> anyhow::Result<Option<Arc<dyn platfo
 
 /// The transport of `--bus`.
 enum Transport {
-    SqlLog(SqlLog),
+    SqlLog(Arc<SqlLog>),
     /// A broker, fed by the relay of the database's log.
-    Broker(BrokerBus),
+    Broker(Arc<BrokerBus>),
 }
 
 impl Transport {
@@ -222,8 +226,8 @@ impl Transport {
     /// the start.
     async fn open(bus: &BusAt, db: &Database) -> anyhow::Result<Transport> {
         Ok(match connect_broker(bus).await? {
-            None => Transport::SqlLog(SqlLog::new(db.clone())),
-            Some(broker) => Transport::Broker(BrokerBus::new(db.clone(), broker)),
+            None => Transport::SqlLog(Arc::new(SqlLog::new(db.clone()))),
+            Some(broker) => Transport::Broker(Arc::new(BrokerBus::new(db.clone(), broker))),
         })
     }
 
@@ -234,11 +238,31 @@ impl Transport {
         }
     }
 
-    fn bus(&self) -> &dyn Bus {
+    fn bus(&self) -> Arc<dyn Bus> {
         match self {
-            Transport::SqlLog(bus) => bus,
-            Transport::Broker(bus) => bus,
+            Transport::SqlLog(bus) => bus.clone(),
+            Transport::Broker(bus) => bus.clone(),
         }
+    }
+
+    /// Makes the broker keep what is sent to the groups of `settings`' services before any
+    /// of their consumers ran (see `BrokerBus::join`); nothing to do on the sql-log.
+    async fn join_groups(
+        &self,
+        settings: &Settings,
+        context: &ServiceContext,
+    ) -> anyhow::Result<()> {
+        let Transport::Broker(bus) = self else {
+            return Ok(());
+        };
+        for service in &settings.services {
+            for subscription in (service.subscriptions)(context) {
+                bus.join(&subscription)
+                    .await
+                    .with_context(|| format!("joining {} on the broker", subscription.group()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts relaying the log to the broker (nothing to do on the sql-log).

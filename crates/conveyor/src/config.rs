@@ -333,23 +333,6 @@ impl SettingsArgs {
                 .unwrap_or(defaults.queue_limit),
         };
         let services = select_services(all_services, names)?;
-        if bus != BusAt::SqlLog {
-            if let Some(service) = services.iter().find(|service| service.reads_the_log) {
-                let others: Vec<&str> = services
-                    .iter()
-                    .filter(|service| !service.reads_the_log)
-                    .map(|service| service.name)
-                    .collect();
-                return Err(config_error(format!(
-                    "--bus {}: {} reads the database's log itself and runs only on \
-                     `{SQL_LOG}`; run it in a process of its own, and name this process's \
-                     services (--services {})",
-                    bus.describe(),
-                    service.name,
-                    others.join(",")
-                )));
-            }
-        }
         Ok(Settings {
             http: http
                 .iter()
@@ -609,7 +592,6 @@ mod tests {
             routes: |_| utoipa_axum::router::OpenApiRouter::new(),
             subscriptions: |_| Vec::new(),
             projections: Vec::new,
-            reads_the_log: false,
         },
         ServiceModule {
             name: "beta",
@@ -617,7 +599,6 @@ mod tests {
             routes: |_| utoipa_axum::router::OpenApiRouter::new(),
             subscriptions: |_| Vec::new(),
             projections: Vec::new,
-            reads_the_log: true,
         },
     ];
 
@@ -719,16 +700,6 @@ mod tests {
             BusAt::Redis("redis://:hunter2@h:6379?partitions=8".into())
         );
         assert!(!redis.render().contains("hunter2"));
-        let log_reader = resolve(SettingsArgs {
-            bus: Some("redis://h".into()),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(
-            log_reader.0.contains("beta") && log_reader.0.contains("--services alpha"),
-            "{}",
-            log_reader.0
-        );
         let missing = resolve(SettingsArgs {
             config: Some("/nonexistent/c.toml".into()),
             ..Default::default()

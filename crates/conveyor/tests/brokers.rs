@@ -1,11 +1,13 @@
 //! MyEvents split across two `conveyor serve` processes that share nothing but a broker
 //! (Redis Streams, NATS JetStream, RabbitMQ): events in one, with its own database, bookings in the
-//! other, with its own.
+//! other, with its own. And the notes service's API and workers in two processes on each
+//! broker.
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use common::notes::{assert_each_once, until_all_listed};
 use common::process::{database, reqwest, scratch_database, Server};
 use platform::testing::Scratch;
 use platform::Backend;
@@ -62,15 +64,23 @@ impl Drop for TestBus {
             }),
             Broker::Amqp => reqwest::runtime().block_on(async move {
                 if let Ok(rabbit) = transport_amqp::AmqpBroker::connect(&url).await {
-                    let _ = rabbit
-                        .delete(&["bookings.learn-events"], "events.events")
-                        .await;
-                    let _ = rabbit.delete(&[], "bookings.events").await;
+                    for (groups, topic) in AMQP_NAMES {
+                        let _ = rabbit.delete(groups, topic).await;
+                    }
                 }
             }),
         }
     }
 }
+
+/// The groups and topics of the services these tests run, whose RabbitMQ queues and
+/// exchanges a test deletes after it.
+const AMQP_NAMES: &[(&[&str], &str)] = &[
+    (&["bookings.learn-events"], "events.events"),
+    (&[], "bookings.events"),
+    (&["notes.workers"], "notes.commands"),
+    (&[], "notes.events"),
+];
 
 /// One service's process: its data directory and database.
 struct Service {
@@ -92,11 +102,13 @@ impl Service {
     }
 
     fn start(&self, bus: &str) -> Server {
-        Server::start_with(
-            self.data.path(),
-            self.db.as_deref(),
-            &["--services", self.services, "--bus", bus],
-        )
+        self.start_with(bus, &[])
+    }
+
+    fn start_with(&self, bus: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["--services", self.services, "--bus", bus];
+        args.extend_from_slice(extra);
+        Server::start_with(self.data.path(), self.db.as_deref(), &args)
     }
 
     /// Runs `sql`, a count, on this service's database.
@@ -321,4 +333,87 @@ async fn readiness_says_so_while_the_broker_does_not_answer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     app.stop().await;
+}
+
+/// The notes API in one process and its workers in another, on one PostgreSQL database and
+/// `broker`. While no worker runs, the queue fills until the API refuses saves (503 with
+/// `Retry-After`); what it accepted before waits on the broker (on RabbitMQ too, where the
+/// API declared the workers' queues), and once the workers start every accepted note is
+/// listed once, and saves are accepted again.
+fn notes_split_across_processes(broker: Broker) {
+    let bus = TestBus::new(broker);
+    let service = Service::new(Backend::Postgres, "notes");
+    let api = service.start_with(&bus.url, &["--role", "api", "--queue-limit", "20"]);
+    let runtime = reqwest::runtime();
+    let client = ::reqwest::Client::new();
+    let accepted = runtime.block_on(save_until_refused(&client, &api.base));
+    assert!(accepted.len() > 20, "refused at {} queued", accepted.len());
+    let _workers = service.start_with(&bus.url, &["--role", "workers"]);
+    let listed = runtime.block_on(until_all_listed(
+        &api.base,
+        accepted.len(),
+        Duration::from_secs(30),
+    ));
+    assert_each_once(&accepted, &listed);
+    runtime.block_on(until_a_save_is_accepted(&client, &api.base));
+}
+
+async fn save(client: &::reqwest::Client, base: &str) -> ::reqwest::Response {
+    client
+        .post(format!("{base}/save"))
+        .body(r#"{"content":"queued"}"#)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Saves notes one after another until the API refuses one for a full queue; the ids of
+/// those it accepted.
+async fn save_until_refused(client: &::reqwest::Client, base: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut accepted = Vec::new();
+    loop {
+        let response = save(client, base).await;
+        if response.status() == 503 {
+            assert!(response.headers().contains_key("retry-after"));
+            let problem: Value = response.json().await.unwrap();
+            assert!(
+                problem["detail"].as_str().unwrap().contains("limit"),
+                "{problem}"
+            );
+            return accepted;
+        }
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        accepted.push(body["id"].as_str().unwrap().to_owned());
+        assert!(
+            Instant::now() < deadline,
+            "{} saves and none refused",
+            accepted.len()
+        );
+    }
+}
+
+/// Waits (up to 20 s) until the API accepts a save again: the queue drained.
+async fn until_a_save_is_accepted(client: &::reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while save(client, base).await.status() != 202 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn on_redis_the_notes_api_and_workers_run_in_two_processes() {
+    notes_split_across_processes(Broker::Redis);
+}
+
+#[test]
+fn on_nats_the_notes_api_and_workers_run_in_two_processes() {
+    notes_split_across_processes(Broker::Nats);
+}
+
+#[test]
+fn on_rabbitmq_the_notes_api_and_workers_run_in_two_processes() {
+    notes_split_across_processes(Broker::Amqp);
 }

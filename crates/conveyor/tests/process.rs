@@ -550,10 +550,6 @@ fn configuration_errors_are_one_line_and_exit_code_2() {
             vec!["serve", "--data", &data, "--bus", "kafka://u:secret@h"],
             "--bus",
         ),
-        (
-            vec!["serve", "--data", &data, "--bus", "amqp://u:secret@h/%2f"],
-            "notes reads the database's log itself",
-        ),
         (vec!["serve", "--data", &under_a_file], "data dir"),
     ] {
         let output = conveyor(&args);

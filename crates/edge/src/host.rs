@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use cache::Cache;
 use http::{HeaderName, HeaderValue, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use platform::{Database, Migration, Projection, Snapshots, Subscription};
-use std::sync::OnceLock;
+use platform::{Bus, Database, Migration, Projection, Snapshots, SqlLog, Subscription};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -35,15 +35,15 @@ pub struct ServiceModule {
     /// Its read models kept from the event store (each a consumer group too), which
     /// `conveyor projections` lists and rebuilds.
     pub projections: fn() -> Vec<Projection>,
-    /// Whether it reads the database's log itself (`SqlLog::watch`, `SqlLog::backlog`), and
-    /// so runs only on the sql-log bus.
-    pub reads_the_log: bool,
 }
 
 /// What the process gives each of its services.
 #[derive(Clone)]
 pub struct ServiceContext {
     pub db: Database,
+    /// The process's bus (`--bus`): the sql-log or a broker, for what a service asks of
+    /// it besides its subscriptions (how much waits for a group).
+    pub bus: Arc<dyn Bus>,
     /// The read cache (`--cache`): in the process, or shared in Redis. A service takes a
     /// namespace of its own with `Cache::scoped`.
     pub cache: Cache,
@@ -77,9 +77,11 @@ impl Default for WorkerOptions {
 pub const DEFAULT_SNAPSHOTS: Snapshots = Snapshots::every(100);
 
 impl ServiceContext {
-    /// The defaults of `conveyor serve` on `db`: an in-process cache with a 10 s TTL.
+    /// The defaults of `conveyor serve` on `db`: the sql-log, an in-process cache with a
+    /// 10 s TTL.
     pub fn new(db: Database) -> ServiceContext {
         ServiceContext {
+            bus: Arc::new(SqlLog::new(db.clone())),
             db,
             cache: Cache::local(Duration::from_secs(10)),
             workers: WorkerOptions::default(),

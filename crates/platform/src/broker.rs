@@ -231,6 +231,13 @@ pub trait Broker: Send + Sync + 'static {
         async { Ok(()) }.boxed()
     }
 
+    /// How many messages of `topic` the broker holds for `group` that it has not
+    /// acknowledged, over every partition: what waits to be delivered and what a reader
+    /// holds. Nothing for a group that never joined where the broker keeps messages only
+    /// for joined groups.
+    fn lag<'a>(&'a self, group: &'a str, topic: &'a str)
+        -> BoxFuture<'a, Result<i64, BrokerError>>;
+
     /// Opens the reader of one partition for a group. The caller holds the partition's lease:
     /// the reader first takes over what earlier owners received and did not acknowledge.
     fn open(
@@ -397,6 +404,19 @@ impl BrokerBus {
         &self.broker
     }
 
+    /// Makes the broker keep for `subscription`'s group what is published from now on,
+    /// before any member reads: a process that sends a group work it does not consume
+    /// itself (an API process, whose workers run elsewhere) joins it, or a broker that keeps
+    /// messages only for joined groups (RabbitMQ) would drop what it sent.
+    pub async fn join(&self, subscription: &Subscription) -> Result<(), BusError> {
+        within(
+            BROKER_CALL,
+            self.broker.join(&subscription.group, &subscription.topics),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Starts this process's relay of the log to the broker; it runs until stopped. Every
     /// process that writes should run one: relays share the log's partitions.
     pub async fn relay(&self) -> Result<Consumer, BusError> {
@@ -421,10 +441,22 @@ impl Bus for BrokerBus {
             let mut subscription = subscription;
             subscription.options.partitions =
                 u16::try_from(self.broker.partitions()).unwrap_or(u16::MAX);
-            self.broker
-                .join(&subscription.group, &subscription.topics)
-                .await?;
+            self.join(&subscription).await?;
             sql_log::start(&self.db, subscription, Lanes::Broker(self.broker.clone())).await
+        }
+        .boxed()
+    }
+
+    /// What the relay has yet to publish for `group`, and what the broker holds for it.
+    fn backlog<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<i64, BusError>> {
+        async move {
+            let unpublished = sql_log::rows_behind(&self.db, RELAY_GROUP, group, topic).await?;
+            let unacknowledged = within(BROKER_CALL, self.broker.lag(group, topic)).await?;
+            Ok(unpublished + unacknowledged)
         }
         .boxed()
     }

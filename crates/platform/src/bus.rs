@@ -59,6 +59,14 @@ pub enum BusError {
 pub trait Bus: Send + Sync + 'static {
     /// Starts one consumer of `subscription`'s group; it runs until stopped.
     fn subscribe(&self, subscription: Subscription) -> BoxFuture<'_, Result<Consumer, BusError>>;
+
+    /// How many messages of `topic` wait for `group`: committed and not yet handled by it,
+    /// wherever they wait (the log; on a broker, the outbox and then the broker).
+    fn backlog<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<i64, BusError>>;
 }
 
 /// A running consumer. Dropping it aborts it at once, like a crash: messages in flight are

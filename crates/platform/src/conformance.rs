@@ -36,7 +36,7 @@ macro_rules! conformance_suite {
             always_failing_handler_is_dead_lettered_and_the_group_continues,
             replay_delivers_a_dead_letter_again, unacknowledged_message_is_delivered_after_restart,
             inbox_turns_redelivery_into_a_no_op, a_dead_letter_is_not_handled_again_on_redelivery,
-            stop_returns_while_a_backlog_remains);
+            stop_returns_while_a_backlog_remains, the_backlog_counts_what_a_group_has_not_handled);
     };
     (@tests $fixture:expr; $($name:ident),*) => {
         $(
@@ -671,6 +671,46 @@ pub async fn stop_returns_while_a_backlog_remains(fixture: &impl Fixture) {
         handled < 5000,
         "the whole backlog was worked off before stopping"
     );
+}
+
+/// `Bus::backlog` counts what was committed for a group and not handled by it yet, wherever
+/// it waits (the log, the outbox, the broker), and nothing once the group caught up.
+pub async fn the_backlog_counts_what_a_group_has_not_handled(fixture: &impl Fixture) {
+    // The group joins (a broker that keeps messages only for joined groups starts keeping
+    // them), then stops: what follows waits for it.
+    start(fixture, recording("counted", "only"))
+        .await
+        .stop()
+        .await;
+    publish(fixture.db(), pings(8, 5)).await;
+    wait_for_backlog(fixture, "counted", 40).await;
+    let consumer = start(fixture, recording("counted", "only")).await;
+    assert_eq!(
+        wait_for_handled(fixture.db(), "counted", 40).await.len(),
+        40
+    );
+    wait_for_backlog(fixture, "counted", 0).await;
+    consumer.stop().await;
+}
+
+/// Waits (up to 20 s) until `group`'s backlog is `expected`; fails with the last count.
+async fn wait_for_backlog(fixture: &impl Fixture, group: &str, expected: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let backlog = fixture
+            .bus()
+            .backlog(group, Ping::TOPIC)
+            .await
+            .expect("backlog");
+        if backlog == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{group}'s backlog is {backlog}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Messages, and keys among them, of `a_broker_restart_mid_stream_loses_nothing`.

@@ -92,26 +92,45 @@ impl SqlLog {
     /// How many messages on `topic` wait for `group`: those past their partition's offset
     /// (all of them before the group first joined).
     pub async fn backlog(&self, group: &str, topic: &str) -> Result<i64, StoreError> {
-        let (group, topic) = (group.to_owned(), topic.to_owned());
-        self.db
-            .read(move |conn| {
-                Ok(conn.scalar(
-                    "SELECT COUNT(*) FROM conveyor_log l \
-                     LEFT JOIN conveyor_partitions p ON p.group_name = ? \
-                       AND p.\"partition\" = l.key_hash % (SELECT NULLIF(partitions, 0) \
-                           FROM conveyor_groups WHERE group_name = ?) \
-                     WHERE l.topic = ? AND l.position > COALESCE(p.position, 0) \
-                       AND (l.only_group IS NULL OR l.only_group = ?)",
-                    (&group, &group, &topic, &group),
-                )?)
-            })
-            .await
+        rows_behind(&self.db, group, group, topic).await
     }
+}
+
+/// How many rows of `topic` for `group` (its replays included) lie past `reader`'s offsets:
+/// what `group` has yet to handle when it reads the log itself, or what the relay has yet
+/// to publish for it.
+pub(crate) async fn rows_behind(
+    db: &Database,
+    reader: &str,
+    group: &str,
+    topic: &str,
+) -> Result<i64, StoreError> {
+    let (reader, group, topic) = (reader.to_owned(), group.to_owned(), topic.to_owned());
+    db.read(move |conn| {
+        Ok(conn.scalar(
+            "SELECT COUNT(*) FROM conveyor_log l \
+             LEFT JOIN conveyor_partitions p ON p.group_name = ? \
+               AND p.\"partition\" = l.key_hash % (SELECT NULLIF(partitions, 0) \
+                   FROM conveyor_groups WHERE group_name = ?) \
+             WHERE l.topic = ? AND l.position > COALESCE(p.position, 0) \
+               AND (l.only_group IS NULL OR l.only_group = ?)",
+            (&reader, &reader, &topic, &group),
+        )?)
+    })
+    .await
 }
 
 impl Bus for SqlLog {
     fn subscribe(&self, subscription: Subscription) -> BoxFuture<'_, Result<Consumer, BusError>> {
         start(&self.db, subscription, Lanes::Log).boxed()
+    }
+
+    fn backlog<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<i64, BusError>> {
+        async move { Ok(SqlLog::backlog(self, group, topic).await?) }.boxed()
     }
 }
 

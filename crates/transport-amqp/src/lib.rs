@@ -25,6 +25,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -109,6 +110,33 @@ impl AmqpBroker {
         Ok(broker)
     }
 
+    /// The messages ready in `queue`, none if it is not there. A passive declare of a queue
+    /// that is not there closes its channel, so each has a channel of its own.
+    async fn ready_in(&self, queue: &str) -> Result<i64, BrokerError> {
+        let channel = self.connector.channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(queue) => {
+                channel
+                    .close(200, "counted")
+                    .await
+                    .map_err(BrokerError::new)?;
+                Ok(i64::from(queue.message_count()))
+            }
+            Err(error) if is_not_found(&error) => Ok(0),
+            Err(error) => Err(BrokerError::new(error)),
+        }
+    }
+
     pub fn exchange(&self, topic: &str) -> String {
         format!("{}.{topic}", self.namespace)
     }
@@ -184,6 +212,11 @@ async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), Broke
 }
 
 /// Declares the binding's exchange and durable queue, and binds them.
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(error)
+        if *error.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+}
+
 pub(crate) async fn declare_queue(channel: &Channel, binding: &Binding) -> Result<(), BrokerError> {
     declare_exchange(channel, &binding.exchange).await?;
     channel
@@ -285,6 +318,24 @@ impl Broker for AmqpBroker {
                 declare_queue(&channel, binding).await?;
             }
             channel.close(200, "joined").await.map_err(BrokerError::new)
+        }
+        .boxed()
+    }
+
+    /// The messages ready in the group's queues; those a reader holds unacknowledged (at
+    /// most its prefetch per partition) are not counted, as RabbitMQ does not report them
+    /// on a declare. A queue not declared yet holds nothing for the group.
+    fn lag<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<i64, BrokerError>> {
+        async move {
+            let mut lag = 0;
+            for partition in 0..self.partitions {
+                lag += self.ready_in(&self.queue(group, topic, partition)).await?;
+            }
+            Ok(lag)
         }
         .boxed()
     }

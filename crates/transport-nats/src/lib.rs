@@ -20,7 +20,8 @@ pub mod baseline;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::context::{self, ConsumerInfoErrorKind};
+use async_nats::jetstream::{self, consumer, stream, ErrorCode};
 use async_nats::{HeaderMap, Subject};
 use futures::future::BoxFuture;
 use futures::stream::{BoxStream, SelectAll};
@@ -180,6 +181,37 @@ impl Broker for NatsBroker {
         .boxed()
     }
 
+    fn lag<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<i64, BrokerError>> {
+        async move {
+            let stream = match self.jetstream.get_stream(self.stream_name(topic)).await {
+                Ok(stream) => stream,
+                Err(error) if is_stream_not_found(&error) => return Ok(0),
+                Err(error) => return Err(BrokerError::new(error)),
+            };
+            let mut lag = 0;
+            for partition in 0..self.partitions {
+                let consumer = Self::consumer_name(group, partition);
+                lag += match stream.consumer_info(&consumer).await {
+                    Ok(info) => {
+                        i64::try_from(info.num_pending).unwrap_or(i64::MAX)
+                            + i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX)
+                    }
+                    // No reader has opened the partition yet: its first reads from the start.
+                    Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                        messages_on(&stream, &self.subject(topic, partition)).await?
+                    }
+                    Err(error) => return Err(BrokerError::new(error)),
+                };
+            }
+            Ok(lag)
+        }
+        .boxed()
+    }
+
     fn open(
         &self,
         spec: ReaderSpec,
@@ -204,6 +236,25 @@ impl Broker for NatsBroker {
         }
         .boxed()
     }
+}
+
+fn is_stream_not_found(error: &context::GetStreamError) -> bool {
+    matches!(error.kind(), context::GetStreamErrorKind::JetStream(error)
+        if error.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// How many messages `stream` holds on `subject`.
+async fn messages_on(stream: &stream::Stream, subject: &str) -> Result<i64, BrokerError> {
+    let mut subjects = stream
+        .info_with_subjects(subject)
+        .await
+        .map_err(BrokerError::new)?;
+    let mut count = 0;
+    while let Some(entry) = subjects.next().await {
+        let (_, messages) = entry.map_err(BrokerError::new)?;
+        count += i64::try_from(messages).unwrap_or(i64::MAX);
+    }
+    Ok(count)
 }
 
 /// One partition of one of a group's topics.

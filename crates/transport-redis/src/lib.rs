@@ -189,6 +189,22 @@ impl Broker for RedisBroker {
         .boxed()
     }
 
+    fn lag<'a>(
+        &'a self,
+        group: &'a str,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<i64, BrokerError>> {
+        async move {
+            let mut conn = self.publisher.clone();
+            let mut lag = 0;
+            for partition in 0..self.partitions {
+                lag += stream_lag(&mut conn, &self.stream(topic, partition), group).await?;
+            }
+            Ok(lag)
+        }
+        .boxed()
+    }
+
     fn publish<'a>(&'a self, batch: &'a [Publication]) -> BoxFuture<'a, Result<(), BrokerError>> {
         async move {
             if batch.is_empty() {
@@ -504,4 +520,41 @@ impl PartitionReader for RedisReader {
         }
         .boxed()
     }
+}
+
+/// What `group` has not acknowledged of `stream`: the entries not yet delivered to it
+/// (Redis's `lag`; the whole stream when Redis cannot tell, or before the group is made,
+/// as it then reads from the start) and those delivered and pending.
+async fn stream_lag(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<i64, BrokerError> {
+    let length: i64 = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(BrokerError::new)?;
+    if length == 0 {
+        return Ok(0);
+    }
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(BrokerError::new)?;
+    let Some(info) = groups.iter().find(|info| {
+        info.get("name")
+            .and_then(|name| redis::from_redis_value::<String>(name).ok())
+            .is_some_and(|name| name == group)
+    }) else {
+        return Ok(length);
+    };
+    let number = |field: &str| {
+        info.get(field)
+            .and_then(|value| redis::from_redis_value::<i64>(value).ok())
+    };
+    let undelivered = number("lag").unwrap_or(length);
+    Ok((undelivered + number("pending").unwrap_or_default()).min(length))
 }

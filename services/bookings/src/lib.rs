@@ -19,5 +19,4 @@ pub const MODULE: ServiceModule = ServiceModule {
     routes: |context| http::routes(app::Bookings::new(context.db.clone())),
     subscriptions: |_context| app::subscriptions(),
     projections: Vec::new,
-    reads_the_log: false,
 };

@@ -17,5 +17,4 @@ pub const MODULE: ServiceModule = ServiceModule {
     routes: |context| http::routes(app::Events::new(context.db.clone())),
     subscriptions: |_context| Vec::new(),
     projections: Vec::new,
-    reads_the_log: false,
 };

@@ -22,7 +22,6 @@ pub const MODULE: ServiceModule = ServiceModule {
     },
     subscriptions: |_| Vec::new(),
     projections: Vec::new,
-    reads_the_log: false,
 };
 
 /// The query side: `GET /matches`, `GET /matches/{id}`, `GET /matches/{id}/moves`.
@@ -32,5 +31,4 @@ pub const QUERY_MODULE: ServiceModule = ServiceModule {
     routes: |context| http::query_routes(context.db.clone()),
     subscriptions: |_| Vec::new(),
     projections: || vec![views::projection()],
-    reads_the_log: false,
 };

@@ -7,8 +7,8 @@ use crate::store;
 use cache::Cache;
 use platform::envelope::now_millis;
 use platform::{
-    ConsumerOptions, Database, HandlerError, Incoming, Message, SqlLog, StoreError, Subscription,
-    UnitOfWork,
+    Bus, ConsumerOptions, Database, HandlerError, Incoming, Message, SqlLog, StoreError,
+    Subscription, UnitOfWork,
 };
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -45,12 +45,13 @@ pub struct Notes {
 
 impl Notes {
     /// The use cases over `db`, with `cache` (scoped here) invalidated after every batch the
-    /// workers commit, in any process. Refuses saves past `queue_limit` queued notes.
-    pub fn new(db: Database, cache: &Cache, queue_limit: u64) -> Notes {
+    /// workers commit, in any process. Refuses saves past `queue_limit` notes waiting on
+    /// `bus` for the workers.
+    pub fn new(db: Database, bus: Arc<dyn Bus>, cache: &Cache, queue_limit: u64) -> Notes {
         let cache = cache.scoped("notes");
         invalidate_on_writes(&db, cache.clone());
         Notes {
-            queue: Arc::new(QueueDepth::new(db.clone(), queue_limit)),
+            queue: Arc::new(QueueDepth::new(bus, queue_limit)),
             db,
             cache,
         }
@@ -129,7 +130,9 @@ fn write_notes(batch: Vec<Incoming<SaveNote>>, uow: &mut UnitOfWork) -> Result<(
     Ok(())
 }
 
-/// Clears `cache` each time a `NotesWritten` commits, in this process or another.
+/// Clears `cache` each time a `NotesWritten` commits, in this process or another. The API
+/// and the workers share the notes database whatever the bus, so its log is where every
+/// process sees a batch commit.
 fn invalidate_on_writes(db: &Database, cache: Cache) {
     let mut written = SqlLog::new(db.clone()).watch(NotesWritten::TOPIC);
     tokio::spawn(async move {
@@ -142,7 +145,7 @@ fn invalidate_on_writes(db: &Database, cache: Cache) {
 /// The queue's depth as last sampled; saves refresh it when it is older than
 /// `DEPTH_FRESHNESS`, off the request's path.
 struct QueueDepth {
-    db: Database,
+    bus: Arc<dyn Bus>,
     limit: u64,
     depth: AtomicI64,
     sampled: Mutex<Option<Instant>>,
@@ -150,9 +153,9 @@ struct QueueDepth {
 }
 
 impl QueueDepth {
-    fn new(db: Database, limit: u64) -> QueueDepth {
+    fn new(bus: Arc<dyn Bus>, limit: u64) -> QueueDepth {
         QueueDepth {
-            db,
+            bus,
             limit,
             depth: AtomicI64::new(0),
             sampled: Mutex::new(None),
@@ -185,10 +188,7 @@ impl QueueDepth {
         }
         let queue = self.clone();
         tokio::spawn(async move {
-            match SqlLog::new(queue.db.clone())
-                .backlog(WORKERS, SaveNote::TOPIC)
-                .await
-            {
+            match queue.bus.backlog(WORKERS, SaveNote::TOPIC).await {
                 Ok(depth) => {
                     queue.depth.store(depth, Ordering::Relaxed);
                     metrics::gauge!(metric::QUEUE_DEPTH).set(depth as f64);

@@ -20,6 +20,7 @@ pub const MODULE: ServiceModule = ServiceModule {
     routes: |context| {
         let notes = app::Notes::new(
             context.db.clone(),
+            context.bus.clone(),
             &context.cache,
             context.workers.queue_limit,
         );
@@ -27,5 +28,4 @@ pub const MODULE: ServiceModule = ServiceModule {
     },
     subscriptions: |context| app::subscriptions(context.workers.batch, context.workers.wait),
     projections: Vec::new,
-    reads_the_log: true,
 };

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
+pub mod notes;
 pub mod process;
 
 use clap::Parser;
