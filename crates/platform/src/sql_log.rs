@@ -647,34 +647,24 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     let mut outages = 0;
     // Whether the batch in hand already waited for more (`ConsumerOptions::linger`).
     let mut lingered = false;
+    // The full batch after the one in hand, read while that one was handled.
+    let mut read_ahead: Option<Vec<(i64, Entry)>> = None;
+    let limit = shared.batch;
     // A busy partition never reads empty: the stop is checked before every read.
     while !stop.is_cancelled() {
         let head_seen = *head.borrow_and_update();
-        let cursor = Cursor {
-            group: shared.group.clone(),
-            // The relay reads every row, replays for one group included.
-            topics: match shared.lanes {
-                Lanes::Relay(_) => None,
-                Lanes::Log | Lanes::Broker(_) => Some(shared.topics.clone()),
-            },
-            names: shared.names.clone(),
-            partitions: shared.partitions,
-            partition,
-            after: scanned.max(position),
-        };
-        let limit = shared.batch;
-        let read = shared
-            .db()
-            .read(move |conn| Ok::<_, StoreError>(log::read(conn, &cursor, limit)?));
-        let batch = match read.await {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::warn!(%error, group = %shared.group, partition, "cannot read the log");
-                if pause(&stop, ERROR_PAUSE).await {
-                    return;
+        let batch = match read_ahead.take() {
+            Some(batch) => batch,
+            None => match read_batch(&shared, partition, scanned.max(position)).await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(%error, group = %shared.group, partition, "cannot read the log");
+                    if pause(&stop, ERROR_PAUSE).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
+            },
         };
         if batch.is_empty() {
             // Everything up to `head_seen` had committed before the read began.
@@ -696,21 +686,39 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             continue;
         }
         lingered = false;
-        let step = match split_at_corrupt(batch) {
-            Split::Corrupt { at, error } => {
-                dead_letter_corrupt(&shared, partition, at, error).await
-            }
-            Split::Messages(batch) => match &shared.lanes {
-                Lanes::Relay(broker) => relay(&shared, broker.as_ref(), partition, batch).await,
-                Lanes::Log | Lanes::Broker(_) => {
-                    deliver(&shared, partition, position, batch, &stop).await
+        // A full batch says a backlog waits: the next batch is read while this one is
+        // handled, so that reading and committing overlap. It is kept only if this one
+        // was acknowledged whole and it is full too (a shorter one is read again, after
+        // the linger).
+        let last = batch.last().map(|(at, _)| *at);
+        let backlogged = batch.len() as i64 == limit;
+        let step = async {
+            match split_at_corrupt(batch) {
+                Split::Corrupt { at, error } => {
+                    dead_letter_corrupt(&shared, partition, at, error).await
                 }
-            },
+                Split::Messages(batch) => match &shared.lanes {
+                    Lanes::Relay(broker) => {
+                        relay(&shared, broker.as_ref(), partition, batch).await
+                    }
+                    Lanes::Log | Lanes::Broker(_) => {
+                        deliver(&shared, partition, position, batch, &stop).await
+                    }
+                },
+            }
+        };
+        let (step, next) = match last {
+            Some(last) if backlogged => {
+                let (step, next) = tokio::join!(step, read_batch(&shared, partition, last));
+                (step, next.ok().filter(|next| next.len() as i64 == limit))
+            }
+            _ => (step.await, None),
         };
         match step {
             Ok(acknowledged) => {
                 outages = 0;
                 position = position.max(acknowledged);
+                read_ahead = next.filter(|_| Some(acknowledged) == last);
             }
             Err(LaneEnd::Outage(error)) => {
                 outages += 1;
@@ -727,6 +735,32 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             Err(LaneEnd::Stopped) => return,
         }
     }
+}
+
+/// Up to a batch of `partition`'s rows after position `after`, as the group's lanes read
+/// them.
+async fn read_batch(
+    shared: &Arc<Shared>,
+    partition: i64,
+    after: i64,
+) -> Result<Vec<(i64, Entry)>, StoreError> {
+    let cursor = Cursor {
+        group: shared.group.clone(),
+        // The relay reads every row, replays for one group included.
+        topics: match shared.lanes {
+            Lanes::Relay(_) => None,
+            Lanes::Log | Lanes::Broker(_) => Some(shared.topics.clone()),
+        },
+        names: shared.names.clone(),
+        partitions: shared.partitions,
+        partition,
+        after,
+    };
+    let limit = shared.batch;
+    shared
+        .db()
+        .read(move |conn| Ok::<_, StoreError>(log::read(conn, &cursor, limit)?))
+        .await
 }
 
 /// Why a lane's step did not acknowledge what it read.
