@@ -698,9 +698,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
                     dead_letter_corrupt(&shared, partition, at, error).await
                 }
                 Split::Messages(batch) => match &shared.lanes {
-                    Lanes::Relay(broker) => {
-                        relay(&shared, broker.as_ref(), partition, batch).await
-                    }
+                    Lanes::Relay(broker) => relay(&shared, broker.as_ref(), partition, batch).await,
                     Lanes::Log | Lanes::Broker(_) => {
                         deliver(&shared, partition, position, batch, &stop).await
                     }

@@ -289,12 +289,7 @@ async fn keep_from(
     stream: &str,
     cutoff: u128,
 ) -> Result<EntryId, BrokerError> {
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(BrokerError::new)?;
+    let groups = groups_of(conn, stream).await?;
     let mut keep = EntryId(cutoff, 0);
     for group in groups {
         let text = |field: &str| {
@@ -538,12 +533,7 @@ async fn stream_lag(
     if length == 0 {
         return Ok(0);
     }
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .map_err(BrokerError::new)?;
+    let groups = groups_of(conn, stream).await?;
     let Some(info) = groups.iter().find(|info| {
         info.get("name")
             .and_then(|name| redis::from_redis_value::<String>(name).ok())
@@ -557,4 +547,17 @@ async fn stream_lag(
     };
     let undelivered = number("lag").unwrap_or(length);
     Ok((undelivered + number("pending").unwrap_or_default()).min(length))
+}
+
+/// `XINFO GROUPS` of `stream`: each group's fields by name.
+async fn groups_of(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> Result<Vec<HashMap<String, redis::Value>>, BrokerError> {
+    redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .map_err(BrokerError::new)
 }
