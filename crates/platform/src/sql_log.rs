@@ -779,7 +779,9 @@ pub(crate) enum Outage {
 }
 
 /// Publishes a batch of log rows to the broker, then moves the relay's offset past them.
-/// A crash in between publishes them again: consumers' inboxes make that a no-op.
+/// A crash in between publishes them again: consumers' inboxes make that a no-op. The rows
+/// are on disk before they leave: a row a power cut could still take back must not have
+/// been published.
 async fn relay(
     shared: &Arc<Shared>,
     broker: &dyn Broker,
@@ -800,6 +802,11 @@ async fn relay(
             Entry::Skipped | Entry::Corrupt(_) => None,
         })
         .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| LaneEnd::Outage(error.into()))?;
+    shared
+        .db()
+        .flush_through(last)
+        .await
         .map_err(|error| LaneEnd::Outage(error.into()))?;
     broker::within(broker::BROKER_CALL, broker.publish(&publications))
         .await

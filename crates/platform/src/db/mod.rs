@@ -22,7 +22,7 @@ use crate::sql::{self, Backend, Conn, ServerUrl};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -272,6 +272,9 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     readers: Arc<Readers>,
     head: watch::Receiver<i64>,
+    /// On SQLite, the newest log position this process flushed; every earlier row, of any
+    /// process, was written to the write-ahead log before it and is on disk too.
+    flushed: Option<Arc<AtomicI64>>,
     /// Set once the database can no longer be trusted with a write (a failed flush).
     fatal: watch::Receiver<Option<String>>,
     /// How many writer threads have committed their last batch and stopped, of `writers`.
@@ -492,6 +495,24 @@ impl Database {
         Ok(result
             .await
             .unwrap_or(Attempt::Done(Err(E::from(StoreError::Abandoned)))))
+    }
+
+    /// Returns once the log's rows up to `position`, of this process or of another on the
+    /// same file, are on disk. On SQLite a reader sees a commit before the syncer has
+    /// flushed it (see `db::sqlite`): safe for what stays in the database, since anything
+    /// derived from it is written later in the same write-ahead log and cannot outlive it,
+    /// but not for what leaves it: the relay waits for this before it publishes what it
+    /// read. A server's commit is durable before others see it: nothing to wait for.
+    pub async fn flush_through(&self, position: i64) -> Result<(), StoreError> {
+        let Some(flushed) = &self.inner.flushed else {
+            return Ok(());
+        };
+        if position <= flushed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // An empty unit commits an empty batch, and its caller hears of it after the
+        // syncer's next flush of the write-ahead log, which takes every frame before it.
+        self.write(|_| Ok::<_, StoreError>(())).await
     }
 
     /// Runs `query` on a read-only connection, on a blocking thread. It sees every committed

@@ -101,6 +101,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         commands,
         readers: Arc::new(readers),
         head: head_rx,
+        flushed: None,
         fatal,
         stopped,
         writers: WRITERS,

@@ -17,7 +17,7 @@ use crate::sql::{self, Backend, Conn};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -71,6 +71,9 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
     let uow = UnitOfWork::new(Conn::sqlite(writer), deadline);
 
     let (commands, queue) = mpsc::channel(WRITE_QUEUE);
+    // What is in the file when it opens is on disk.
+    let flushed = Arc::new(AtomicI64::new(head));
+    let writer_flushed = flushed.clone();
     let head = Arc::new(watch::Sender::new(head));
     let (fatal_tx, fatal_rx) = watch::channel(None);
     let (stopped_tx, stopped_rx) = watch::channel(0);
@@ -80,7 +83,12 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
     let writer_stopping = stopping.clone();
     let head_rx = head.subscribe();
     spawn_thread("conveyor-writer", move || {
-        run_writer(uow, queue, wal, writer_head, fatal_tx, &writer_stopping);
+        let reports = Reports {
+            head: writer_head,
+            flushed: writer_flushed,
+            fatal: fatal_tx,
+        };
+        run_writer(uow, queue, wal, reports, &writer_stopping);
         stopped_tx.send_replace(1);
     })?;
     spawn_thread("conveyor-watcher", move || {
@@ -91,6 +99,7 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
         commands,
         readers: Arc::new(readers),
         head: head_rx,
+        flushed: Some(flushed),
         fatal: fatal_rx,
         stopped: stopped_rx,
         writers: 1,
@@ -175,7 +184,8 @@ fn open_wal(path: &Path) -> std::io::Result<std::fs::File> {
 /// command such as `dlq replay`) appends to the log, so this process's consumers wake within
 /// a few milliseconds instead of at their safety poll. Commits of this process move the head
 /// too, sometimes before the syncer does: a consumer may then read a message before it is on
-/// disk, which is safe for the reason `Database` gives for readers.
+/// disk, which is safe for what stays in the database; what leaves it waits for
+/// `Database::flush`.
 ///
 /// Every tick looks at the WAL's size and modification time (one `fstat`); only when they
 /// changed, or every `WATCH_FULL_CHECK_TICKS` ticks (file times are coarse, and a WAL reset
@@ -223,22 +233,31 @@ fn watch_other_processes(
     }
 }
 
+/// What the writer and its syncer tell the rest of the process.
+struct Reports {
+    /// The newest log position committed and flushed, or appended by another process.
+    head: Arc<watch::Sender<i64>>,
+    /// The newest log position this process's syncer flushed (`Database::flush_through`).
+    flushed: Arc<AtomicI64>,
+    /// Why writes are no longer possible, once they are not.
+    fatal: watch::Sender<Option<String>>,
+}
+
 fn run_writer(
     mut uow: UnitOfWork,
     mut queue: mpsc::Receiver<Command>,
     wal: std::fs::File,
-    head: Arc<watch::Sender<i64>>,
-    fatal: watch::Sender<Option<String>>,
+    reports: Reports,
     stopping: &AtomicBool,
 ) {
     let metrics = WriterMetrics::register();
     let (committed, to_sync) = std::sync::mpsc::channel();
+    let fatal = reports.fatal.clone();
     let syncer = {
-        let fatal = fatal.clone();
         let flushes = metrics.flush_seconds.clone();
         std::thread::Builder::new()
             .name("conveyor-syncer".into())
-            .spawn(move || run_syncer(&wal, &to_sync, &head, &fatal, &flushes))
+            .spawn(move || run_syncer(&wal, &to_sync, &reports, &flushes))
     };
     let syncer = match syncer {
         Ok(syncer) => syncer,
@@ -302,10 +321,14 @@ struct Committed {
 fn run_syncer(
     wal: &std::fs::File,
     batches: &std::sync::mpsc::Receiver<Committed>,
-    head: &watch::Sender<i64>,
-    fatal: &watch::Sender<Option<String>>,
+    reports: &Reports,
     flushes: &metrics::Histogram,
 ) {
+    let Reports {
+        head,
+        flushed,
+        fatal,
+    } = reports;
     let mut failure: Option<String> = None;
     while let Ok(first) = batches.recv() {
         let group: Vec<Committed> = std::iter::once(first).chain(batches.try_iter()).collect();
@@ -321,6 +344,7 @@ fn run_syncer(
         }
         if failure.is_none() {
             if let Some(position) = group.iter().filter_map(|batch| batch.last_position).max() {
+                flushed.fetch_max(position, Ordering::AcqRel);
                 head.send_if_modified(|head| {
                     let moved = position > *head;
                     *head = (*head).max(position);
