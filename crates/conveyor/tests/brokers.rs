@@ -67,6 +67,7 @@ impl Drop for TestBus {
                     for (groups, topic) in AMQP_NAMES {
                         let _ = rabbit.delete(groups, topic).await;
                     }
+                    let _ = rabbit.delete_dead_letters().await;
                 }
             }),
         }

@@ -2,12 +2,63 @@
 //! replay or purge.
 
 use crate::db::{Database, StoreError, UnitOfWork};
-use crate::envelope::{now_millis, Envelope};
+use crate::envelope::{now_millis, Envelope, Message};
 use crate::log::{envelope_from_row, ENVELOPE_COLUMNS};
 use crate::sql::{self, Row, ToValue};
+use serde::{Deserialize, Serialize};
 
 /// Most dead letters `list` returns in one call.
 pub const MAX_LIST: i64 = 1000;
+
+/// What a group gave up on, published when it reads a broker, so that the broker's own tools
+/// show it: on RabbitMQ its topic's exchange is the dead-letter exchange, with a queue that
+/// keeps what reaches it. The dead letter itself stays in the group's database, where
+/// `conveyor dlq` shows, replays and purges it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLettered {
+    pub group: String,
+    /// The message's envelope id; for one that did not decode, the dead letter's own.
+    pub message_id: String,
+    /// Empty for a message that did not decode, as its topic and key.
+    pub name: String,
+    pub topic: String,
+    pub key: String,
+    pub error: String,
+    pub attempts: u32,
+    /// The payload as text (replacement characters where it was not UTF-8).
+    pub payload: String,
+}
+
+impl Message for DeadLettered {
+    const NAME: &'static str = "conveyor.DeadLettered";
+    const TOPIC: &'static str = "conveyor.dead-letters";
+
+    fn key(&self) -> String {
+        self.group.clone()
+    }
+}
+
+impl DeadLettered {
+    fn of(group: &str, envelope: &Envelope, error: &str, attempts: u32) -> DeadLettered {
+        DeadLettered {
+            group: group.to_owned(),
+            message_id: envelope.id.to_string(),
+            name: envelope.name.clone(),
+            topic: envelope.topic.clone(),
+            key: envelope.key.clone(),
+            error: error.to_owned(),
+            attempts,
+            payload: String::from_utf8_lossy(&envelope.payload).into_owned(),
+        }
+    }
+}
+
+/// Whether a dead letter is also published (`DeadLettered`): by groups that read a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Announce {
+    No,
+    Publish,
+}
 
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -23,12 +74,16 @@ pub struct DeadLetter {
 }
 
 pub(crate) fn record(
-    uow: &UnitOfWork,
+    uow: &mut UnitOfWork,
     group: &str,
     envelope: &Envelope,
     error: &str,
     attempts: u32,
+    announce: Announce,
 ) -> Result<(), StoreError> {
+    if announce == Announce::Publish {
+        uow.emit(&DeadLettered::of(group, envelope, error, attempts))?;
+    }
     let headers = serde_json::to_string(&envelope.headers).map_err(|error| sql::Error::Encode {
         what: "message headers",
         message: error.to_string(),
@@ -83,25 +138,30 @@ pub(crate) fn record_corrupt(
 /// the payload. It gets an id of its own and the kind `undecodable`, so it shows and purges
 /// but cannot be replayed (its envelope does not decode either).
 pub(crate) fn record_undecodable(
-    uow: &UnitOfWork,
+    uow: &mut UnitOfWork,
     group: &str,
     body: &[u8],
     error: &str,
 ) -> Result<(), StoreError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let error = format!("the message does not decode: {error}");
     uow.conn().execute(
         "INSERT INTO conveyor_dead_letters \
          (group_name, message_id, kind, name, topic, \"key\", payload, headers, occurred_at, error, attempts, failed_at) \
          VALUES (?, ?, 'undecodable', '', '', '', ?, '{}', ?, ?, 1, ?)",
-        (
-            group,
-            uuid::Uuid::now_v7().to_string(),
-            body,
-            now_millis(),
-            format!("the message does not decode: {error}"),
-            now_millis(),
-        ),
+        (group, &id, body, now_millis(), &error, now_millis()),
     )?;
-    Ok(())
+    // Only a broker delivers what does not decode: always announced.
+    uow.emit(&DeadLettered {
+        group: group.to_owned(),
+        message_id: id,
+        name: String::new(),
+        topic: String::new(),
+        key: String::new(),
+        error,
+        attempts: 1,
+        payload: String::from_utf8_lossy(body).into_owned(),
+    })
 }
 
 fn from_row(row: &Row<'_>) -> Result<DeadLetter, sql::Error> {

@@ -5,6 +5,7 @@
 use crate::context::CausalContext;
 use crate::db::{Database, StoreError, UnitOfWork};
 use crate::dead_letter;
+use crate::dead_letter::Announce;
 use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Route};
 use crate::inbox;
@@ -50,6 +51,8 @@ pub(crate) struct Dispatcher {
     pub timeout: Duration,
     /// Mark handled messages in the inbox (false for an idempotent subscription).
     pub inbox: bool,
+    /// Whether what the group gives up on is also published (`dead_letter::DeadLettered`).
+    pub announce: Announce,
 }
 
 impl Dispatcher {
@@ -252,13 +255,14 @@ impl Dispatcher {
     ) -> Outcome {
         loop {
             let (group, message, error) = (self.group.clone(), envelope.clone(), error.to_string());
+            let announce = self.announce;
             let recorded = self
                 .db
                 .write(move |uow| {
                     // The inbox mark keeps a redelivery of the message from running it
                     // again; replay removes it.
                     if inbox::claim(uow, &group, message.id)? {
-                        dead_letter::record(uow, &group, &message, &error, attempts)?;
+                        dead_letter::record(uow, &group, &message, &error, attempts, announce)?;
                     }
                     Ok::<_, StoreError>(())
                 })

@@ -10,6 +10,7 @@ use crate::broker::{self, Broker, BrokerError};
 use crate::bus::{Bus, BusError, Consumer};
 use crate::db::UnitOfWork;
 use crate::db::{Database, StoreError};
+use crate::dead_letter::Announce;
 use crate::dispatch::{metric, BatchOutcome, Dispatcher, Outcome};
 use crate::envelope::now_millis;
 use crate::envelope::Envelope;
@@ -177,6 +178,10 @@ pub(crate) async fn start(
             retry: subscription.options.retry,
             timeout: subscription.options.handler_timeout,
             inbox: subscription.inbox,
+            announce: match lanes {
+                Lanes::Broker(_) => Announce::Publish,
+                Lanes::Log | Lanes::Relay(_) => Announce::No,
+            },
         },
         lanes,
         group,

@@ -32,7 +32,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use platform::broker::{
     take_ready, within, BusUrl, Delivery, PartitionReader, Publication, ReaderSpec, BROKER_CALL,
 };
-use platform::{Broker, BrokerError};
+use platform::dead_letter::DeadLettered;
+use platform::{Broker, BrokerError, Message};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,6 +170,36 @@ impl AmqpBroker {
         Ok(channel)
     }
 
+    /// The dead-letter exchange, `<namespace>.conveyor.dead-letters` (the exchange of
+    /// `DeadLettered::TOPIC`), and the queue of the same name that keeps whatever reaches
+    /// it, every partition's, for RabbitMQ's own tools: no group reads it.
+    pub fn dead_letters(&self) -> Binding {
+        let exchange = self.exchange(DeadLettered::TOPIC);
+        Binding {
+            queue: exchange.clone(),
+            exchange,
+            routing_key: "#".to_owned(),
+        }
+    }
+
+    /// Deletes the dead-letter exchange and its queue (for tests).
+    pub async fn delete_dead_letters(&self) -> Result<(), BrokerError> {
+        let channel = self.connector.channel().await?;
+        let Binding {
+            exchange, queue, ..
+        } = self.dead_letters();
+        channel
+            .queue_delete(&queue, lapin::options::QueueDeleteOptions::default())
+            .await
+            .map_err(BrokerError::new)?;
+        channel
+            .exchange_delete(&exchange, lapin::options::ExchangeDeleteOptions::default())
+            .await
+            .map_err(BrokerError::new)?;
+        let _ = channel.close(200, "done").await;
+        Ok(())
+    }
+
     /// Deletes the exchanges and queues of this broker's namespace for `group` and `topic`
     /// (for tests).
     pub async fn delete(&self, groups: &[&str], topic: &str) -> Result<(), BrokerError> {
@@ -211,13 +242,13 @@ async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), Broke
         .map_err(BrokerError::new)
 }
 
-/// Declares the binding's exchange and durable queue, and binds them.
 fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), lapin::ErrorKind::ProtocolError(error)
         if *error.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
 
-pub(crate) async fn declare_queue(channel: &Channel, binding: &Binding) -> Result<(), BrokerError> {
+/// Declares the binding's exchange and durable queue, and binds them.
+async fn declare_queue(channel: &Channel, binding: &Binding) -> Result<(), BrokerError> {
     declare_exchange(channel, &binding.exchange).await?;
     channel
         .queue_declare(
@@ -264,6 +295,9 @@ impl Broker for AmqpBroker {
                     let mut declared = self.declared.lock().await;
                     if !declared.contains(&exchange) {
                         declare_exchange(&channel, &exchange).await?;
+                        if publication.topic == DeadLettered::TOPIC {
+                            declare_queue(&channel, &self.dead_letters()).await?;
+                        }
                         declared.insert(exchange);
                     }
                 }
@@ -361,10 +395,11 @@ impl Broker for AmqpBroker {
 }
 
 /// A group's queue of one topic and partition.
-pub(crate) struct Binding {
-    exchange: String,
-    queue: String,
-    routing_key: String,
+/// A queue, the exchange it is bound to, and the routing key it is bound with.
+pub struct Binding {
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
 }
 
 struct AmqpReader {
