@@ -17,7 +17,7 @@
 use crate::bus::{Bus, BusError, Consumer};
 use crate::db::Database;
 use crate::dead_letter;
-use crate::envelope::{header, key_hash, Envelope, Kind};
+use crate::envelope::{header, key_hash, Envelope, Headers, Kind};
 use crate::handler::{ConsumerOptions, Subscription};
 use crate::log::Entry;
 use crate::sql_log::{self, Lanes, Split};
@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -298,7 +298,7 @@ struct Wire {
     name: String,
     topic: String,
     key: String,
-    headers: BTreeMap<String, String>,
+    headers: Headers,
     occurred_at: i64,
     payload: Box<serde_json::value::RawValue>,
 }
@@ -311,7 +311,7 @@ struct WireHead<'a> {
     name: &'a str,
     topic: &'a str,
     key: &'a str,
-    headers: &'a BTreeMap<String, String>,
+    headers: &'a Headers,
     occurred_at: i64,
 }
 
@@ -691,7 +691,7 @@ mod tests {
             topic: "notes.commands".into(),
             key: "k".into(),
             payload: br#"{"content":"a \"quoted\" note"}"#.to_vec(),
-            headers: BTreeMap::from([("correlation-id".into(), "c".into())]),
+            headers: [("correlation-id", "c")].into_iter().collect(),
             occurred_at: 42,
         }
     }
@@ -706,9 +706,7 @@ mod tests {
     #[test]
     fn a_replay_reaches_only_its_group() {
         let mut replayed = envelope();
-        replayed
-            .headers
-            .insert(header::ONLY_GROUP.into(), "notes.workers".into());
+        replayed.headers.insert(header::ONLY_GROUP, "notes.workers");
         let body = encode(&replayed).expect("encode");
         let names = ["notes.SaveNote"];
         assert!(matches!(entry(&body, "other", &names), Entry::Skipped));
@@ -747,9 +745,7 @@ mod tests {
     fn a_replay_is_not_a_duplicate_of_its_original_but_a_republished_row_is() {
         let original = envelope();
         let mut replayed = original.clone();
-        replayed
-            .headers
-            .insert(header::ONLY_GROUP.into(), "notes.workers".into());
+        replayed.headers.insert(header::ONLY_GROUP, "notes.workers");
         let id = |envelope: &Envelope, position| {
             publication(envelope, position, 4)
                 .expect("publication")

@@ -84,10 +84,13 @@ pub(crate) fn record(
     if announce == Announce::Publish {
         uow.emit(&DeadLettered::of(group, envelope, error, attempts))?;
     }
-    let headers = serde_json::to_string(&envelope.headers).map_err(|error| sql::Error::Encode {
-        what: "message headers",
-        message: error.to_string(),
-    })?;
+    let headers = envelope
+        .headers
+        .to_json()
+        .map_err(|error| sql::Error::Encode {
+            what: "message headers",
+            message: error.to_string(),
+        })?;
     uow.conn().execute(
         "INSERT INTO conveyor_dead_letters \
          (group_name, message_id, kind, name, topic, \"key\", payload, headers, occurred_at, error, attempts, failed_at) \
@@ -101,7 +104,7 @@ pub(crate) fn record(
             &envelope.topic,
             &envelope.key,
             &envelope.payload,
-            headers,
+            &*headers,
             envelope.occurred_at,
             error,
             attempts,

@@ -1,7 +1,7 @@
 //! The one message type that crosses every boundary: events, commands and replies.
 
+pub use crate::headers::Headers;
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Header names carried by every envelope the platform writes.
@@ -60,14 +60,14 @@ pub struct Envelope {
     pub key: String,
     /// JSON bytes.
     pub payload: Vec<u8>,
-    pub headers: BTreeMap<String, String>,
+    pub headers: Headers,
     /// Milliseconds since the Unix epoch.
     pub occurred_at: i64,
 }
 
 impl Envelope {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
+        self.headers.get(name)
     }
 
     pub fn correlation_id(&self) -> Option<&str> {

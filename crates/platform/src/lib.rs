@@ -15,6 +15,7 @@ mod dispatch;
 pub mod envelope;
 pub mod event_store;
 pub mod handler;
+mod headers;
 mod id;
 mod inbox;
 mod log;

@@ -12,9 +12,8 @@
 //! batch that rolls back leaves no gap.
 
 use crate::db::Outgoing;
-use crate::envelope::{key_hash, Envelope, Kind};
+use crate::envelope::{key_hash, Envelope, Headers, Kind};
 use crate::sql::{Backend, Conn, Error, Row, ToValue};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The PostgreSQL channel an appending batch notifies, with its last position as payload.
@@ -443,11 +442,15 @@ struct Stored<'a> {
 
 impl<'a> Stored<'a> {
     fn of(outgoing: &'a Outgoing) -> Result<Stored<'a>, Error> {
-        let headers =
-            serde_json::to_string(&outgoing.envelope.headers).map_err(|error| Error::Encode {
+        let headers = outgoing
+            .envelope
+            .headers
+            .to_json()
+            .map_err(|error| Error::Encode {
                 what: "message headers",
                 message: error.to_string(),
-            })?;
+            })?
+            .into_owned();
         Ok(Stored {
             id: outgoing.envelope.id.to_string(),
             kind: outgoing.envelope.kind.as_str(),
@@ -653,7 +656,7 @@ fn read_every_row(
                 (Entry::Message(mut envelope), Some(group)) => {
                     envelope
                         .headers
-                        .insert(crate::envelope::header::ONLY_GROUP.to_owned(), group);
+                        .insert(crate::envelope::header::ONLY_GROUP, group);
                     Entry::Message(envelope)
                 }
                 (entry, _) => entry,
@@ -676,8 +679,7 @@ pub(crate) fn envelope_from_row(row: &Row<'_>, first: usize) -> Result<Envelope,
         topic: row.get(first + 3)?,
         key: row.get(first + 4)?,
         payload: row.get(first + 5)?,
-        headers: serde_json::from_str::<BTreeMap<String, String>>(&headers)
-            .map_err(|e| Error::corrupt("headers", e))?,
+        headers: Headers::from_json(headers).map_err(|e| Error::corrupt("headers", e))?,
         occurred_at: row.get(first + 7)?,
     })
 }

@@ -221,13 +221,11 @@ fn sample_envelope() -> anyhow::Result<platform::Envelope> {
         key: "key-0".to_owned(),
         payload: serde_json::to_vec(&sent(0))?,
         headers: [
-            ("content-type".to_owned(), "application/json".to_owned()),
-            (
-                "correlation-id".to_owned(),
-                platform::uuid::Uuid::now_v7().to_string(),
-            ),
+            ("content-type", "application/json".to_owned()),
+            ("correlation-id", platform::uuid::Uuid::now_v7().to_string()),
         ]
-        .into(),
+        .into_iter()
+        .collect(),
         occurred_at: 0,
     })
 }

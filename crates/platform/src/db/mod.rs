@@ -220,7 +220,7 @@ impl UnitOfWork {
                 topic: M::TOPIC.to_owned(),
                 key: message.key(),
                 payload,
-                headers,
+                headers: headers.into(),
                 occurred_at: now_millis(),
             },
             only_group: None,
