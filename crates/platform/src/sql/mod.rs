@@ -326,6 +326,25 @@ impl FromValue for String {
     }
 }
 
+impl FromValue for uuid::Uuid {
+    fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
+        value.text()?.parse().map_err(|error| format!("{error}"))
+    }
+}
+
+impl<'a> ValueRef<'a> {
+    /// The text of a text value, borrowed (MySQL hands some text out as bytes).
+    pub fn text(self) -> Result<&'a str, String> {
+        match self {
+            ValueRef::Text(text) => Ok(text),
+            ValueRef::Blob(bytes) => {
+                std::str::from_utf8(bytes).map_err(|error| format!("not UTF-8: {error}"))
+            }
+            other => Err(format!("expected text, found {other:?}")),
+        }
+    }
+}
+
 impl FromValue for Vec<u8> {
     fn from_value(value: ValueRef<'_>) -> Result<Self, String> {
         match value {
