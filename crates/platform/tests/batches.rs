@@ -17,6 +17,7 @@ use std::time::Duration;
 on_every_backend!(
     a_batch_handler_takes_many_messages_in_one_call_and_each_is_marked_handled,
     a_message_failing_a_batch_is_dead_lettered_alone_and_the_rest_are_handled,
+    a_backlog_keeps_its_order_and_loses_nothing_when_a_batch_deep_in_it_fails,
     an_idempotent_group_handles_everything_and_writes_no_inbox_marks,
     a_lingering_consumer_waits_for_a_fuller_batch,
     the_topic_watch_moves_when_a_message_on_its_topic_commits,
@@ -113,6 +114,49 @@ async fn a_message_failing_a_batch_is_dead_lettered_alone_and_the_rest_are_handl
     )
     .await;
     assert_eq!(seventeen, 0);
+    db.close().await;
+}
+
+/// A lane reads a backlog's next batch while the writer commits the one in hand: the batch
+/// read past a failing one must be read again after the failure is dealt with, not
+/// delivered past it.
+async fn a_backlog_keeps_its_order_and_loses_nothing_when_a_batch_deep_in_it_fails(
+    scratch: Scratch,
+) {
+    let db = migrated(&scratch).await;
+    publish(&db, 200).await;
+    let (_calls, subscription) = batch_recorder(Some(150));
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.with_options(ConsumerOptions {
+            partitions: 1,
+            batch: 16,
+            ..impatient()
+        }))
+        .await
+        .unwrap();
+    wait_until("ping 150 dead-lettered", async || {
+        scalar::<i64>(&db, "SELECT COUNT(*) FROM conveyor_dead_letters").await == 1
+    })
+    .await;
+    wait_until("the other 199 pings handled", async || {
+        handled(&db).await == 199
+    })
+    .await;
+    consumer.stop().await;
+    let seqs: Vec<i64> = db
+        .read(|conn| {
+            Ok::<_, platform::StoreError>(conn.query_map(
+                "SELECT seq FROM conformance_handled ORDER BY row_id",
+                (),
+                |row| row.get(0),
+            )?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs,
+        (0..200).filter(|seq| *seq != 150).collect::<Vec<i64>>()
+    );
     db.close().await;
 }
 
