@@ -298,12 +298,12 @@ struct Wire {
     name: String,
     topic: String,
     key: String,
-    headers: Headers,
+    headers: Box<serde_json::value::RawValue>,
     occurred_at: i64,
     payload: Box<serde_json::value::RawValue>,
 }
 
-/// `Wire` but its payload, borrowed from the envelope, as `encode` writes it.
+/// `Wire` but its headers and payload, borrowed from the envelope, as `encode` writes it.
 #[derive(Serialize)]
 struct WireHead<'a> {
     id: Uuid,
@@ -311,13 +311,13 @@ struct WireHead<'a> {
     name: &'a str,
     topic: &'a str,
     key: &'a str,
-    headers: &'a Headers,
     occurred_at: i64,
 }
 
 /// Encodes an envelope for a broker. Its payload is the JSON `UnitOfWork::emit` wrote, and
 /// goes in as it is: parsing it again on its way out cost a full parse per message on the
-/// relay's CPU. `decode` parses it, and a consumer dead-letters what does not.
+/// relay's CPU. `decode` parses it, and a consumer dead-letters what does not. Headers read
+/// from the log go in as the text they were stored as, too.
 pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BrokerError> {
     let head = WireHead {
         id: envelope.id,
@@ -325,13 +325,15 @@ pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, BrokerError> {
         name: &envelope.name,
         topic: &envelope.topic,
         key: &envelope.key,
-        headers: &envelope.headers,
         occurred_at: envelope.occurred_at,
     };
-    let mut body = Vec::with_capacity(256 + envelope.payload.len());
+    let headers = envelope.headers.to_json().map_err(BrokerError::new)?;
+    let mut body = Vec::with_capacity(256 + headers.len() + envelope.payload.len());
     serde_json::to_writer(&mut body, &head).map_err(BrokerError::new)?;
     // The head is a JSON object: its closing brace is its last byte.
     body.pop();
+    body.extend_from_slice(b",\"headers\":");
+    body.extend_from_slice(headers.as_bytes());
     body.extend_from_slice(b",\"payload\":");
     body.extend_from_slice(&envelope.payload);
     body.push(b'}');
@@ -348,7 +350,8 @@ pub fn decode(body: &[u8]) -> Result<Envelope, String> {
         topic: wire.topic,
         key: wire.key,
         payload: wire.payload.get().as_bytes().to_vec(),
-        headers: wire.headers,
+        headers: Headers::from_json(wire.headers.get().to_owned())
+            .map_err(|error| format!("headers: {error}"))?,
         occurred_at: wire.occurred_at,
     })
 }
@@ -701,6 +704,19 @@ mod tests {
         let sent = envelope();
         let body = encode(&sent).expect("encode");
         assert_eq!(decode(&body).expect("decode"), sent);
+    }
+
+    #[test]
+    fn headers_read_from_the_log_cross_the_wire_as_they_were_stored() {
+        let mut sent = envelope();
+        let stored = r#"{"correlation-id":"c","revision":"2"}"#;
+        sent.headers = Headers::from_json(stored.to_owned()).expect("headers");
+        let body = encode(&sent).expect("encode");
+        let text = std::str::from_utf8(&body).expect("UTF-8");
+        assert!(text.contains(&format!(r#""headers":{stored}"#)), "{text}");
+        let received = decode(&body).expect("decode");
+        assert_eq!(received, sent);
+        assert_eq!(received.revision(), 2);
     }
 
     #[test]
