@@ -10,11 +10,12 @@ use crate::envelope::Envelope;
 use crate::handler::{HandlerError, Route};
 use crate::inbox;
 use crate::retry::{self, RetryPolicy};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
 /// Metric names, labelled by `group` and `message`.
 pub mod metric {
@@ -101,6 +102,8 @@ impl Dispatcher {
                 // first handler has all of it, so only a later one is ever cut short by the
                 // batch rather than by its own limit.
                 let batch_ends = Instant::now() + timeout;
+                let all = runs.iter().flat_map(|run| &run.envelopes);
+                let mut claimed = claim(uow, &group, inbox, all).map_err(StoreError::from)?;
                 for (nth, run) in runs.iter().enumerate() {
                     let span = message_span(&group, &run.envelopes[0]);
                     let _entered = span.enter();
@@ -109,10 +112,9 @@ impl Dispatcher {
                         batch_ends: (nth > 0).then_some(batch_ends),
                     };
                     handle_in(
-                        &group,
-                        inbox,
                         run.route.as_ref(),
                         &run.envelopes,
+                        claimed.as_mut(),
                         uow,
                         limit,
                     )
@@ -242,7 +244,10 @@ impl Dispatcher {
         };
         let (envelopes, inbox) = ([envelope], self.inbox);
         self.db
-            .write(move |uow| handle_in(&group, inbox, route.as_ref(), &envelopes, uow, limit))
+            .write(move |uow| {
+                let mut claimed = claim(uow, &group, inbox, &envelopes)?;
+                handle_in(route.as_ref(), &envelopes, claimed.as_mut(), uow, limit)
+            })
             .await
     }
 
@@ -369,29 +374,40 @@ fn runs(batch: &[Arc<Envelope>], routes: &HashMap<&'static str, Arc<dyn Route>>)
     runs
 }
 
-/// Handles one run inside `uow`: claims its messages in the inbox (skipping those already
-/// handled) unless the group is idempotent, then runs the handler, emitting with the first
-/// message as the cause. The handler's time limit counts from here, not from when the unit
-/// of work was queued.
-fn handle_in(
+/// Claims the messages in the inbox for `group`, all of a batch in one or two statements:
+/// the ids not handled before. None when the group is idempotent (`inbox` false), which
+/// handles every message.
+fn claim<'a>(
+    uow: &UnitOfWork,
     group: &str,
     inbox: bool,
+    envelopes: impl IntoIterator<Item = &'a Arc<Envelope>>,
+) -> Result<Option<HashSet<Uuid>>, crate::sql::Error> {
+    if !inbox {
+        return Ok(None);
+    }
+    let ids: Vec<Uuid> = envelopes.into_iter().map(|envelope| envelope.id).collect();
+    inbox::claim_all(uow, group, &ids).map(Some)
+}
+
+/// Handles one run inside `uow`: the messages `claimed` (all of them when there is no
+/// inbox), with the first as the cause of what the handler emits. The handler's time
+/// limit counts from here, not from when the unit of work was queued.
+fn handle_in(
     route: &dyn Route,
     envelopes: &[Arc<Envelope>],
+    claimed: Option<&mut HashSet<Uuid>>,
     uow: &mut UnitOfWork,
     limit: TimeLimit,
 ) -> Result<(), HandlerError> {
-    let fresh: Vec<Arc<Envelope>> = if inbox {
-        let ids: Vec<_> = envelopes.iter().map(|envelope| envelope.id).collect();
-        let mut claimed = inbox::claim_all(uow, group, &ids)?;
+    let fresh: Vec<Arc<Envelope>> = match claimed {
         // Each claimed id once: a replayed copy can share a read with its original.
-        envelopes
+        Some(claimed) => envelopes
             .iter()
             .filter(|envelope| claimed.remove(&envelope.id))
             .cloned()
-            .collect()
-    } else {
-        envelopes.to_vec()
+            .collect(),
+        None => envelopes.to_vec(),
     };
     let Some(cause) = fresh.first() else {
         tracing::debug!("already handled; skipping");

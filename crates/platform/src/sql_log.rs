@@ -39,6 +39,19 @@ pub struct SqlLog {
     db: Database,
 }
 
+/// The last position of `topic` in the log, 0 for none.
+async fn last_on_topic(db: &Database, topic: &str) -> Result<i64, StoreError> {
+    let topic = topic.to_owned();
+    db.read(move |conn| {
+        let last: Option<i64> = conn.scalar(
+            "SELECT MAX(position) FROM conveyor_log WHERE topic = ?",
+            [&topic],
+        )?;
+        Ok(last.unwrap_or_default())
+    })
+    .await
+}
+
 impl SqlLog {
     pub fn new(db: Database) -> Self {
         SqlLog { db }
@@ -54,30 +67,25 @@ impl SqlLog {
         let (db, topic) = (self.db.clone(), topic.to_owned());
         tokio::spawn(async move {
             let mut head = db.head();
+            let topics = [topic];
+            // The head before the last read: the read told the topic's last position up to it.
+            let mut read_through = None;
             loop {
-                let topic = topic.clone();
-                match db
-                    .read(move |conn| {
-                        Ok::<_, StoreError>(conn.scalar::<Option<i64>>(
-                            "SELECT MAX(position) FROM conveyor_log WHERE topic = ?",
-                            [&topic],
-                        )?)
-                    })
-                    .await
-                {
-                    Ok(last) => {
-                        tell.send_if_modified(|seen| {
-                            let last = last.unwrap_or_default();
-                            std::mem::replace(seen, last) != last
-                        });
-                    }
-                    Err(error) => {
-                        // The commit that moved the head may be the one looked for: read
-                        // again soon rather than at the next commit.
-                        tracing::warn!(%error, "cannot follow a topic of the log; reading again");
-                        tokio::select! {
-                            () = tell.closed() => return,
-                            () = tokio::time::sleep(ERROR_PAUSE) => continue,
+                let head_seen = *head.borrow_and_update();
+                if read_through.is_none_or(|at| db.log_may_hold(&topics, at)) {
+                    match last_on_topic(&db, &topics[0]).await {
+                        Ok(last) => {
+                            read_through = Some(head_seen);
+                            tell.send_if_modified(|seen| std::mem::replace(seen, last) != last);
+                        }
+                        Err(error) => {
+                            // The commit that moved the head may be the one looked for: read
+                            // again soon rather than at the next commit.
+                            tracing::warn!(%error, "cannot follow a topic of the log; reading again");
+                            tokio::select! {
+                                () = tell.closed() => return,
+                                () = tokio::time::sleep(ERROR_PAUSE) => continue,
+                            }
                         }
                     }
                 }
@@ -660,6 +668,8 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         let head_seen = *head.borrow_and_update();
         let batch = match read_ahead.take() {
             Some(batch) => batch,
+            // What moved the head is on other topics: an empty read without the round trip.
+            None if !may_hold(&shared, scanned.max(position)) => Vec::new(),
             None => match read_batch(&shared, partition, scanned.max(position)).await {
                 Ok(batch) => batch,
                 Err(error) => {
@@ -675,12 +685,10 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             // Everything up to `head_seen` had committed before the read began.
             scanned = scanned.max(head_seen);
             lag.set(0.0);
-            tokio::select! {
-                () = stop.cancelled() => return,
-                _ = head.changed() => {}
-                () = tokio::time::sleep(SAFETY_POLL) => {}
+            if head_moved(&mut head, &stop).await {
+                continue;
             }
-            continue;
+            return;
         }
         lag.set((head_seen - position).max(0) as f64);
         if !lingered && !shared.linger.is_zero() && (batch.len() as i64) < limit {
@@ -722,6 +730,15 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
                 outages = 0;
                 position = position.max(acknowledged);
                 read_ahead = next.filter(|_| Some(acknowledged) == last);
+                // A short batch was all the partition held up to `head_seen`: the read that
+                // would follow it finds nothing until the head moves, and on a server it is
+                // a round trip per lane per commit. Wait for the head, as after an empty read.
+                if !backlogged && Some(acknowledged) == last {
+                    scanned = scanned.max(head_seen);
+                    if !head_moved(&mut head, &stop).await {
+                        return;
+                    }
+                }
             }
             Err(LaneEnd::Outage(error)) => {
                 outages += 1;
@@ -737,6 +754,26 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             }
             Err(LaneEnd::Stopped) => return,
         }
+    }
+}
+
+/// May the log hold a row for this group's lanes after `after`? The relay reads every topic.
+fn may_hold(shared: &Shared, after: i64) -> bool {
+    match shared.lanes {
+        Lanes::Relay(_) => true,
+        Lanes::Log | Lanes::Broker(_) => shared.db().log_may_hold(&shared.topics, after),
+    }
+}
+
+/// Waits until the log's head moves (or `SAFETY_POLL` passes); false once `stop` is asked.
+async fn head_moved(
+    head: &mut tokio::sync::watch::Receiver<i64>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => false,
+        _ = head.changed() => true,
+        () = tokio::time::sleep(SAFETY_POLL) => true,
     }
 }
 

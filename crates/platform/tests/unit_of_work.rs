@@ -8,7 +8,7 @@ use platform::conformance::{Ping, MIGRATIONS};
 use platform::sql::Conn;
 use platform::sql::FromValue;
 use platform::testing::Scratch;
-use platform::{Backend, Database, StoreError};
+use platform::{Backend, Bus, Database, SqlLog, StoreError};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +68,7 @@ on_every_backend!(
     a_lease_shorter_than_two_handler_timeouts_is_refused,
     a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when_it_did_not,
     processes_open_the_database_while_another_appends_to_the_log,
+    another_process_s_message_between_this_one_s_on_other_topics_is_delivered,
 );
 
 mod postgres_only {
@@ -396,6 +397,50 @@ async fn run_past_time_limit(
     .await
     .expect("publish");
     consumer
+}
+
+/// A message on a topic no consumer here follows.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Chatter;
+
+impl platform::Message for Chatter {
+    const NAME: &'static str = "unit_of_work.Chatter";
+    const TOPIC: &'static str = "unit_of_work.chatter";
+
+    fn key(&self) -> String {
+        "chatter".into()
+    }
+}
+
+async fn chatter(db: &Database) {
+    db.write(|uow| uow.emit(&Chatter)).await.expect("chatter");
+}
+
+/// Consumers skip reading the log after commits that appended only on topics they do not
+/// follow, as this process's writers record them. Positions another process appended are
+/// on topics unknown: however far this process's own appends moved past them, they wake
+/// the consumers, whether the watcher saw them first or a later append of this process.
+async fn another_process_s_message_between_this_one_s_on_other_topics_is_delivered(
+    scratch: Scratch,
+) {
+    let consuming = open(&scratch).await;
+    let producing = scratch.open().await;
+    let consumer = SqlLog::new(consuming.clone())
+        .subscribe(common::recording("between"))
+        .await
+        .expect("subscribe");
+    for round in 1..=5 {
+        chatter(&consuming).await;
+        common::publish(&producing, 1).await;
+        chatter(&consuming).await;
+        common::wait_until("the other process's ping handled", async || {
+            common::handled(&consuming).await == round
+        })
+        .await;
+    }
+    consumer.stop().await;
+    producing.close().await;
+    consuming.close().await;
 }
 
 /// Opening a database another process is busy appending to its log must not deadlock with

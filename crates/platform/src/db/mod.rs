@@ -13,12 +13,14 @@
 //! A watcher thread notices commits of other processes and moves the log head for them, so
 //! their messages wake this process's consumers.
 
+mod head;
 mod server;
 mod sqlite;
 
 use crate::context::{self, CausalContext};
 use crate::envelope::{header, now_millis, Envelope, Message};
 use crate::sql::{self, Backend, Conn, ServerUrl};
+use head::LogHead;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -271,7 +273,7 @@ struct Inner {
     backend: Backend,
     commands: mpsc::Sender<Command>,
     readers: Arc<Readers>,
-    head: watch::Receiver<i64>,
+    head: Arc<LogHead>,
     /// On SQLite, the newest log position this process flushed; every earlier row, of any
     /// process, was written to the write-ahead log before it and is on disk too.
     flushed: Option<Arc<AtomicI64>>,
@@ -402,7 +404,13 @@ impl Database {
     /// The position of the newest message in the log; changes after every commit that
     /// published something.
     pub fn head(&self) -> watch::Receiver<i64> {
-        self.inner.head.clone()
+        self.inner.head.subscribe()
+    }
+
+    /// May the log hold a message on one of `topics` after position `after`, as far as
+    /// this process knows? Ask after reading `head`: a false answer holds up to it.
+    pub(crate) fn log_may_hold(&self, topics: &[String], after: i64) -> bool {
+        self.inner.head.may_hold(topics, after)
     }
 
     /// Runs `work` as one unit of work and returns once it has committed (or failed).

@@ -14,6 +14,7 @@
 //! notifications, a thread polls the counter row, often while the log moves and less often
 //! while it rests.
 
+use super::LogHead;
 use super::{
     apply, gather, run_unit, spawn_thread, Command, Finish, Inner, Job, Migration, Outgoing, Ran,
     Readers, StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
@@ -63,7 +64,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
 
     let (commands, queue) = mpsc::channel(WRITE_QUEUE);
     let queue = Arc::new(Mutex::new(queue));
-    let head = Arc::new(watch::Sender::new(head));
+    let head = Arc::new(LogHead::new(head));
     // A server makes its commits durable itself: nothing here is ever fatal, but `failed`
     // resolves once every writer (each holding the sender) has stopped.
     let (fatal_tx, fatal) = watch::channel(None);
@@ -86,7 +87,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         })?;
     }
     let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();
-    let head_rx = head.subscribe();
+    let log_head = head.clone();
     let watched = server.clone();
     match server.backend() {
         Backend::Postgres => spawn_thread("conveyor-listener", move || {
@@ -100,7 +101,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         backend: server.backend(),
         commands,
         readers: Arc::new(readers),
-        head: head_rx,
+        head: log_head,
         flushed: None,
         fatal,
         stopped,
@@ -210,7 +211,7 @@ fn locked<T>(conn: &Conn, work: impl FnOnce() -> Result<T, StoreError>) -> Resul
 struct Writer {
     uow: UnitOfWork,
     server: ServerUrl,
-    head: Arc<watch::Sender<i64>>,
+    head: Arc<LogHead>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -234,10 +235,10 @@ impl Writer {
             }
             metrics.batch_units.record(batch.len() as f64);
             let started = Instant::now();
-            let end = run_batch(&mut self.uow, batch);
+            let end = run_batch(&mut self.uow, &self.head, batch);
             metrics.commit_seconds.record(started.elapsed());
             if let Some(position) = end.committed_position {
-                advance(&self.head, position);
+                self.head.advance(position);
             }
             // Told after the head moved: a caller that hears Ok finds its messages counted.
             for finish in end.committed {
@@ -327,7 +328,7 @@ struct BatchEnd {
 /// Runs a batch of units in one transaction, each in a savepoint, appends their messages
 /// and commits. A failed step fails every unit that ran: nothing is reported committed that
 /// is not.
-fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
+fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd {
     if let Err(error) = uow.conn.execute_batch("BEGIN; SAVEPOINT unit") {
         tracing::error!(%error, "cannot begin a write transaction; will try again");
         let _ = uow.conn.execute_batch("ROLLBACK");
@@ -348,7 +349,7 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
     let mut counter_wait = false;
     let outcome = loop {
         let Some(job) = jobs.next() else {
-            break commit(&uow.conn, &outbox, counter_wait);
+            break commit(&uow.conn, head, &outbox, counter_wait);
         };
         let (ran, emitted) = run_unit(uow, job);
         conflicted |= uow.conn.had_conflict();
@@ -433,13 +434,27 @@ fn waits_for_counter(conn: &Conn, outbox: &[Outgoing]) -> bool {
     conn.backend() == Backend::Postgres && !outbox.is_empty()
 }
 
-/// Appends the batch's messages, then commits; the last position appended, if any.
-/// `counter_wait`: the batch's last step already set `COUNTER_WAIT`.
-fn commit(conn: &Conn, outbox: &[Outgoing], counter_wait: bool) -> Result<Option<i64>, sql::Error> {
+/// Appends the batch's messages, records their topics in `head` (before they can commit),
+/// then commits; the last position appended, if any. `counter_wait`: the batch's last step
+/// already set `COUNTER_WAIT`.
+fn commit(
+    conn: &Conn,
+    head: &LogHead,
+    outbox: &[Outgoing],
+    counter_wait: bool,
+) -> Result<Option<i64>, sql::Error> {
     if !counter_wait && waits_for_counter(conn, outbox) {
         conn.execute_batch(COUNTER_WAIT)?;
     }
     let position = log::append_numbered(conn, outbox)?;
+    if let Some(last) = position {
+        let first = last + 1 - outbox.len() as i64;
+        head.record(
+            first,
+            last,
+            outbox.iter().map(|out| out.envelope.topic.as_str()),
+        );
+    }
     conn.execute_batch("COMMIT")?;
     Ok(position)
 }
@@ -449,18 +464,10 @@ fn stopped(stop: &Receiver<()>) -> bool {
     matches!(stop.try_recv(), Err(TryRecvError::Disconnected) | Ok(()))
 }
 
-fn advance(head: &watch::Sender<i64>, position: i64) {
-    head.send_if_modified(|head| {
-        let moved = position > *head;
-        *head = (*head).max(position);
-        moved
-    });
-}
-
 /// PostgreSQL: moves the head on every `NOTIFY conveyor_log`, whose payload is the last
 /// position the notifying batch appended. On (re)connecting it reads the head, for what was
 /// notified while it was away.
-fn listen(server: &ServerUrl, head: &watch::Sender<i64>, stop: &Receiver<()>) {
+fn listen(server: &ServerUrl, head: &LogHead, stop: &Receiver<()>) {
     let mut listening: Option<Conn> = None;
     while !stopped(stop) {
         let Some(conn) = &listening else {
@@ -476,7 +483,7 @@ fn listen(server: &ServerUrl, head: &watch::Sender<i64>, stop: &Receiver<()>) {
         match conn.postgres_notifications(LISTEN_WAIT) {
             Ok(payloads) => {
                 if let Some(position) = payloads.iter().filter_map(|p| p.parse().ok()).max() {
-                    advance(head, position);
+                    head.advance_seen(position);
                 }
             }
             Err(error) => {
@@ -487,22 +494,21 @@ fn listen(server: &ServerUrl, head: &watch::Sender<i64>, stop: &Receiver<()>) {
     }
 }
 
-fn subscribe(server: &ServerUrl, head: &watch::Sender<i64>) -> Result<Conn, StoreError> {
+fn subscribe(server: &ServerUrl, head: &LogHead) -> Result<Conn, StoreError> {
     let conn = server.connect()?;
     conn.execute_batch(&format!("LISTEN {}", log::CHANNEL))?;
-    advance(head, log::head(&conn)?);
+    head.advance_seen(log::head(&conn)?);
     Ok(conn)
 }
 
 /// MySQL: reads the counter row, every `POLL_FAST` while it moves, slowing to `POLL_SLOW`
 /// while it rests.
-fn poll(mut conn: Conn, server: &ServerUrl, head: &watch::Sender<i64>, stop: &Receiver<()>) {
+fn poll(mut conn: Conn, server: &ServerUrl, head: &LogHead, stop: &Receiver<()>) {
     let mut interval = POLL_FAST;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         match log::head(&conn) {
             Ok(position) => {
-                let moved = position > *head.borrow();
-                advance(head, position);
+                let moved = head.advance_seen(position);
                 interval = if moved {
                     POLL_FAST
                 } else {

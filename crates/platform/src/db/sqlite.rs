@@ -9,7 +9,7 @@
 //! flush.
 
 use super::{
-    gather, run_unit, spawn_thread, Command, Finish, Inner, Job, Outgoing, Ran, Readers,
+    gather, run_unit, spawn_thread, Command, Finish, Inner, Job, LogHead, Outgoing, Ran, Readers,
     StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
 };
 use crate::log;
@@ -74,14 +74,14 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
     // What is in the file when it opens is on disk.
     let flushed = Arc::new(AtomicI64::new(head));
     let writer_flushed = flushed.clone();
-    let head = Arc::new(watch::Sender::new(head));
+    let head = Arc::new(LogHead::new(head));
     let (fatal_tx, fatal_rx) = watch::channel(None);
     let (stopped_tx, stopped_rx) = watch::channel(0);
     let (stop_watcher, watcher_stopped) = std::sync::mpsc::channel();
     let writer_head = head.clone();
+    let log_head = head.clone();
     let stopping = Arc::new(AtomicBool::new(false));
     let writer_stopping = stopping.clone();
-    let head_rx = head.subscribe();
     spawn_thread("conveyor-writer", move || {
         let reports = Reports {
             head: writer_head,
@@ -98,7 +98,7 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
         backend: Backend::Sqlite,
         commands,
         readers: Arc::new(readers),
-        head: head_rx,
+        head: log_head,
         flushed: Some(flushed),
         fatal: fatal_rx,
         stopped: stopped_rx,
@@ -194,7 +194,7 @@ fn open_wal(path: &Path) -> std::io::Result<std::fs::File> {
 fn watch_other_processes(
     conn: &Connection,
     wal: &std::fs::File,
-    head: &watch::Sender<i64>,
+    head: &LogHead,
     stop: &std::sync::mpsc::Receiver<()>,
 ) {
     let stamp = || {
@@ -222,11 +222,7 @@ fn watch_other_processes(
         seen_version = version;
         match log::sqlite_head(conn) {
             Ok(position) => {
-                head.send_if_modified(|head| {
-                    let moved = position > *head;
-                    *head = (*head).max(position);
-                    moved
-                });
+                head.advance_seen(position);
             }
             Err(error) => tracing::warn!(%error, "cannot read the log head"),
         }
@@ -236,7 +232,7 @@ fn watch_other_processes(
 /// What the writer and its syncer tell the rest of the process.
 struct Reports {
     /// The newest log position committed and flushed, or appended by another process.
-    head: Arc<watch::Sender<i64>>,
+    head: Arc<LogHead>,
     /// The newest log position this process's syncer flushed (`Database::flush_through`).
     flushed: Arc<AtomicI64>,
     /// Why writes are no longer possible, once they are not.
@@ -251,6 +247,7 @@ fn run_writer(
     stopping: &AtomicBool,
 ) {
     let metrics = WriterMetrics::register();
+    let head = reports.head.clone();
     let (committed, to_sync) = std::sync::mpsc::channel();
     let fatal = reports.fatal.clone();
     let syncer = {
@@ -285,7 +282,7 @@ fn run_writer(
         }
         metrics.batch_units.record(batch.len() as f64);
         let started = Instant::now();
-        let end = run_batch(&mut uow, batch);
+        let end = run_batch(&mut uow, &head, batch);
         metrics.commit_seconds.record(started.elapsed());
         if let Some(batch) = end.committed {
             // The syncer outlives this loop, so the send cannot fail.
@@ -345,11 +342,7 @@ fn run_syncer(
         if failure.is_none() {
             if let Some(position) = group.iter().filter_map(|batch| batch.last_position).max() {
                 flushed.fetch_max(position, Ordering::AcqRel);
-                head.send_if_modified(|head| {
-                    let moved = position > *head;
-                    *head = (*head).max(position);
-                    moved
-                });
+                head.advance(position);
             }
         }
         for finish in group.into_iter().flat_map(|batch| batch.finishes) {
@@ -377,7 +370,7 @@ struct BatchEnd {
 /// its own (it does when a write statement is interrupted, or on a full disk or an IO
 /// error), every unit that ran is told it failed: nothing may be reported committed that is
 /// not. The units not yet run go to the next batch.
-fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
+fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd {
     if let Err(error) = exec(&uow.conn, "BEGIN IMMEDIATE") {
         // Another process held the write lock past the busy timeout, or the file failed:
         // nothing ran, so the whole batch waits for the next try.
@@ -412,7 +405,7 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
             }
             break Err("SQLite rolled the transaction back (an interrupted write?)".to_owned());
         }
-        if let Err(error) = close_unit(uow, ran, &mut finishes, &mut last_position) {
+        if let Err(error) = close_unit(uow, head, ran, &mut finishes, &mut last_position) {
             break Err(error.to_string());
         }
     };
@@ -446,6 +439,7 @@ fn run_batch(uow: &mut UnitOfWork, batch: Vec<Job>) -> BatchEnd {
 /// rolls it back when the unit failed or its messages could not be appended.
 fn close_unit(
     uow: &mut UnitOfWork,
+    head: &LogHead,
     (ran, outbox): (Ran, Vec<Outgoing>),
     finishes: &mut Vec<Finish>,
     last_position: &mut Option<i64>,
@@ -462,6 +456,14 @@ fn close_unit(
     };
     match log::append(&uow.conn, &outbox) {
         Ok(position) => {
+            if let Some(last) = position {
+                let first = last + 1 - outbox.len() as i64;
+                head.record(
+                    first,
+                    last,
+                    outbox.iter().map(|out| out.envelope.topic.as_str()),
+                );
+            }
             *last_position = position.or(*last_position);
             finishes.push(finish);
             exec(&uow.conn, "RELEASE unit")
