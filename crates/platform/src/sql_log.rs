@@ -662,6 +662,9 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
     let mut lingered = false;
     // The full batch after the one in hand, read while that one was handled.
     let mut read_ahead: Option<Vec<(i64, Entry)>> = None;
+    // Woken by the safety poll: the next read is made whatever the head's records say, in
+    // case a wake-up was missed (a watcher that failed).
+    let mut polled = false;
     let limit = shared.batch;
     // A busy partition never reads empty: the stop is checked before every read.
     while !stop.is_cancelled() {
@@ -669,7 +672,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         let batch = match read_ahead.take() {
             Some(batch) => batch,
             // What moved the head is on other topics: an empty read without the round trip.
-            None if !may_hold(&shared, scanned.max(position)) => Vec::new(),
+            None if !polled && !may_hold(&shared, scanned.max(position)) => Vec::new(),
             None => match read_batch(&shared, partition, scanned.max(position)).await {
                 Ok(batch) => batch,
                 Err(error) => {
@@ -685,11 +688,14 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
             // Everything up to `head_seen` had committed before the read began.
             scanned = scanned.max(head_seen);
             lag.set(0.0);
-            if head_moved(&mut head, &stop).await {
-                continue;
+            match wait_for_head(&mut head, &stop).await {
+                Wake::Moved => polled = false,
+                Wake::Polled => polled = true,
+                Wake::Stopped => return,
             }
-            return;
+            continue;
         }
+        polled = false;
         lag.set((head_seen - position).max(0) as f64);
         if !lingered && !shared.linger.is_zero() && (batch.len() as i64) < limit {
             lingered = true;
@@ -735,8 +741,10 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
                 // a round trip per lane per commit. Wait for the head, as after an empty read.
                 if !backlogged && Some(acknowledged) == last {
                     scanned = scanned.max(head_seen);
-                    if !head_moved(&mut head, &stop).await {
-                        return;
+                    match wait_for_head(&mut head, &stop).await {
+                        Wake::Moved => {}
+                        Wake::Polled => polled = true,
+                        Wake::Stopped => return,
                     }
                 }
             }
@@ -765,15 +773,22 @@ fn may_hold(shared: &Shared, after: i64) -> bool {
     }
 }
 
-/// Waits until the log's head moves (or `SAFETY_POLL` passes); false once `stop` is asked.
-async fn head_moved(
+/// How an idle lane's wait for the log's head ended.
+enum Wake {
+    Moved,
+    /// `SAFETY_POLL` passed without the head moving.
+    Polled,
+    Stopped,
+}
+
+async fn wait_for_head(
     head: &mut tokio::sync::watch::Receiver<i64>,
     stop: &CancellationToken,
-) -> bool {
+) -> Wake {
     tokio::select! {
-        () = stop.cancelled() => false,
-        _ = head.changed() => true,
-        () = tokio::time::sleep(SAFETY_POLL) => true,
+        () = stop.cancelled() => Wake::Stopped,
+        _ = head.changed() => Wake::Moved,
+        () = tokio::time::sleep(SAFETY_POLL) => Wake::Polled,
     }
 }
 

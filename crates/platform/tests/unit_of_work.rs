@@ -67,8 +67,10 @@ on_every_backend!(
     text_compares_by_its_bytes,
     a_lease_shorter_than_two_handler_timeouts_is_refused,
     a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when_it_did_not,
+    units_batched_with_one_that_swallows_a_failed_statement_are_each_told_the_truth,
     processes_open_the_database_while_another_appends_to_the_log,
     another_process_s_message_between_this_one_s_on_other_topics_is_delivered,
+    a_commit_of_another_process_wakes_consumers_at_once,
 );
 
 mod postgres_only {
@@ -231,6 +233,47 @@ async fn a_unit_that_swallows_a_failed_statement_is_never_told_it_committed_when
     match written {
         Ok(()) => assert_eq!(rows, [1], "told it committed, but its row is not there"),
         Err(_) => assert_eq!(rows, [0], "told it failed, but its row is there"),
+    }
+}
+
+/// As above, with units queued behind the one that swallows the failure, likely in its
+/// batch: on PostgreSQL the step after a unit goes out with the next unit's first
+/// statement, so the failure surfaces there, and no unit of the batch may hear `Ok`.
+async fn units_batched_with_one_that_swallows_a_failed_statement_are_each_told_the_truth(
+    scratch: Scratch,
+) {
+    let db = open(&scratch).await;
+    let writes: Vec<_> = (0..40u32)
+        .map(|seq| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.write(move |uow| {
+                    uow.conn().execute(
+                        "INSERT INTO conformance_handled \
+                         (group_name, consumer, message_id, \"key\", seq) \
+                         VALUES ('g', 'c', ?, 'k', ?)",
+                        (format!("m{seq}"), seq),
+                    )?;
+                    if seq % 10 == 3 {
+                        let _ignored = uow.conn().execute("SELECT * FROM no_such_table", ());
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .await
+            })
+        })
+        .collect();
+    let mut told = Vec::new();
+    for (seq, write) in writes.into_iter().enumerate() {
+        told.push((seq as i64, write.await.expect("a write task").is_ok()));
+    }
+    let stored: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
+    for (seq, committed) in told {
+        assert_eq!(
+            stored.contains(&seq),
+            committed,
+            "unit {seq}: told Ok is {committed}"
+        );
     }
 }
 
@@ -438,6 +481,35 @@ async fn another_process_s_message_between_this_one_s_on_other_topics_is_deliver
         })
         .await;
     }
+    consumer.stop().await;
+    producing.close().await;
+    consuming.close().await;
+}
+
+/// Another process's commits wake this one's consumers through the watcher (SQLite's
+/// look at the WAL, PostgreSQL's `LISTEN`, MySQL's poll of the counter row), not at the
+/// lanes' safety poll.
+async fn a_commit_of_another_process_wakes_consumers_at_once(scratch: Scratch) {
+    let consuming = open(&scratch).await;
+    let producing = scratch.open().await;
+    let consumer = SqlLog::new(consuming.clone())
+        .subscribe(common::recording("woken"))
+        .await
+        .expect("subscribe");
+    // Let every lane go idle, waiting for a wake-up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut slowest = Duration::ZERO;
+    for round in 1..=5 {
+        let published = Instant::now();
+        common::publish(&producing, 1).await;
+        common::wait_until("handled", async || {
+            common::handled(&consuming).await == round
+        })
+        .await;
+        slowest = slowest.max(published.elapsed());
+    }
+    // The safety poll is 5 s; a wake-up is milliseconds (the benchmark measures it).
+    assert!(slowest < Duration::from_millis(2500), "slowest {slowest:?}");
     consumer.stop().await;
     producing.close().await;
     consuming.close().await;

@@ -2,7 +2,8 @@
 //!
 //! Each writer has its own connection and takes up to `MAX_BATCH` queued units into one
 //! transaction, a savepoint per unit; between two units `RELEASE SAVEPOINT unit; SAVEPOINT
-//! unit` goes as one round trip, and none at all after a unit that ran no statement (one
+//! unit` goes as one round trip on MySQL, and on PostgreSQL with the next unit's first
+//! statement (`Conn::defer`), and not at all after a unit that ran no statement (one
 //! that only emits messages, whose rows the batch appends at its end). PostgreSQL keeps the subtransactions of a transaction in a
 //! per-backend cache of 64: a batch never holds more. The units' messages are appended at the
 //! end of the batch, positions taken from the log's counter row (see `log::append_numbered`),
@@ -383,7 +384,11 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
             }
             step => step.map(str::to_owned),
         };
-        if let Some(Err(error)) = step.map(|step| uow.conn.execute_batch(&step)) {
+        // The previous step went out with this unit's first statement (`Conn::defer`).
+        if let Some(error) = uow.conn.take_deferred_error() {
+            break Err(error);
+        }
+        if let Some(Err(error)) = step.map(|step| uow.conn.defer(&step)) {
             break Err(error);
         }
     };
@@ -402,6 +407,7 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
             } else {
                 tracing::error!(%error, "group commit failed; the batch is rolled back");
             }
+            uow.conn.forget_deferred();
             let _ = uow.conn.execute_batch("ROLLBACK");
             let reason = error.to_string();
             for finish in finishes {
@@ -446,17 +452,24 @@ fn commit(
     if !counter_wait && waits_for_counter(conn, outbox) {
         conn.execute_batch(COUNTER_WAIT)?;
     }
-    let position = log::append_numbered(conn, outbox)?;
-    if let Some(last) = position {
-        let first = last + 1 - outbox.len() as i64;
-        head.record(
-            first,
-            last,
-            outbox.iter().map(|out| out.envelope.topic.as_str()),
-        );
+    let committed = log::append_numbered(conn, outbox).and_then(|position| {
+        if let Some(last) = position {
+            let first = last + 1 - outbox.len() as i64;
+            head.record(
+                first,
+                last,
+                outbox.iter().map(|out| out.envelope.topic.as_str()),
+            );
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(position)
+    });
+    // The last unit's step went out with the first of these: if it failed, so did the
+    // transaction, and PostgreSQL answers `COMMIT` of a failed transaction by rolling back.
+    match conn.take_deferred_error() {
+        Some(error) => Err(error),
+        None => committed,
     }
-    conn.execute_batch("COMMIT")?;
-    Ok(position)
 }
 
 /// Has `close` asked the watcher to stop?

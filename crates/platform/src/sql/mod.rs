@@ -45,11 +45,14 @@ pub enum Error {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
     #[error("{}", postgres_message(.0))]
-    Postgres(#[from] ::postgres::Error),
+    Postgres(#[from] ::tokio_postgres::Error),
     #[error(transparent)]
     Mysql(#[from] ::mysql::Error),
     #[error("the query returned no row")]
     NoRow,
+    /// A server connection that failed outside any statement (its runtime, its socket).
+    #[error("database connection: {0}")]
+    Connection(String),
     /// A stored value that is not what its column should hold: the data is corrupt (or was
     /// written by a newer version), not the query.
     #[error("column {column}: {message}")]
@@ -62,7 +65,7 @@ pub enum Error {
 }
 
 /// The server's own words: the driver's `Display` says only "db error".
-fn postgres_message(error: &::postgres::Error) -> String {
+fn postgres_message(error: &::tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{db} (SQLSTATE {})", db.code().code()),
         None => match std::error::Error::source(error) {
@@ -117,6 +120,7 @@ impl Error {
             }
             Error::Postgres(error) => postgres::is_infrastructure(error),
             Error::Mysql(error) => mysql::is_infrastructure(error),
+            Error::Connection(_) => true,
             Error::NoRow | Error::Column { .. } | Error::Encode { .. } | Error::Url(_) => false,
         }
     }
@@ -395,7 +399,7 @@ pub struct Row<'a>(RowKind<'a>);
 
 enum RowKind<'a> {
     Sqlite(&'a rusqlite::Row<'a>),
-    Postgres(&'a ::postgres::Row),
+    Postgres(&'a ::tokio_postgres::Row),
     Mysql(&'a ::mysql::Row),
 }
 
@@ -655,6 +659,34 @@ impl Conn {
         let value = result?;
         ended?;
         Ok(value)
+    }
+
+    /// `execute_batch`, except that PostgreSQL sends `sql` with the next statement, in the
+    /// same flight, rather than waiting for its answer now: how it went comes back from
+    /// `take_deferred_error`. For steps whose failure only the end of a batch acts on.
+    pub(crate) fn defer(&self, sql: &str) -> Result<(), Error> {
+        match &self.kind {
+            ConnKind::Postgres(session) => {
+                session.borrow_mut().defer(sql);
+                Ok(())
+            }
+            _ => self.execute_batch(sql),
+        }
+    }
+
+    /// How deferred statements failed, if those sent so far did.
+    pub(crate) fn take_deferred_error(&self) -> Option<Error> {
+        match &self.kind {
+            ConnKind::Postgres(session) => session.borrow_mut().take_deferred_error(),
+            _ => None,
+        }
+    }
+
+    /// Drops what is deferred: for a transaction about to be rolled back.
+    pub(crate) fn forget_deferred(&self) {
+        if let ConnKind::Postgres(session) = &self.kind {
+            session.borrow_mut().forget_deferred();
+        }
     }
 
     /// Is the connection outside a transaction? Only SQLite can tell without a round trip;

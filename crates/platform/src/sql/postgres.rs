@@ -2,25 +2,36 @@
 //! inferred for each placeholder (it refuses an `i64` for an `int4`), and prepared statements
 //! are cached per connection, so a statement costs one round trip after its first use.
 //!
-//! The `postgres` client runs its own single-threaded runtime and panics when called from
-//! a tokio worker: connections are used only on the platform's own threads and on blocking
-//! threads.
+//! A session is a `tokio-postgres` client on a single-threaded runtime of its own, driven
+//! while a call blocks on it; it panics when called from a tokio worker, so connections are
+//! used only on the platform's own threads and on blocking threads. The asynchronous client
+//! is what lets a writer pipeline: a step whose answer can wait (`defer`) goes out with the
+//! next statement, in the same flight, instead of costing a round trip of its own.
 
 use super::{Column, Error, Value, ValueRef};
-use postgres::error::SqlState;
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::{IsNull, ToSql, Type};
-use postgres::{Client, NoTls, Row, Statement};
-
+use futures::future::{self, Either};
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Row, Statement};
 
 /// Prepared statements a connection keeps; past this the cache starts over.
 const STATEMENT_CACHE: usize = 256;
 
 pub(crate) struct PgSession {
+    runtime: Runtime,
     client: Client,
     statements: HashMap<String, Statement>,
+    /// Statements without parameters sent with the next request (`defer`).
+    deferred: Option<String>,
+    /// How the last deferred statements failed, until `take_deferred_error`.
+    deferred_error: Option<Error>,
+    /// The payloads of `NOTIFY`s, forwarded by the task that drives the connection.
+    notifications: mpsc::UnboundedReceiver<String>,
     /// The server said it ends the session (an administrator's `pg_terminate_backend`, a
     /// shutdown): the client may not have seen the socket close yet.
     ended: bool,
@@ -28,7 +39,7 @@ pub(crate) struct PgSession {
 
 impl PgSession {
     pub(crate) fn connect(url: &str, timeout: Duration) -> Result<PgSession, Error> {
-        let mut config: postgres::Config = url.parse()?;
+        let mut config: tokio_postgres::Config = url.parse()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(timeout);
         }
@@ -40,23 +51,39 @@ impl PgSession {
             .keepalives_interval(Duration::from_secs(10))
             .keepalives_retries(3)
             .tcp_user_timeout(Duration::from_secs(60));
-        let mut client = config.connect(NoTls)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| Error::Connection(format!("cannot start its runtime: {error}")))?;
+        let (client, connection) = runtime.block_on(config.connect(NoTls))?;
+        let (notify, notifications) = mpsc::unbounded_channel();
+        runtime.spawn(drive(connection, notify));
+        let mut session = PgSession {
+            runtime,
+            client,
+            statements: HashMap::new(),
+            deferred: None,
+            deferred_error: None,
+            notifications,
+            ended: false,
+        };
         // READ COMMITTED is PostgreSQL's default; said here because the platform's
         // conditional updates are written for it. Notices ("relation already exists,
         // skipping" on every start) would be logged line by line.
-        client.batch_execute(
+        session.execute_batch(
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
              SET client_min_messages = warning",
         )?;
-        Ok(PgSession {
-            client,
-            statements: HashMap::new(),
-            ended: false,
-        })
+        Ok(session)
     }
 
-    /// Notes an error that ends the session.
-    fn noted<T>(&mut self, result: Result<T, postgres::Error>) -> Result<T, Error> {
+    /// Settles a flight (`in_flight`): keeps the deferred statements' failure for
+    /// `take_deferred_error`, and notes an error that ends the session.
+    fn settle<T>(&mut self, (deferred, result): Flight<T>) -> Result<T, Error> {
+        if let Some(error) = deferred {
+            self.ended |= ends_session(&error);
+            self.deferred_error.get_or_insert(error.into());
+        }
         if let Err(error) = &result {
             self.ended |= ends_session(error);
         }
@@ -67,8 +94,15 @@ impl PgSession {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
-        let prepared = self.client.prepare(&numbered_placeholders(sql));
-        let statement = self.noted(prepared)?;
+        let numbered = numbered_placeholders(sql);
+        let deferred = self.deferred.take();
+        let flight = in_flight(
+            &self.runtime,
+            &self.client,
+            deferred,
+            self.client.prepare(&numbered),
+        );
+        let statement = self.settle(flight)?;
         if self.statements.len() >= STATEMENT_CACHE {
             self.statements.clear();
         }
@@ -78,19 +112,53 @@ impl PgSession {
 
     pub(crate) fn execute(&mut self, sql: &str, values: &[Value<'_>]) -> Result<u64, Error> {
         let statement = self.prepare(sql)?;
-        let changed = self.client.execute(&statement, &bound(values));
-        self.noted(changed)
+        let values = bound(values);
+        let deferred = self.deferred.take();
+        let request = self.client.execute(&statement, &values);
+        let flight = in_flight(&self.runtime, &self.client, deferred, request);
+        self.settle(flight)
     }
 
     pub(crate) fn query(&mut self, sql: &str, values: &[Value<'_>]) -> Result<Vec<Row>, Error> {
         let statement = self.prepare(sql)?;
-        let rows = self.client.query(&statement, &bound(values));
-        self.noted(rows)
+        let values = bound(values);
+        let deferred = self.deferred.take();
+        let request = self.client.query(&statement, &values);
+        let flight = in_flight(&self.runtime, &self.client, deferred, request);
+        self.settle(flight)
     }
 
     pub(crate) fn execute_batch(&mut self, sql: &str) -> Result<(), Error> {
-        let done = self.client.batch_execute(sql);
-        self.noted(done)
+        let deferred = self.deferred.take();
+        let flight = in_flight(
+            &self.runtime,
+            &self.client,
+            deferred,
+            self.client.batch_execute(sql),
+        );
+        self.settle(flight)
+    }
+
+    /// Sends `sql`, statements without parameters, with the next request instead of now.
+    pub(crate) fn defer(&mut self, sql: &str) {
+        match &mut self.deferred {
+            Some(steps) => {
+                steps.push_str("; ");
+                steps.push_str(sql);
+            }
+            None => self.deferred = Some(sql.to_owned()),
+        }
+    }
+
+    /// How deferred statements sent since the last call failed, if they did.
+    pub(crate) fn take_deferred_error(&mut self) -> Option<Error> {
+        self.deferred_error.take()
+    }
+
+    /// Drops deferred statements not sent yet, and the failure of those sent.
+    pub(crate) fn forget_deferred(&mut self) {
+        self.deferred = None;
+        self.deferred_error = None;
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -98,17 +166,74 @@ impl PgSession {
     }
 
     pub(crate) fn notifications(&mut self, wait: Duration) -> Result<Vec<String>, Error> {
+        let notifications = &mut self.notifications;
+        // The timer belongs to the session's runtime: made inside it.
+        let first = self
+            .runtime
+            .block_on(async { tokio::time::timeout(wait, notifications.recv()).await });
         let mut payloads = Vec::new();
-        let mut notifications = self.client.notifications();
-        let first = notifications.timeout_iter(wait).next()?;
-        if let Some(first) = first {
-            payloads.push(first.payload().to_owned());
-            let mut more = notifications.iter();
-            while let Some(notification) = more.next()? {
-                payloads.push(notification.payload().to_owned());
+        match first {
+            Err(_) => {}
+            Ok(None) => return Err(Error::Connection("the connection closed".into())),
+            Ok(Some(payload)) => {
+                payloads.push(payload);
+                while let Ok(payload) = self.notifications.try_recv() {
+                    payloads.push(payload);
+                }
             }
         }
         Ok(payloads)
+    }
+}
+
+/// The deferred statements' failure, if any, and the request's result.
+type Flight<T> = (
+    Option<tokio_postgres::Error>,
+    Result<T, tokio_postgres::Error>,
+);
+
+/// Runs `request`, after `deferred` when there are deferred statements, in one flight: both
+/// go out before either answer comes back, in that order (`join` polls its first future
+/// first, and a request is sent when first polled).
+fn in_flight<T>(
+    runtime: &Runtime,
+    client: &Client,
+    deferred: Option<String>,
+    request: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Flight<T> {
+    runtime.block_on(async {
+        let steps = match &deferred {
+            Some(steps) => Either::Left(client.batch_execute(steps)),
+            None => Either::Right(future::ready(Ok(()))),
+        };
+        let (stepped, result) = future::join(steps, request).await;
+        (stepped.err(), result)
+    })
+}
+
+/// Drives the connection while a call blocks on the session's runtime: sends requests,
+/// routes answers, and forwards notifications. Ends with the connection.
+async fn drive(
+    mut connection: tokio_postgres::Connection<
+        tokio_postgres::Socket,
+        tokio_postgres::tls::NoTlsStream,
+    >,
+    notify: mpsc::UnboundedSender<String>,
+) {
+    loop {
+        match future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(notification))) => {
+                // Nobody listening (the session is gone) is nobody to tell.
+                let _ = notify.send(notification.payload().to_owned());
+            }
+            Some(Ok(AsyncMessage::Notice(notice))) => tracing::info!(%notice, "PostgreSQL notice"),
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                tracing::debug!(%error, "the PostgreSQL connection ended");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
@@ -167,7 +292,7 @@ impl ToSql for Value<'_> {
         true
     }
 
-    postgres::types::to_sql_checked!();
+    tokio_postgres::types::to_sql_checked!();
 }
 
 pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a>, Error> {
@@ -213,7 +338,7 @@ pub(super) fn value<'a>(row: &'a Row, column: impl Column) -> Result<ValueRef<'a
 /// "cancelled due to user request" under lock contention, with nobody cancelling: the
 /// signal PostgreSQL's lock timeout sends its own backend can land on the next statement.
 /// An administrator's `pg_cancel_backend` is answered the same way: the unit runs again.
-pub(super) fn is_conflict(error: &postgres::Error) -> bool {
+pub(super) fn is_conflict(error: &tokio_postgres::Error) -> bool {
     error.code().is_some_and(|code| {
         [
             SqlState::T_R_SERIALIZATION_FAILURE,
@@ -227,7 +352,7 @@ pub(super) fn is_conflict(error: &postgres::Error) -> bool {
 
 /// The connection is gone, or the server ends the session: an administrator's or a
 /// shutdown's `57P01`–`57P03` (sent just before the socket closes) or a connection error.
-fn ends_session(error: &postgres::Error) -> bool {
+fn ends_session(error: &tokio_postgres::Error) -> bool {
     error.is_closed()
         || error.code().is_some_and(|code| {
             code.code().starts_with("08")
@@ -241,7 +366,7 @@ fn ends_session(error: &postgres::Error) -> bool {
 }
 
 /// Connection loss, a server shutting down, a full disk, lock conflicts and deadlocks.
-pub(super) fn is_infrastructure(error: &postgres::Error) -> bool {
+pub(super) fn is_infrastructure(error: &tokio_postgres::Error) -> bool {
     if error.is_closed() {
         return true;
     }
