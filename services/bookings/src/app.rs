@@ -118,13 +118,26 @@ fn known_id(event_id: &str) -> Result<EventId, BookingsError> {
     EventId::parse(event_id).ok_or_else(|| BookingsError::EventNotFound(event_id.to_owned()))
 }
 
-/// Bookings learns events only from `events.EventCreated`, into its own table.
+/// Bookings learns events only from `events.EventCreated`, into its own table, as many at
+/// once as a read of the log brings: one insert for all of them.
 pub fn subscriptions() -> Vec<Subscription> {
-    vec![Subscription::new(EVENTS_GROUP).on(learn_event)]
+    vec![Subscription::new(EVENTS_GROUP).on_batch(learn_events)]
 }
 
-fn learn_event(incoming: Incoming<EventCreated>, uow: &mut UnitOfWork) -> Result<(), HandlerError> {
-    let event = incoming.message;
+/// Refuses the whole call for one bad event: the platform then hands the events over one
+/// at a time, and only the bad one is dead-lettered.
+fn learn_events(
+    batch: Vec<Incoming<EventCreated>>,
+    uow: &mut UnitOfWork,
+) -> Result<(), HandlerError> {
+    let events = batch
+        .iter()
+        .map(|incoming| bookable(&incoming.message))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(store::learn_events(uow, &events)?)
+}
+
+fn bookable(event: &EventCreated) -> Result<(EventId, i64), HandlerError> {
     let Some(id) = EventId::parse(&event.id) else {
         return Err(HandlerError::permanent(format!(
             "event id {:?} is not a UUID",
@@ -137,5 +150,42 @@ fn learn_event(incoming: Incoming<EventCreated>, uow: &mut UnitOfWork) -> Result
             event.id
         )));
     }
-    Ok(store::learn_event(uow, id, event.capacity)?)
+    Ok((id, event.capacity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bookable;
+    use events_api::EventCreated;
+
+    fn created(id: &str, capacity: i64) -> EventCreated {
+        EventCreated {
+            id: id.to_owned(),
+            name: "opera".into(),
+            startdate: 0,
+            enddate: 0,
+            duration: 60,
+            location_id: "01a24dd8-68d6-77f6-9f2e-51e4b8a02e1f".into(),
+            capacity,
+        }
+    }
+
+    #[test]
+    fn an_event_is_bookable_with_its_capacity() {
+        let (id, capacity) =
+            bookable(&created("01a24dd8-68d6-77f6-9f2e-51e5ceaa91a2", 150)).expect("a valid event");
+        assert_eq!(id.to_string(), "01a24dd8-68d6-77f6-9f2e-51e5ceaa91a2");
+        assert_eq!(capacity, 150);
+    }
+
+    #[test]
+    fn an_event_without_a_uuid_or_with_a_negative_capacity_is_refused_for_good() {
+        for event in [
+            created("not-a-uuid", 10),
+            created("01a24dd8-68d6-77f6-9f2e-51e5ceaa91a2", -1),
+        ] {
+            let refused = bookable(&event).expect_err("refused");
+            assert!(refused.is_permanent(), "{refused}");
+        }
+    }
 }
