@@ -14,6 +14,7 @@
 //! a writer records its positions before it commits and the watchers before they move the
 //! head. Records of a batch that rolls back stay; they only cost a read.
 
+use super::Outgoing;
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use tokio::sync::watch;
@@ -52,7 +53,7 @@ impl LogHead {
     /// Records that positions `first..=last` are being appended on `topics`: called by a
     /// writer before it commits them. Positions skipped since the last record were
     /// another process's, on topics unknown.
-    pub(crate) fn record<'a>(&self, first: i64, last: i64, topics: impl Iterator<Item = &'a str>) {
+    fn record<'a>(&self, first: i64, last: i64, topics: impl Iterator<Item = &'a str>) {
         let mut known = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
         if first > known.known_through + 1 {
             known.unknown = known.unknown.max(first - 1);
@@ -65,6 +66,15 @@ impl LogHead {
                     known.last.insert(topic.to_owned(), last);
                 }
             }
+        }
+    }
+
+    /// `record` of `messages`, appended up to position `last` (None: nothing appended).
+    pub(super) fn appended(&self, last: Option<i64>, messages: &[Outgoing]) {
+        if let Some(last) = last {
+            let first = last + 1 - messages.len() as i64;
+            let topics = messages.iter().map(|out| out.envelope.topic.as_str());
+            self.record(first, last, topics);
         }
     }
 

@@ -453,14 +453,7 @@ fn commit(
         conn.execute_batch(COUNTER_WAIT)?;
     }
     let committed = log::append_numbered(conn, outbox).and_then(|position| {
-        if let Some(last) = position {
-            let first = last + 1 - outbox.len() as i64;
-            head.record(
-                first,
-                last,
-                outbox.iter().map(|out| out.envelope.topic.as_str()),
-            );
-        }
+        head.appended(position, outbox);
         conn.execute_batch("COMMIT")?;
         Ok(position)
     });

@@ -456,14 +456,7 @@ fn close_unit(
     };
     match log::append(&uow.conn, &outbox) {
         Ok(position) => {
-            if let Some(last) = position {
-                let first = last + 1 - outbox.len() as i64;
-                head.record(
-                    first,
-                    last,
-                    outbox.iter().map(|out| out.envelope.topic.as_str()),
-                );
-            }
+            head.appended(position, &outbox);
             *last_position = position.or(*last_position);
             finishes.push(finish);
             exec(&uow.conn, "RELEASE unit")
