@@ -5,7 +5,7 @@
 
 use crate::db::UnitOfWork;
 use crate::envelope::now_millis;
-use crate::sql::{Backend, Conn, Error, ToValue};
+use crate::sql::{Conn, Error, ToValue};
 use std::collections::HashSet;
 use uuid::Uuid;
 
@@ -24,9 +24,9 @@ pub(crate) fn claim(uow: &UnitOfWork, group: &str, message_id: Uuid) -> Result<b
 const IDS_PER_STATEMENT: usize = 256;
 
 /// `claim` for several messages: which of `message_ids` were not handled by `group` yet,
-/// now marked. One statement per 256 on PostgreSQL and SQLite (`INSERT … ON CONFLICT DO
-/// NOTHING RETURNING`, whose conflict check always goes by the key), two on MySQL, which
-/// has no `RETURNING` (a `SELECT … IN`, then the insert). Another consumer claiming one of
+/// now marked. One statement per 256 (`INSERT … ON CONFLICT DO NOTHING RETURNING`, whose
+/// conflict check always goes by the key), two on MySQL, which has no `RETURNING` (a
+/// `SELECT … IN`, then the insert). Another consumer claiming one of
 /// them at the same time blocks on its key, then fails, until this unit ends.
 pub(crate) fn claim_all(
     uow: &UnitOfWork,
@@ -49,9 +49,10 @@ pub(crate) fn claim_all(
         .collect();
     let mut claimed = HashSet::with_capacity(ids.len());
     for chunk in ids.chunks(IDS_PER_STATEMENT) {
-        let fresh = match uow.conn().backend() {
-            Backend::Mysql => select_then_insert(uow.conn(), group, chunk)?,
-            Backend::Postgres | Backend::Sqlite => insert_returning(uow.conn(), group, chunk)?,
+        let fresh = if uow.conn().has_insert_returning() {
+            insert_returning(uow.conn(), group, chunk)?
+        } else {
+            select_then_insert(uow.conn(), group, chunk)?
         };
         for id in fresh {
             let id = Uuid::parse_str(&id).map_err(|error| Error::corrupt("message_id", error))?;

@@ -689,6 +689,14 @@ impl Conn {
         }
     }
 
+    /// Does the server have `INSERT … RETURNING` (all but MySQL, and MariaDB before 10.5)?
+    pub(crate) fn has_insert_returning(&self) -> bool {
+        match &self.kind {
+            ConnKind::Mysql(session) => session.borrow().has_insert_returning(),
+            ConnKind::Sqlite(_) | ConnKind::Postgres(_) => true,
+        }
+    }
+
     /// Is the connection outside a transaction? Only SQLite can tell without a round trip;
     /// a server's connection reports an abandoned transaction through its next statement.
     pub(crate) fn is_autocommit(&self) -> bool {

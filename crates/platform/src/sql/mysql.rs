@@ -23,6 +23,8 @@ pub(crate) struct MysqlSession {
     /// The server's binary collation that does not pad with spaces, which DDL written with
     /// `utf8mb4_bin` gets instead, so that `'a'` and `'a '` differ as on the other backends.
     no_pad_collation: &'static str,
+    /// MariaDB 10.5 and later: `INSERT … RETURNING`, which MySQL 8 does not have.
+    insert_returning: bool,
 }
 
 impl MysqlSession {
@@ -46,7 +48,8 @@ impl MysqlSession {
             ]);
         let mut conn = mysql::Conn::new(opts)?;
         let version: String = conn.query_first("SELECT VERSION()")?.unwrap_or_default();
-        let no_pad_collation = if version.contains("MariaDB") {
+        let mariadb = version.contains("MariaDB");
+        let no_pad_collation = if mariadb {
             "utf8mb4_nopad_bin"
         } else {
             "utf8mb4_0900_bin"
@@ -54,7 +57,12 @@ impl MysqlSession {
         Ok(MysqlSession {
             conn,
             no_pad_collation,
+            insert_returning: mariadb && major_minor(&version) >= (10, 5),
         })
+    }
+
+    pub(crate) fn has_insert_returning(&self) -> bool {
+        self.insert_returning
     }
 
     /// Rows a statement returns are read and dropped: the error of a `SELECT` that fails
@@ -112,6 +120,14 @@ fn params(values: &[Value<'_>]) -> mysql::Params {
             })
             .collect(),
     )
+}
+
+/// The major and minor numbers of a version such as `10.11.19-MariaDB-0+deb12u1`.
+fn major_minor(version: &str) -> (u32, u32) {
+    let mut numbers = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
 /// The portable conflict clauses in MySQL's spelling; any other statement as it is.
@@ -207,7 +223,23 @@ pub(super) fn is_infrastructure(error: &mysql::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::translated;
+    use super::{major_minor, translated};
+
+    #[test]
+    fn versions_read_as_major_and_minor() {
+        assert_eq!(major_minor("10.11.19-MariaDB-0+deb12u1"), (10, 11));
+        assert_eq!(major_minor("10.4.2-MariaDB"), (10, 4));
+        assert_eq!(major_minor("8.0.36"), (8, 0));
+        assert_eq!(major_minor("garbage"), (0, 0));
+    }
+
+    #[test]
+    fn an_insert_or_ignore_keeps_its_returning_clause() {
+        assert_eq!(
+            translated("INSERT INTO t (a) VALUES (?), (?) ON CONFLICT (a) DO NOTHING RETURNING a"),
+            "INSERT IGNORE INTO t (a) VALUES (?), (?) RETURNING a"
+        );
+    }
 
     #[test]
     fn conflict_clauses_are_spelt_the_mysql_way() {
