@@ -71,6 +71,9 @@ on_every_backend!(
     processes_open_the_database_while_another_appends_to_the_log,
     another_process_s_message_between_this_one_s_on_other_topics_is_delivered,
     a_commit_of_another_process_wakes_consumers_at_once,
+    rows_units_insert_are_read_by_the_statements_after_them_in_the_batch,
+    a_row_that_fails_to_insert_with_others_fails_its_own_unit_only,
+    a_unit_that_rolls_back_keeps_the_rows_of_the_units_before_it,
 );
 
 mod postgres_only {
@@ -275,6 +278,146 @@ async fn units_batched_with_one_that_swallows_a_failed_statement_are_each_told_t
             "unit {seq}: told Ok is {committed}"
         );
     }
+}
+
+/// Keeps every writer busy for a while, so that the units queued meanwhile share one batch:
+/// one unit per writer that sleeps on it (two on a server; on SQLite the second waits in
+/// the queue and joins the units' batch).
+async fn occupy_writers(db: &Database) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut sleepers = Vec::new();
+    for _ in 0..2 {
+        let db = db.clone();
+        sleepers.push(tokio::spawn(async move {
+            db.write(|_uow| {
+                std::thread::sleep(Duration::from_millis(400));
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .expect("a sleeping unit commits");
+        }));
+        // Each writer takes one: a writer takes everything queued as its batch.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    sleepers
+}
+
+/// A unit of work, boxed so that different ones go in one list.
+type Unit<T> = Box<dyn Fn(&mut platform::UnitOfWork) -> Result<T, Failure> + Send + Sync>;
+
+/// Queues `units` in order behind busy writers, so they share a batch; what each was told.
+async fn in_one_batch<T: Send + 'static>(
+    db: &Database,
+    units: Vec<Unit<T>>,
+) -> Vec<Result<T, Failure>> {
+    let sleepers = occupy_writers(db).await;
+    let mut writes = Vec::new();
+    for unit in units {
+        let db = db.clone();
+        writes.push(tokio::spawn(async move { db.write(unit).await }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut told = Vec::new();
+    for write in writes {
+        told.push(write.await.expect("a write task"));
+    }
+    for sleeper in sleepers {
+        sleeper.await.expect("a sleeping unit");
+    }
+    told
+}
+
+const INSERT_HANDLED: &str = "INSERT INTO conformance_handled \
+    (row_id, group_name, consumer, message_id, \"key\", seq) VALUES (?, ?, ?, ?, ?, ?)";
+
+/// `UnitOfWork::insert` of a row whose `row_id` is `seq`.
+fn insert_handled(uow: &platform::UnitOfWork, seq: i64) -> Result<(), StoreError> {
+    Ok(uow.insert(INSERT_HANDLED, (seq, "g", "c", format!("m{seq}"), "k", seq))?)
+}
+
+/// A server's writer holds the rows of `UnitOfWork::insert` to insert them with the next
+/// units' (see `sql::held`): any other statement after them, in the same unit or a later
+/// one, must find them written.
+async fn rows_units_insert_are_read_by_the_statements_after_them_in_the_batch(scratch: Scratch) {
+    let db = open(&scratch).await;
+    let count = |uow: &platform::UnitOfWork| -> Result<i64, Failure> {
+        Ok(uow
+            .conn()
+            .scalar("SELECT COUNT(*) FROM conformance_handled", ())
+            .map_err(StoreError::from)?)
+    };
+    let told = in_one_batch(
+        &db,
+        vec![
+            Box::new(move |uow| {
+                insert_handled(uow, 1)?;
+                insert_handled(uow, 2)?;
+                count(uow)
+            }),
+            Box::new(move |uow| {
+                insert_handled(uow, 3)?;
+                Ok(0)
+            }),
+            Box::new(move |uow| count(uow)),
+        ],
+    )
+    .await;
+    let counts: Vec<i64> = told
+        .into_iter()
+        .map(|told| told.expect("commits"))
+        .collect();
+    assert_eq!(
+        counts,
+        [2, 0, 3],
+        "a statement did not see the rows inserted before it"
+    );
+}
+
+/// Rows inserted together fail together: the unit whose row failed must hear it, and the
+/// others must commit theirs, each once.
+async fn a_row_that_fails_to_insert_with_others_fails_its_own_unit_only(scratch: Scratch) {
+    let db = open(&scratch).await;
+    db.write(|uow| insert_handled(uow, 3))
+        .await
+        .expect("the row unit 3 will collide with");
+    let units = (0..8)
+        .map(|seq| {
+            Box::new(move |uow: &mut platform::UnitOfWork| Ok(insert_handled(uow, seq)?))
+                as Unit<()>
+        })
+        .collect();
+    let told = in_one_batch(&db, units).await;
+    for (seq, told) in told.iter().enumerate() {
+        assert_eq!(told.is_ok(), seq != 3, "unit {seq} was told {told:?}");
+    }
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled ORDER BY seq").await;
+    assert_eq!(rows, [0, 1, 2, 3, 4, 5, 6, 7]);
+}
+
+/// A unit that rolls back after a statement of its own has rolled back the rows of earlier
+/// units that statement wrote (they went in inside its savepoint): they must still commit,
+/// and its own held rows must not.
+async fn a_unit_that_rolls_back_keeps_the_rows_of_the_units_before_it(scratch: Scratch) {
+    let db = open(&scratch).await;
+    let told = in_one_batch(
+        &db,
+        vec![
+            Box::new(|uow| Ok(insert_handled(uow, 1)?)),
+            Box::new(|uow| {
+                insert_handled(uow, 2)?;
+                uow.conn()
+                    .execute("UPDATE conformance_handled SET seq = seq", ())
+                    .map_err(StoreError::from)?;
+                insert_handled(uow, 3)?;
+                Err(Failure::Refused)
+            }),
+            Box::new(|uow| Ok(insert_handled(uow, 4)?)),
+        ],
+    )
+    .await;
+    assert!(told[0].is_ok() && told[2].is_ok(), "{told:?}");
+    assert!(matches!(told[1], Err(Failure::Refused)), "{told:?}");
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled ORDER BY seq").await;
+    assert_eq!(rows, [1, 4]);
 }
 
 async fn a_lease_shorter_than_two_handler_timeouts_is_refused(scratch: Scratch) {

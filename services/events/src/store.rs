@@ -135,7 +135,7 @@ pub fn insert_location(uow: &UnitOfWork, location: &Location) -> Result<(), Erro
         what: "halls",
         message: error.to_string(),
     })?;
-    uow.conn().execute(
+    uow.insert(
         INSERT_LOCATION,
         (
             location.id.to_string(),
@@ -151,7 +151,7 @@ pub fn insert_location(uow: &UnitOfWork, location: &Location) -> Result<(), Erro
 }
 
 pub fn insert_event(uow: &UnitOfWork, event: &Event) -> Result<(), Error> {
-    uow.conn().execute(
+    uow.insert(
         INSERT_EVENT,
         (
             event.id.to_string(),

@@ -55,6 +55,10 @@ pub enum StoreError {
     Undecodable(String),
     #[error("the unit of work kept losing races for row locks: {0}")]
     Conflict(String),
+    /// Rows units inserted together failed to insert (`UnitOfWork::insert`): which unit's
+    /// did is not known, so each unit of the batch runs again alone. Never reaches a caller.
+    #[error("a multi-row insert of several units' rows failed: {0}")]
+    Unmerged(String),
     #[error("cannot open the database {path}: {source}")]
     Open { path: String, source: sql::Error },
     #[error("cannot open the database's write-ahead log {path}: {source}")]
@@ -76,6 +80,7 @@ impl StoreError {
             StoreError::Abandoned
             | StoreError::Commit(_)
             | StoreError::Conflict(_)
+            | StoreError::Unmerged(_)
             | StoreError::Unresponsive(_)
             | StoreError::Open { .. }
             | StoreError::OpenWal { .. } => true,
@@ -127,6 +132,19 @@ enum Attempt<T, E> {
     Done(Result<T, E>),
     /// It lost a race for a row lock and rolled back: worth running again.
     Conflicted(String),
+    /// Rows it inserted with other units' failed together: to run again alone.
+    Unmerged,
+}
+
+impl<T, E: From<StoreError>> Attempt<T, E> {
+    /// What a unit's caller hears when its batch failed.
+    fn batch_failed(error: StoreError) -> Attempt<T, E> {
+        match error {
+            StoreError::Conflict(reason) => Attempt::Conflicted(reason),
+            StoreError::Unmerged(_) => Attempt::Unmerged,
+            error => Attempt::Done(Err(E::from(error))),
+        }
+    }
 }
 
 /// Told whether the batch holding a unit of work committed, once that is known.
@@ -142,6 +160,16 @@ enum Ran {
     /// batch committed: had the batch rolled back, the state that error was decided on
     /// (a seat taken by an earlier unit, say) may never have existed.
     RollBack(Option<Finish>),
+}
+
+impl Ran {
+    /// Who is still to be told how the unit's batch ended.
+    fn into_finish(self) -> Option<Finish> {
+        match self {
+            Ran::Commit(finish) => Some(finish),
+            Ran::RollBack(finish) => finish,
+        }
+    }
 }
 
 enum Command {
@@ -179,6 +207,18 @@ impl UnitOfWork {
     /// The open transaction. Everything executed on it commits or rolls back as one.
     pub fn conn(&self) -> &Conn {
         &self.conn
+    }
+
+    /// Inserts one row with `sql`, a single-row `INSERT … VALUES (?, …)`, for a unit that
+    /// does not need the answer. On SQLite it runs at once. On a server the writer holds
+    /// the row to insert it with the rows of the other units in its batch, one multi-row
+    /// `INSERT` per statement, before the transaction runs any other statement or commits:
+    /// what the unit (or a later one) reads sees it, but its own error does not reach the
+    /// unit here. When such an insert fails, the batch rolls back and each of its units
+    /// runs again alone, inserting at once: then the error is the unit's, as it would be
+    /// with `conn().execute`. Any other statement runs at once (see `sql::held`).
+    pub fn insert(&self, sql: &'static str, params: impl sql::Params) -> Result<(), sql::Error> {
+        self.conn.insert(sql, params)
     }
 
     /// Queues `message` for publication; it is written in this transaction and delivered
@@ -433,9 +473,15 @@ impl Database {
         let work = Arc::new(work);
         let context = context::current();
         let mut attempt = 1;
+        let mut alone = false;
         loop {
-            match self.write_once(work.clone(), context.clone()).await? {
+            match self
+                .write_once(work.clone(), context.clone(), alone)
+                .await?
+            {
                 Attempt::Done(result) => return result,
+                // Not a lost race: another unit's row may be what failed.
+                Attempt::Unmerged => alone = true,
                 Attempt::Conflicted(reason) if attempt >= CONFLICT_ATTEMPTS => {
                     return Err(E::from(StoreError::Conflict(reason)));
                 }
@@ -456,6 +502,7 @@ impl Database {
         &self,
         work: Arc<F>,
         context: CausalContext,
+        alone: bool,
     ) -> Result<Attempt<T, E>, E>
     where
         T: Send + 'static,
@@ -470,12 +517,12 @@ impl Database {
             }
             let _entered = span.enter();
             uow.context = context;
+            uow.conn.hold_rows(!alone);
             match std::panic::catch_unwind(AssertUnwindSafe(|| work(uow))) {
                 Ok(Ok(value)) => Ran::Commit(Box::new(move |batch: Result<(), StoreError>| {
                     let _ = reply.send(match batch {
                         Ok(()) => Attempt::Done(Ok(value)),
-                        Err(StoreError::Conflict(reason)) => Attempt::Conflicted(reason),
-                        Err(error) => Attempt::Done(Err(E::from(error))),
+                        Err(error) => Attempt::batch_failed(error),
                     });
                 })),
                 Ok(Err(_)) if uow.conn.had_conflict() => {
@@ -486,7 +533,10 @@ impl Database {
                     })))
                 }
                 Ok(Err(error)) => Ran::RollBack(Some(Box::new(move |batch| {
-                    let _ = reply.send(Attempt::Done(Err(batch.map_or_else(E::from, |()| error))));
+                    let _ = reply.send(match batch {
+                        Ok(()) => Attempt::Done(Err(error)),
+                        Err(failed) => Attempt::batch_failed(failed),
+                    });
                 }))),
                 Err(_) => {
                     tracing::error!("a unit of work panicked; rolled back");

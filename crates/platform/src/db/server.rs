@@ -350,10 +350,17 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
     let mut counter_wait = false;
     let outcome = loop {
         let Some(job) = jobs.next() else {
-            break commit(&uow.conn, head, &outbox, counter_wait);
+            break commit(&uow.conn, head, &outbox, counter_wait)
+                .map_err(|error| Failure::of(&uow.conn, &error, conflicted));
         };
+        let held = uow.conn.held_mark();
         let (ran, emitted) = run_unit(uow, job);
         conflicted |= uow.conn.had_conflict();
+        // Rows of several units failed together: no unit of the batch can be told it failed.
+        if let Some(reason) = uow.conn.held_failure() {
+            finishes.extend(ran.into_finish());
+            break Err(Failure::Unmerged(reason));
+        }
         // A unit that ran no statement (one that only emits) left its savepoint empty: the
         // next unit uses it as it is. After a unit that ran any, the release is also the
         // check that the transaction is still alive (a unit may have swallowed the error of
@@ -373,6 +380,7 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
             }
             Ran::RollBack(finish) => {
                 finishes.extend(finish);
+                uow.conn.roll_back_held(held);
                 touched.then_some("ROLLBACK TO SAVEPOINT unit")
             }
         };
@@ -386,36 +394,41 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
         };
         // The previous step went out with this unit's first statement (`Conn::defer`).
         if let Some(error) = uow.conn.take_deferred_error() {
-            break Err(error);
+            break Err(Failure::of(&uow.conn, &error, conflicted));
         }
         if let Some(Err(error)) = step.map(|step| uow.conn.defer(&step)) {
-            break Err(error);
+            break Err(Failure::of(&uow.conn, &error, conflicted));
         }
     };
     match outcome {
-        Ok(position) => BatchEnd {
-            committed_position: position,
-            committed: finishes,
-            not_run: Vec::new(),
-            failed: false,
-        },
-        Err(error) => {
-            let conflict = conflicted || error.is_conflict();
-            if conflict {
-                // Its units run again (`Database::write`): routine under contention.
-                tracing::debug!(%error, "a batch lost a lock race; it is rolled back");
-            } else {
-                tracing::error!(%error, "group commit failed; the batch is rolled back");
+        Ok(position) => {
+            uow.conn.clear_held();
+            BatchEnd {
+                committed_position: position,
+                committed: finishes,
+                not_run: Vec::new(),
+                failed: false,
+            }
+        }
+        Err(failure) => {
+            // Its units run again (`Database::write`), routine under contention; or alone.
+            match &failure {
+                Failure::Conflict(reason) => {
+                    tracing::debug!(%reason, "a batch lost a lock race; it is rolled back")
+                }
+                Failure::Unmerged(reason) => tracing::debug!(
+                    %reason,
+                    "rows of several units failed to insert together; each runs again alone"
+                ),
+                Failure::Commit(reason) => {
+                    tracing::error!(%reason, "group commit failed; the batch is rolled back")
+                }
             }
             uow.conn.forget_deferred();
+            uow.conn.clear_held();
             let _ = uow.conn.execute_batch("ROLLBACK");
-            let reason = error.to_string();
             for finish in finishes {
-                finish(Err(if conflict {
-                    StoreError::Conflict(reason.clone())
-                } else {
-                    StoreError::Commit(reason.clone())
-                }));
+                finish(Err(failure.clone().into()));
             }
             // Units not run yet go to the next batch; none was started.
             BatchEnd {
@@ -424,6 +437,37 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
                 not_run: jobs.collect(),
                 failed: true,
             }
+        }
+    }
+}
+
+/// Why a batch rolled back, as each of its units is told.
+#[derive(Clone)]
+enum Failure {
+    /// A unit lost a race for a row lock: each runs again.
+    Conflict(String),
+    /// Rows of several units failed to insert together: each runs again alone.
+    Unmerged(String),
+    Commit(String),
+}
+
+impl Failure {
+    /// How `error`, the statement or step that failed the batch, fails it.
+    fn of(conn: &Conn, error: &sql::Error, conflicted: bool) -> Failure {
+        match conn.held_failure() {
+            Some(reason) => Failure::Unmerged(reason),
+            None if conflicted || error.is_conflict() => Failure::Conflict(error.to_string()),
+            None => Failure::Commit(error.to_string()),
+        }
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> StoreError {
+        match failure {
+            Failure::Conflict(reason) => StoreError::Conflict(reason),
+            Failure::Unmerged(reason) => StoreError::Unmerged(reason),
+            Failure::Commit(reason) => StoreError::Commit(reason),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! The SQLite arm is rusqlite itself, with its statement cache: nothing new runs per
 //! statement there, so the embedded default is as fast as it was.
 
+mod held;
 mod mysql;
 mod postgres;
 mod temporary;
@@ -18,6 +19,7 @@ mod temporary;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 
+pub(crate) use self::held::Mark as HeldMark;
 pub(crate) use self::mysql::MysqlSession;
 pub(crate) use self::postgres::PgSession;
 pub use self::temporary::TemporaryDatabase;
@@ -214,6 +216,12 @@ impl Params for () {
 impl<T: ToValue, const N: usize> Params for [T; N] {
     fn values(&self) -> Vec<Value<'_>> {
         self.iter().map(ToValue::to_value).collect()
+    }
+}
+
+impl Params for &[Value<'_>] {
+    fn values(&self) -> Vec<Value<'_>> {
+        self.to_vec()
     }
 }
 
@@ -440,6 +448,8 @@ pub struct Conn {
     /// Set when a statement ran on a server: a unit that ran none has nothing in its
     /// savepoint, so the writer skips the round trip that would end it.
     ran: Cell<bool>,
+    /// Rows a server's writer holds back to insert with other units' (see `held`).
+    held: RefCell<held::HeldRows>,
 }
 
 enum ConnKind {
@@ -455,7 +465,80 @@ impl Conn {
             kind,
             conflicted: Cell::new(false),
             ran: Cell::new(false),
+            held: RefCell::default(),
         }
+    }
+
+    /// Runs a server statement, after the rows held back before it (see `held`).
+    fn on_server<T>(&self, statement: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        self.write_held()?;
+        self.noted(statement())
+    }
+
+    /// Writes the rows held back, one multi-row `INSERT` per statement.
+    pub(crate) fn write_held(&self) -> Result<(), Error> {
+        let mut held = self.held.borrow_mut();
+        if !held.is_pending() {
+            return Ok(());
+        }
+        let written = held.pending().into_iter().try_for_each(|merged| {
+            let changed = match &self.kind {
+                ConnKind::Postgres(session) => {
+                    session.borrow_mut().execute(&merged.sql, &merged.values)
+                }
+                ConnKind::Mysql(session) => {
+                    session.borrow_mut().execute(&merged.sql, &merged.values)
+                }
+                ConnKind::Sqlite(conn) => conn
+                    .prepare_cached(&merged.sql)
+                    .and_then(|mut statement| {
+                        statement.execute(rusqlite::params_from_iter(merged.values.iter()))
+                    })
+                    .map(|changed| changed as u64)
+                    .map_err(Error::from),
+            };
+            self.noted(changed).map(drop)
+        });
+        match &written {
+            Ok(()) => held.written(),
+            Err(error) => held.failed = Some(error.to_string()),
+        }
+        written
+    }
+
+    /// Inserts one row with `sql`, a single-row `INSERT … VALUES (?, …)`, now or, on a
+    /// server's writer, together with other units' rows (see `UnitOfWork::insert`).
+    pub(crate) fn insert(&self, sql: &'static str, params: impl Params) -> Result<(), Error> {
+        let values = params.values();
+        let Some(values) = self.held.borrow_mut().hold(sql, values) else {
+            return Ok(());
+        };
+        self.execute(sql, values.as_slice()).map(drop)
+    }
+
+    /// Whether `insert` holds rows back from here on; never on SQLite, whose statements
+    /// cost no round trip.
+    pub(crate) fn hold_rows(&self, holding: bool) {
+        self.held.borrow_mut().holding = holding && self.backend() != Backend::Sqlite;
+    }
+
+    pub(crate) fn held_mark(&self) -> HeldMark {
+        self.held.borrow().mark()
+    }
+
+    /// A unit that started at `mark` rolled back: see `HeldRows::roll_back_to`.
+    pub(crate) fn roll_back_held(&self, mark: HeldMark) {
+        self.held.borrow_mut().roll_back_to(mark);
+    }
+
+    /// How writing held rows failed, if it did: then the batch's units run again alone.
+    pub(crate) fn held_failure(&self) -> Option<String> {
+        self.held.borrow().failed.clone()
+    }
+
+    /// Forgets the held rows: the transaction ended.
+    pub(crate) fn clear_held(&self) {
+        self.held.borrow_mut().clear();
     }
 
     /// Notes that a server statement ran, and whether it failed on a lock conflict.
@@ -520,8 +603,12 @@ impl Conn {
                     .execute(rusqlite::params_from_iter(values.iter()))?;
                 Ok(changed as u64)
             }
-            ConnKind::Postgres(session) => self.noted(session.borrow_mut().execute(sql, &values)),
-            ConnKind::Mysql(session) => self.noted(session.borrow_mut().execute(sql, &values)),
+            ConnKind::Postgres(session) => {
+                self.on_server(|| session.borrow_mut().execute(sql, &values))
+            }
+            ConnKind::Mysql(session) => {
+                self.on_server(|| session.borrow_mut().execute(sql, &values))
+            }
         }
     }
 
@@ -557,8 +644,10 @@ impl Conn {
     pub fn execute_batch(&self, sql: &str) -> Result<(), Error> {
         match &self.kind {
             ConnKind::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
-            ConnKind::Postgres(session) => self.noted(session.borrow_mut().execute_batch(sql)),
-            ConnKind::Mysql(session) => self.noted(session.borrow_mut().execute_batch(sql)),
+            ConnKind::Postgres(session) => {
+                self.on_server(|| session.borrow_mut().execute_batch(sql))
+            }
+            ConnKind::Mysql(session) => self.on_server(|| session.borrow_mut().execute_batch(sql)),
         }
     }
 
@@ -581,12 +670,12 @@ impl Conn {
                 Ok(converted)
             }
             ConnKind::Postgres(session) => self
-                .noted(session.borrow_mut().query(sql, &values))?
+                .on_server(|| session.borrow_mut().query(sql, &values))?
                 .iter()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .collect(),
             ConnKind::Mysql(session) => self
-                .noted(session.borrow_mut().query(sql, &values))?
+                .on_server(|| session.borrow_mut().query(sql, &values))?
                 .iter()
                 .map(|found| row(&Row(RowKind::Mysql(found))))
                 .collect(),
@@ -610,12 +699,12 @@ impl Conn {
                     .transpose()
             }
             ConnKind::Postgres(session) => self
-                .noted(session.borrow_mut().query(sql, &values))?
+                .on_server(|| session.borrow_mut().query(sql, &values))?
                 .first()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .transpose(),
             ConnKind::Mysql(session) => self
-                .noted(session.borrow_mut().query(sql, &values))?
+                .on_server(|| session.borrow_mut().query(sql, &values))?
                 .first()
                 .map(|found| row(&Row(RowKind::Mysql(found))))
                 .transpose(),
@@ -664,13 +753,15 @@ impl Conn {
     /// `execute_batch`, except that PostgreSQL sends `sql` with the next statement, in the
     /// same flight, rather than waiting for its answer now: how it went comes back from
     /// `take_deferred_error`. For steps whose failure only the end of a batch acts on.
+    /// Rows held back stay held: a savepoint step leaves them as they are.
     pub(crate) fn defer(&self, sql: &str) -> Result<(), Error> {
         match &self.kind {
             ConnKind::Postgres(session) => {
                 session.borrow_mut().defer(sql);
                 Ok(())
             }
-            _ => self.execute_batch(sql),
+            ConnKind::Mysql(session) => self.noted(session.borrow_mut().execute_batch(sql)),
+            ConnKind::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
         }
     }
 
