@@ -179,6 +179,7 @@ pub(crate) async fn start(
         lease: subscription.options.lease,
         batch: i64::from(subscription.options.batch.max(1)),
         linger: subscription.options.linger,
+        linger_at_rest: subscription.options.linger_at_rest,
         dispatcher: Dispatcher {
             db: db.clone(),
             group: group.clone(),
@@ -210,6 +211,7 @@ pub(crate) struct Shared {
     lease: Duration,
     pub(crate) batch: i64,
     linger: Duration,
+    linger_at_rest: bool,
     pub(crate) dispatcher: Dispatcher,
     lanes: Lanes,
 }
@@ -221,6 +223,13 @@ impl Shared {
 
     fn lease_millis(&self) -> i64 {
         i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Does a read of `rows` wait for more (`ConsumerOptions::linger`)?
+    fn lingers_for(&self, rows: usize) -> bool {
+        !self.linger.is_zero()
+            && (rows as i64) < self.batch
+            && (self.linger_at_rest || self.db().is_busy())
     }
 }
 
@@ -697,7 +706,7 @@ async fn run_lane(shared: Arc<Shared>, partition: i64, stop: CancellationToken) 
         }
         polled = false;
         lag.set((head_seen - position).max(0) as f64);
-        if !lingered && !shared.linger.is_zero() && (batch.len() as i64) < limit {
+        if !lingered && shared.lingers_for(batch.len()) {
             lingered = true;
             if pause(&stop, shared.linger).await {
                 return;

@@ -20,6 +20,7 @@ on_every_backend!(
     a_backlog_keeps_its_order_and_loses_nothing_when_a_batch_deep_in_it_fails,
     an_idempotent_group_handles_everything_and_writes_no_inbox_marks,
     a_lingering_consumer_waits_for_a_fuller_batch,
+    a_consumer_lingering_only_under_load_handles_a_message_at_rest_at_once,
     the_topic_watch_moves_when_a_message_on_its_topic_commits,
     the_backlog_counts_what_waits_in_each_partition,
 );
@@ -195,6 +196,71 @@ async fn a_lingering_consumer_waits_for_a_fuller_batch(scratch: Scratch) {
         *calls.lock().unwrap(),
         [2],
         "the first ping did not wait for the second"
+    );
+    db.close().await;
+}
+
+/// `linger_at_rest: false`: with the writers idle a message is handled without the linger;
+/// while they run batches of several units, a short read waits for more. The second half
+/// needs another process to publish while this one's writers are busy: a server (SQLite's
+/// one writer would hold the file's lock).
+async fn a_consumer_lingering_only_under_load_handles_a_message_at_rest_at_once(scratch: Scratch) {
+    let db = migrated(&scratch).await;
+    let (calls, subscription) = batch_recorder(None);
+    let linger = Duration::from_secs(3);
+    let consumer = SqlLog::new(db.clone())
+        .subscribe(subscription.with_options(ConsumerOptions {
+            partitions: 1,
+            linger,
+            linger_at_rest: false,
+            ..impatient()
+        }))
+        .await
+        .unwrap();
+    let published = std::time::Instant::now();
+    publish(&db, 1).await;
+    wait_until("the ping at rest handled", async || handled(&db).await == 1).await;
+    assert!(
+        published.elapsed() < linger / 2,
+        "the ping at rest waited {:?}",
+        published.elapsed()
+    );
+    let mut expected = vec![1];
+    if db.backend() != platform::Backend::Sqlite {
+        // Under load: two units running on this process's writers, while another process
+        // publishes a ping, then another.
+        let load: Vec<_> = (0..2)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    db.write(|_uow| {
+                        std::thread::sleep(Duration::from_millis(1500));
+                        Ok::<_, platform::StoreError>(())
+                    })
+                    .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let other = scratch.open().await;
+        publish(&other, 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        publish(&other, 1).await;
+        for unit in load {
+            unit.await.unwrap().unwrap();
+        }
+        wait_until("the pings under load handled", async || {
+            handled(&db).await == 3
+        })
+        .await;
+        other.close().await;
+        expected.push(2);
+    }
+    consumer.stop().await;
+    assert_eq!(
+        *calls.lock().unwrap(),
+        expected,
+        "the ping read under load did not wait for the next"
     );
     db.close().await;
 }

@@ -4,7 +4,10 @@ use crate::api::EventBooked;
 use crate::domain::{Availability, Booking, BookingId, BookingRequest, EventId, Invalid, SoldOut};
 use crate::store;
 use events_api::EventCreated;
-use platform::{Database, HandlerError, Incoming, StoreError, Subscription, UnitOfWork};
+use platform::{
+    ConsumerOptions, Database, HandlerError, Incoming, StoreError, Subscription, UnitOfWork,
+};
+use std::time::Duration;
 
 /// Bookings' consumer group for the events service's messages.
 pub const EVENTS_GROUP: &str = "bookings.learn-events";
@@ -119,10 +122,23 @@ fn known_id(event_id: &str) -> Result<EventId, BookingsError> {
 }
 
 /// Bookings learns events only from `events.EventCreated`, into its own table, as many at
-/// once as a read of the log brings: one insert for all of them.
+/// once as a read of the log brings: one insert for all of them. Under load a short read
+/// waits a little for more, since each call is a unit of work of its own on the writer (on a
+/// server, four round trips whatever its size); at rest an event is learned at once.
 pub fn subscriptions() -> Vec<Subscription> {
-    vec![Subscription::new(EVENTS_GROUP).on_batch(learn_events)]
+    vec![Subscription::new(EVENTS_GROUP)
+        .on_batch(learn_events)
+        .with_options(ConsumerOptions {
+            linger: LEARN_LINGER,
+            linger_at_rest: false,
+            ..ConsumerOptions::default()
+        })]
 }
+
+/// How long a short read waits for more under load. With 32 clients posting events, five
+/// interleaved runs each: MariaDB 7.4k → 8.0k POST/s on average, PostgreSQL 6.1k → 6.5k;
+/// lingering at rest as well gained about as much but tripled the p99 of POST to bookable.
+const LEARN_LINGER: Duration = Duration::from_millis(5);
 
 /// Refuses the whole call for one bad event: the platform then hands the events over one
 /// at a time, and only the bad one is dead-lettered.

@@ -24,7 +24,7 @@ use head::LogHead;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -328,6 +328,27 @@ struct Inner {
     stopping: Arc<AtomicBool>,
     /// A server's address, for work that needs a connection of its own (migrations).
     server: Option<ServerUrl>,
+    /// How many units the writers' running batches hold (`Database::is_busy`).
+    writing: Arc<AtomicUsize>,
+}
+
+/// Counts a running batch's units for as long as it lives.
+struct Writing<'a> {
+    writing: &'a AtomicUsize,
+    units: usize,
+}
+
+impl<'a> Writing<'a> {
+    fn enter(writing: &'a AtomicUsize, units: usize) -> Writing<'a> {
+        writing.fetch_add(units, Ordering::Relaxed);
+        Writing { writing, units }
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.writing.fetch_sub(self.units, Ordering::Relaxed);
+    }
 }
 
 type Connect = Box<dyn Fn() -> Result<Conn, sql::Error> + Send + Sync>;
@@ -553,6 +574,12 @@ impl Database {
         Ok(result
             .await
             .unwrap_or(Attempt::Done(Err(E::from(StoreError::Abandoned)))))
+    }
+
+    /// Are the writers under load: running batches of several units? At rest a batch is
+    /// one unit (a request's, or one consumer lane's), and mostly none is running.
+    pub(crate) fn is_busy(&self) -> bool {
+        self.inner.writing.load(Ordering::Relaxed) > 1
     }
 
     /// Returns once the log's rows up to `position`, of this process or of another on the

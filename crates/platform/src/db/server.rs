@@ -18,11 +18,11 @@
 use super::LogHead;
 use super::{
     apply, gather, run_unit, spawn_thread, Command, Finish, Inner, Job, Migration, Outgoing, Ran,
-    Readers, StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
+    Readers, StoreError, UnitOfWork, WriterMetrics, Writing, WRITE_QUEUE,
 };
 use crate::log;
 use crate::sql::{self, Backend, Conn, ServerUrl};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -73,12 +73,14 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
     let stopped_tx = Arc::new(watch::Sender::new(0));
     let stopped = stopped_tx.subscribe();
     let stopping = Arc::new(AtomicBool::new(false));
+    let writing = Arc::new(AtomicUsize::new(0));
     for (index, uow) in writers.into_iter().enumerate() {
         let writer = Writer {
             uow,
             server: server.clone(),
             head: head.clone(),
             stopping: stopping.clone(),
+            writing: writing.clone(),
         };
         let (queue, stopped, fatal) = (queue.clone(), stopped_tx.clone(), fatal_tx.clone());
         spawn_thread(&format!("conveyor-writer-{index}"), move || {
@@ -110,6 +112,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         stop_watcher: Mutex::new(Some(stop_watcher)),
         stopping,
         server: Some(server),
+        writing,
     })
 }
 
@@ -214,6 +217,7 @@ struct Writer {
     server: ServerUrl,
     head: Arc<LogHead>,
     stopping: Arc<AtomicBool>,
+    writing: Arc<AtomicUsize>,
 }
 
 impl Writer {
@@ -236,7 +240,10 @@ impl Writer {
             }
             metrics.batch_units.record(batch.len() as f64);
             let started = Instant::now();
-            let end = run_batch(&mut self.uow, &self.head, batch);
+            let end = {
+                let _writing = Writing::enter(&self.writing, batch.len());
+                run_batch(&mut self.uow, &self.head, batch)
+            };
             metrics.commit_seconds.record(started.elapsed());
             if let Some(position) = end.committed_position {
                 self.head.advance(position);

@@ -10,14 +10,14 @@
 
 use super::{
     gather, run_unit, spawn_thread, Command, Finish, Inner, Job, LogHead, Outgoing, Ran, Readers,
-    StoreError, UnitOfWork, WriterMetrics, WRITE_QUEUE,
+    StoreError, UnitOfWork, WriterMetrics, Writing, WRITE_QUEUE,
 };
 use crate::log;
 use crate::sql::{self, Backend, Conn};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -82,13 +82,15 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
     let log_head = head.clone();
     let stopping = Arc::new(AtomicBool::new(false));
     let writer_stopping = stopping.clone();
+    let writing = Arc::new(AtomicUsize::new(0));
+    let writer_writing = writing.clone();
     spawn_thread("conveyor-writer", move || {
         let reports = Reports {
             head: writer_head,
             flushed: writer_flushed,
             fatal: fatal_tx,
         };
-        run_writer(uow, queue, wal, reports, &writer_stopping);
+        run_writer(uow, queue, wal, reports, &writer_stopping, &writer_writing);
         stopped_tx.send_replace(1);
     })?;
     spawn_thread("conveyor-watcher", move || {
@@ -106,6 +108,7 @@ pub(super) fn start(path: &Path) -> Result<Inner, StoreError> {
         stop_watcher: Mutex::new(Some(stop_watcher)),
         stopping,
         server: None,
+        writing,
     })
 }
 
@@ -245,6 +248,7 @@ fn run_writer(
     wal: std::fs::File,
     reports: Reports,
     stopping: &AtomicBool,
+    writing: &AtomicUsize,
 ) {
     let metrics = WriterMetrics::register();
     let head = reports.head.clone();
@@ -282,7 +286,10 @@ fn run_writer(
         }
         metrics.batch_units.record(batch.len() as f64);
         let started = Instant::now();
-        let end = run_batch(&mut uow, &head, batch);
+        let end = {
+            let _writing = Writing::enter(writing, batch.len());
+            run_batch(&mut uow, &head, batch)
+        };
         metrics.commit_seconds.record(started.elapsed());
         if let Some(batch) = end.committed {
             // The syncer outlives this loop, so the send cannot fail.
