@@ -501,7 +501,8 @@ fn commit(
     counter_wait: bool,
 ) -> Result<Option<i64>, sql::Error> {
     if !counter_wait && waits_for_counter(conn, outbox) {
-        conn.execute_batch(COUNTER_WAIT)?;
+        // With the held rows or the counter bump, whichever goes first.
+        conn.defer(COUNTER_WAIT)?;
     }
     let committed = log::append_numbered(conn, outbox).and_then(|position| {
         head.appended(position, outbox);

@@ -481,24 +481,28 @@ impl Conn {
         if !held.is_pending() {
             return Ok(());
         }
-        let written = held.pending().into_iter().try_for_each(|merged| {
-            let changed = match &self.kind {
-                ConnKind::Postgres(session) => {
-                    session.borrow_mut().execute(&merged.sql, &merged.values)
-                }
-                ConnKind::Mysql(session) => {
-                    session.borrow_mut().execute(&merged.sql, &merged.values)
-                }
-                ConnKind::Sqlite(conn) => conn
-                    .prepare_cached(&merged.sql)
-                    .and_then(|mut statement| {
-                        statement.execute(rusqlite::params_from_iter(merged.values.iter()))
-                    })
-                    .map(|changed| changed as u64)
-                    .map_err(Error::from),
-            };
-            self.noted(changed).map(drop)
-        });
+        let pending = held.pending();
+        let written = match &self.kind {
+            // In one flight: the statements' answers are only checked.
+            ConnKind::Postgres(session) => {
+                let statements: Vec<(&str, &[Value<'_>])> = pending
+                    .iter()
+                    .map(|merged| (merged.sql.as_str(), merged.values.as_slice()))
+                    .collect();
+                self.noted(session.borrow_mut().execute_all(&statements))
+            }
+            ConnKind::Mysql(session) => pending.iter().try_for_each(|merged| {
+                let changed = session.borrow_mut().execute(&merged.sql, &merged.values);
+                self.noted(changed).map(drop)
+            }),
+            // Unreached: SQLite never holds rows (`hold_rows`).
+            ConnKind::Sqlite(conn) => pending.iter().try_for_each(|merged| {
+                conn.prepare_cached(&merged.sql)?
+                    .execute(rusqlite::params_from_iter(merged.values.iter()))?;
+                Ok(())
+            }),
+        };
+        drop(pending);
         match &written {
             Ok(()) => held.written(),
             Err(error) => held.failed = Some(error.to_string()),

@@ -119,6 +119,27 @@ impl PgSession {
         self.settle(flight)
     }
 
+    /// Runs `statements` in one flight: each goes out before the first answer comes back.
+    pub(crate) fn execute_all(&mut self, statements: &[(&str, &[Value<'_>])]) -> Result<(), Error> {
+        let prepared = statements
+            .iter()
+            .map(|(sql, _)| self.prepare(sql))
+            .collect::<Result<Vec<_>, _>>()?;
+        let values: Vec<_> = statements.iter().map(|(_, values)| bound(values)).collect();
+        let requests = prepared
+            .iter()
+            .zip(&values)
+            .map(|(statement, values)| self.client.execute(statement, values));
+        let deferred = self.deferred.take();
+        let flight = in_flight(
+            &self.runtime,
+            &self.client,
+            deferred,
+            future::try_join_all(requests),
+        );
+        self.settle(flight).map(drop)
+    }
+
     pub(crate) fn query(&mut self, sql: &str, values: &[Value<'_>]) -> Result<Vec<Row>, Error> {
         let statement = self.prepare(sql)?;
         let values = bound(values);
