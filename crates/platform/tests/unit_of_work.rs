@@ -74,6 +74,7 @@ on_every_backend!(
     rows_units_insert_are_read_by_the_statements_after_them_in_the_batch,
     a_row_that_fails_to_insert_with_others_fails_its_own_unit_only,
     a_unit_that_rolls_back_keeps_the_rows_of_the_units_before_it,
+    a_unit_may_insert_more_rows_than_a_writer_holds_at_once,
 );
 
 mod postgres_only {
@@ -418,6 +419,27 @@ async fn a_unit_that_rolls_back_keeps_the_rows_of_the_units_before_it(scratch: S
     assert!(matches!(told[1], Err(Failure::Refused)), "{told:?}");
     let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled ORDER BY seq").await;
     assert_eq!(rows, [1, 4]);
+}
+
+/// A writer holds a bounded number of rows: a unit inserting more has them written as it
+/// goes (and the rest at the commit), every one once.
+async fn a_unit_may_insert_more_rows_than_a_writer_holds_at_once(scratch: Scratch) {
+    let db = open(&scratch).await;
+    db.write(|uow| {
+        for seq in 1..=5000 {
+            insert_handled(uow, seq)?;
+        }
+        Ok::<_, StoreError>(())
+    })
+    .await
+    .expect("commits");
+    let counted: Vec<i64> = column(
+        &db,
+        "SELECT COUNT(DISTINCT seq) FROM conformance_handled WHERE seq BETWEEN 1 AND 5000",
+    )
+    .await;
+    let rows: Vec<i64> = column(&db, "SELECT COUNT(*) FROM conformance_handled").await;
+    assert_eq!((counted, rows), (vec![5000], vec![5000]));
 }
 
 async fn a_lease_shorter_than_two_handler_timeouts_is_refused(scratch: Scratch) {

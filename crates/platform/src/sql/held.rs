@@ -15,6 +15,9 @@ use super::Value;
 /// Rows one statement writes at most: far below every server's limit of placeholders
 /// (65 535), with the widest rows the services insert.
 const MAX_ROWS: usize = 500;
+/// Rows held before they are written whatever comes next: a unit inserting many rows keeps
+/// a bounded amount of them in memory.
+const MAX_HELD: usize = 4 * MAX_ROWS;
 
 /// A bound value the writer owns until the row is written.
 #[derive(Debug, Clone)]
@@ -98,6 +101,11 @@ impl HeldRows {
 
     pub fn is_pending(&self) -> bool {
         self.written < self.rows.len()
+    }
+
+    /// Are enough rows pending to write them now?
+    pub fn is_full(&self) -> bool {
+        self.rows.len() - self.written >= MAX_HELD
     }
 
     /// The statements that write the rows not yet written: for each statement, in the
@@ -277,6 +285,18 @@ mod tests {
             .hold(INSERT, vec![Value::Int(1), Value::Int(2)])
             .is_some());
         assert!(!rows.is_pending());
+    }
+
+    #[test]
+    fn a_holder_is_full_at_its_bound_and_empty_once_written() {
+        let mut rows = holding();
+        for value in 0..MAX_HELD as i64 {
+            assert!(!rows.is_full());
+            rows.hold("INSERT INTO u (c) VALUES (?)", vec![Value::Int(value)]);
+        }
+        assert!(rows.is_full());
+        rows.written();
+        assert!(!rows.is_full());
     }
 
     #[test]

@@ -515,6 +515,9 @@ impl Conn {
     pub(crate) fn insert(&self, sql: &'static str, params: impl Params) -> Result<(), Error> {
         let values = params.values();
         let Some(values) = self.held.borrow_mut().hold(sql, values) else {
+            if self.held.borrow().is_full() {
+                return self.write_held();
+            }
             return Ok(());
         };
         self.execute(sql, values.as_slice()).map(drop)
