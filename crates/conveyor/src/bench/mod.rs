@@ -162,41 +162,44 @@ async fn myevents(args: BenchArgs) -> anyhow::Result<()> {
     quiet_rate += load.rate(quiet.address, get(&event_path)).await?;
     drop(quiet);
 
-    let (bare_label, bare_rate_tx) = match &database {
-        Some(database) => {
-            progress(&format!(
-                "baseline: bare single-row insert transactions from {} connections",
-                args.concurrency
-            ));
-            let rate = bare_server(database.url(), args.concurrency, duration).await?;
-            (
-                format!(
-                    "POST /events (req/s) vs bare tx/s, {} conns",
-                    args.concurrency
-                ),
-                rate,
-            )
-        }
-        None => {
-            progress("baseline: bare single-row SQLite transactions (WAL, synchronous=FULL)");
-            let rate = bare_sqlite(&dir.path().join("bare.db"), duration).await?;
-            ("POST /events (req/s) vs bare SQLite tx/s".to_owned(), rate)
-        }
+    let bare_label = match &database {
+        Some(_) => format!(
+            "POST /events (req/s) vs bare tx/s, {} conns",
+            args.concurrency
+        ),
+        None => "POST /events (req/s) vs bare SQLite tx/s".to_owned(),
     };
-
-    progress("POST /events");
+    let mut bare_inserts = match &database {
+        Some(database) => BareInserts::server(database.url(), args.concurrency).await?,
+        None => BareInserts::sqlite(&dir.path().join("bare.db"))?,
+    };
+    progress(&format!(
+        "POST /events and {} alternating, {SLICES} slices each",
+        bare_inserts.describe()
+    ));
+    let slice = duration / SLICES;
     let template = seed_event(NAME_SLOT);
-    // No warm-up: the GETs warmed the server, and a second of POSTs would leave its backlog
-    // of messages for the consumers to work off inside the measured window.
-    let post_rate = load
-        .measure(server.address, move |n| {
-            let body = template.replacen(NAME_SLOT, &format!("load {n}"), 1);
-            request(http::Method::POST, "/events", body.into())
-        })
-        .await?;
+    let (mut post_rate, mut bare_rate_tx) = (0.0, 0.0);
+    for round in 0..SLICES {
+        let (returned, rate) = bare_inserts.run(slice).await?;
+        bare_inserts = returned;
+        bare_rate_tx += rate / f64::from(SLICES);
+        // No warm-up: the GETs warmed the server, and a second of POSTs would leave its
+        // backlog of messages for the consumers to work off inside the measured window.
+        let template = template.clone();
+        post_rate += load
+            .measured_for(slice)
+            .measure(server.address, move |n| {
+                let body = template.replacen(NAME_SLOT, &format!("load {round}-{n}"), 1);
+                request(http::Method::POST, "/events", body.into())
+            })
+            .await?
+            / f64::from(SLICES);
+        // The consumers' backlog is worked off between slices, not in the next bare one.
+        wait_for_zero_lag(&client, &server).await?;
+    }
+    bare_inserts.close().await?;
 
-    progress("waiting for the consumers to work off the POST backlog");
-    wait_for_zero_lag(&client, &server).await?;
     progress(&format!(
         "propagation: {} events from POST /events returning to bookable",
         args.samples
@@ -422,6 +425,14 @@ type LoadRequest = http::Request<Full<Bytes>>;
 const WARM_UP: Duration = Duration::from_secs(1);
 
 impl Load {
+    /// The same load, for `duration` instead.
+    fn measured_for(&self, duration: Duration) -> Load {
+        Load {
+            duration,
+            concurrency: self.concurrency,
+        }
+    }
+
     /// Successful (2xx) requests per second, after `WARM_UP`; `make` builds request number `n`.
     async fn rate<F>(&self, address: SocketAddr, make: F) -> anyhow::Result<f64>
     where
@@ -546,70 +557,129 @@ async fn serve_bare_axum(body: Bytes) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Single-row transactions per second, one after another, with the durability settings the
-/// platform uses (WAL, synchronous=FULL), through the same driver (rusqlite) on a thread of
-/// their own.
-async fn bare_sqlite(path: &Path, duration: Duration) -> anyhow::Result<f64> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+/// How many slices the POST rate and its baseline's are each measured in, alternating: on
+/// this VM two runs minutes apart can differ by a quarter or more, so measuring one after the
+/// other compared two moments as much as two ways of writing.
+const SLICES: u32 = 3;
+
+/// The baseline POST is compared with: single-row insert transactions (`BEGIN`, `INSERT`,
+/// `COMMIT`) of the seed event's JSON, through the platform's drivers, on connections opened
+/// once and kept between slices.
+enum BareInserts {
+    /// One connection with the durability settings the platform uses (WAL,
+    /// `synchronous=FULL`), committing one transaction after another.
+    Sqlite(rusqlite::Connection),
+    /// As many server connections as HTTP clients, each on a thread of its own, and the
+    /// next row's id.
+    Server {
+        conns: Vec<platform::sql::Conn>,
+        next: AtomicU64,
+    },
+}
+
+impl BareInserts {
+    fn sqlite(path: &Path) -> anyhow::Result<BareInserts> {
         let conn = rusqlite::Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch("CREATE TABLE rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")?;
-        let body = seed_event("bare");
-        let started = Instant::now();
-        let mut count = 0u64;
-        while started.elapsed() < duration {
-            conn.execute_batch("BEGIN")?;
-            conn.prepare_cached("INSERT INTO rows (body) VALUES (?)")?
-                .execute([&body])?;
-            conn.execute_batch("COMMIT")?;
-            count += 1;
+        conn.execute_batch("CREATE TABLE bench_rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")?;
+        Ok(BareInserts::Sqlite(conn))
+    }
+
+    async fn server(url: &str, clients: usize) -> anyhow::Result<BareInserts> {
+        let url = url.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let conns = (0..clients)
+                .map(|_| platform::sql::connect(&url))
+                .collect::<Result<Vec<_>, _>>()?;
+            conns[0].execute_batch(
+                "CREATE TABLE bench_rows (id BIGINT PRIMARY KEY, body TEXT NOT NULL)",
+            )?;
+            Ok(BareInserts::Server {
+                conns,
+                next: AtomicU64::new(0),
+            })
+        })
+        .await?
+    }
+
+    /// Closes the connections off the async runtime (a PostgreSQL session has a runtime of
+    /// its own, which may not be dropped inside another).
+    async fn close(self) -> anyhow::Result<()> {
+        Ok(tokio::task::spawn_blocking(move || drop(self)).await?)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            BareInserts::Sqlite(_) => {
+                "bare single-row SQLite transactions (WAL, synchronous=FULL)".to_owned()
+            }
+            BareInserts::Server { conns, .. } => format!(
+                "bare single-row insert transactions from {} connections",
+                conns.len()
+            ),
         }
-        Ok(count as f64 / started.elapsed().as_secs_f64())
-    })
-    .await?
+    }
+
+    /// Transactions per second over `duration`; the connections come back for the next slice.
+    async fn run(mut self, duration: Duration) -> anyhow::Result<(BareInserts, f64)> {
+        tokio::task::spawn_blocking(move || {
+            let body = seed_event("bare");
+            let started = Instant::now();
+            let committed = match &mut self {
+                BareInserts::Sqlite(conn) => insert_until(started + duration, || {
+                    conn.execute_batch("BEGIN")?;
+                    conn.prepare_cached("INSERT INTO bench_rows (body) VALUES (?)")?
+                        .execute([&body])?;
+                    Ok(conn.execute_batch("COMMIT")?)
+                })?,
+                BareInserts::Server { conns, next } => {
+                    std::thread::scope(|scope| {
+                        let threads: Vec<_> = conns
+                            // Each thread its own connection: one is not shared (`!Sync`).
+                            .iter_mut()
+                            .map(|conn| {
+                                let (next, body) = (&*next, &body);
+                                scope.spawn(move || {
+                                    insert_until(started + duration, || {
+                                        let id = next.fetch_add(1, Ordering::Relaxed) as i64;
+                                        conn.execute_batch("BEGIN")?;
+                                        conn.execute(
+                                            "INSERT INTO bench_rows (id, body) VALUES (?, ?)",
+                                            (id, body),
+                                        )?;
+                                        Ok(conn.execute_batch("COMMIT")?)
+                                    })
+                                })
+                            })
+                            .collect();
+                        threads.into_iter().try_fold(0, |total, thread| {
+                            let count = thread
+                                .join()
+                                .map_err(|_| anyhow::anyhow!("a baseline client panicked"))??;
+                            anyhow::Ok(total + count)
+                        })
+                    })?
+                }
+            };
+            let rate = committed as f64 / started.elapsed().as_secs_f64();
+            Ok((self, rate))
+        })
+        .await?
+    }
 }
 
-/// Single-row insert transactions per second (`BEGIN`, `INSERT`, `COMMIT`) from `clients`
-/// connections at once, each on a thread of its own, through the platform's driver.
-async fn bare_server(url: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-    let url = url.to_owned();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-        platform::sql::connect(&url)?
-            .execute_batch("CREATE TABLE bench_rows (id BIGINT PRIMARY KEY, body TEXT NOT NULL)")?;
-        let body = seed_event("bare");
-        let next = Arc::new(AtomicU64::new(0));
-        let started = Instant::now();
-        let threads: Vec<_> = (0..clients)
-            .map(|_| {
-                let (url, body, next) = (url.clone(), body.clone(), next.clone());
-                std::thread::spawn(move || -> anyhow::Result<u64> {
-                    let conn = platform::sql::connect(&url)?;
-                    let mut count = 0;
-                    while started.elapsed() < duration {
-                        let id = next.fetch_add(1, Ordering::Relaxed) as i64;
-                        conn.execute_batch("BEGIN")?;
-                        conn.execute(
-                            "INSERT INTO bench_rows (id, body) VALUES (?, ?)",
-                            (id, &body),
-                        )?;
-                        conn.execute_batch("COMMIT")?;
-                        count += 1;
-                    }
-                    Ok(count)
-                })
-            })
-            .collect();
-        let mut total = 0;
-        for thread in threads {
-            total += thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("a baseline client panicked"))??;
-        }
-        Ok(total as f64 / started.elapsed().as_secs_f64())
-    })
-    .await?
+/// Runs `insert` until `deadline`; how many times it ran.
+fn insert_until(
+    deadline: Instant,
+    mut insert: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut count = 0;
+    while Instant::now() < deadline {
+        insert()?;
+        count += 1;
+    }
+    Ok(count)
 }
 
 struct Server {
