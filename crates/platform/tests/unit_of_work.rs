@@ -73,6 +73,7 @@ on_every_backend!(
     a_commit_of_another_process_wakes_consumers_at_once,
     rows_units_insert_are_read_by_the_statements_after_them_in_the_batch,
     a_row_that_fails_to_insert_with_others_fails_its_own_unit_only,
+    a_row_that_fails_with_a_later_units_statement_fails_its_own_unit_only,
     a_unit_that_rolls_back_keeps_the_rows_of_the_units_before_it,
     a_unit_may_insert_more_rows_than_a_writer_holds_at_once,
 );
@@ -392,6 +393,38 @@ async fn a_row_that_fails_to_insert_with_others_fails_its_own_unit_only(scratch:
     }
     let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled ORDER BY seq").await;
     assert_eq!(rows, [0, 1, 2, 3, 4, 5, 6, 7]);
+}
+
+/// Held rows go out with the next statement (on PostgreSQL in its flight): when one of them
+/// fails, the statement of the later unit fails with it, yet only the row's unit is told.
+async fn a_row_that_fails_with_a_later_units_statement_fails_its_own_unit_only(scratch: Scratch) {
+    let db = open(&scratch).await;
+    db.write(|uow| insert_handled(uow, 3))
+        .await
+        .expect("the row unit 3 will collide with");
+    let mut units: Vec<Unit<i64>> = (0..5)
+        .map(|seq| {
+            Box::new(move |uow: &mut platform::UnitOfWork| {
+                insert_handled(uow, seq)?;
+                Ok(seq)
+            }) as Unit<i64>
+        })
+        .collect();
+    units.push(Box::new(|uow| {
+        let rows = uow
+            .conn()
+            .scalar("SELECT COUNT(*) FROM conformance_handled", ())
+            .map_err(StoreError::from)?;
+        Ok(rows)
+    }));
+    let told = in_one_batch(&db, units).await;
+    for (seq, told) in told.iter().enumerate().take(5) {
+        assert_eq!(told.is_ok(), seq != 3, "unit {seq} was told {told:?}");
+    }
+    // Run again alone, the units may commit in any order: what it read is not checked.
+    assert!(told[5].is_ok(), "the reading unit was told {:?}", told[5]);
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled ORDER BY seq").await;
+    assert_eq!(rows, [0, 1, 2, 3, 4]);
 }
 
 /// A unit that rolls back after a statement of its own has rolled back the rows of earlier

@@ -2,7 +2,7 @@
 //! filled from `events.EventCreated`) and the bookings (`bookings_bookings`).
 
 use crate::domain::{Availability, Booking, BookingId, EventId};
-use platform::sql::{Conn, Error, Row, ToValue};
+use platform::sql::{Conn, Error, Row};
 use platform::{Migration, UnitOfWork};
 
 pub const MIGRATIONS: &[Migration] = &[Migration {
@@ -56,25 +56,14 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// Most bookings a summary lists.
 pub const MAX_LISTED: i64 = 1000;
 
-/// Events per multi-row insert: 2 placeholders each, far below every backend's limit.
-const EVENTS_PER_INSERT: usize = 256;
-
 /// Remembers events as bookable, with their capacities; a second copy of an event changes
-/// nothing.
+/// nothing. On a server the writer inserts the rows with those of the other units in its
+/// batch (`UnitOfWork::insert`), in the flight of the statement after them.
 pub fn learn_events(uow: &UnitOfWork, events: &[(EventId, i64)]) -> Result<(), Error> {
-    for chunk in events.chunks(EVENTS_PER_INSERT) {
-        let ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
-        let mut values: Vec<&dyn ToValue> = Vec::with_capacity(chunk.len() * 2);
-        for ((_, capacity), id) in chunk.iter().zip(&ids) {
-            values.extend([id as &dyn ToValue, capacity]);
-        }
-        let rows = vec!["(?, ?)"; chunk.len()].join(", ");
-        uow.conn().execute(
-            &format!(
-                "INSERT INTO bookings_events (id, capacity) VALUES {rows} \
-                 ON CONFLICT (id) DO NOTHING"
-            ),
-            values.as_slice(),
+    for (id, capacity) in events {
+        uow.insert(
+            "INSERT INTO bookings_events (id, capacity) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+            (id.to_string(), *capacity),
         )?;
     }
     Ok(())

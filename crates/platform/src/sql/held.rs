@@ -83,7 +83,8 @@ pub(super) struct HeldRows {
 
 impl HeldRows {
     /// Holds the row `statement` inserts with `values`, if `statement` is a single-row
-    /// `INSERT … VALUES (?, …)` and rows are being held; gives the values back otherwise.
+    /// `INSERT … VALUES (?, …)`, maybe `ON CONFLICT (…) DO NOTHING`, and rows are being
+    /// held; gives the values back otherwise.
     pub fn hold<'v>(
         &mut self,
         statement: &'static str,
@@ -165,9 +166,24 @@ impl HeldRows {
     }
 }
 
-/// `INSERT … VALUES (?, …)` as what comes before its row and the row's placeholders; None
-/// for any other statement (another clause after the row, more than one row).
-fn split(statement: &str) -> Option<(&str, &str)> {
+/// `INSERT … VALUES (?, …)`, maybe followed by `ON CONFLICT (…) DO NOTHING`, as what comes
+/// before its row, the row's placeholders, and the conflict clause (or nothing); None for
+/// any other statement (another clause after the row, more than one row). Rows merged
+/// under `DO NOTHING` each do what they would alone: a duplicate is skipped, even one of
+/// another row in the same statement (`DO UPDATE` would fail on that, so it is not held).
+fn split(statement: &str) -> Option<(&str, &str, &str)> {
+    let (statement, conflict) = match statement.find(" ON CONFLICT ") {
+        Some(at) => {
+            let (statement, conflict) = statement.split_at(at);
+            let target = conflict.trim().strip_prefix("ON CONFLICT (")?;
+            let (columns, action) = target.split_once(')')?;
+            if columns.contains('(') || action.trim() != "DO NOTHING" {
+                return None;
+            }
+            (statement, conflict)
+        }
+        None => (statement, ""),
+    };
     let at = statement.rfind("VALUES")? + "VALUES".len();
     let (head, row) = statement.split_at(at);
     let row = row.trim();
@@ -175,15 +191,15 @@ fn split(statement: &str) -> Option<(&str, &str)> {
     let only_placeholders = placeholders
         .split(',')
         .all(|placeholder| placeholder.trim() == "?");
-    (head.trim_start().starts_with("INSERT") && only_placeholders).then_some((head, row))
+    (head.trim_start().starts_with("INSERT") && only_placeholders).then_some((head, row, conflict))
 }
 
 /// `statement`, a single-row insert, as one that inserts `rows` rows.
 fn merged_sql(statement: &str, rows: usize) -> String {
-    let Some((head, row)) = split(statement) else {
+    let Some((head, row, conflict)) = split(statement) else {
         return statement.to_owned();
     };
-    let mut sql = String::with_capacity(head.len() + rows * (row.len() + 2));
+    let mut sql = String::with_capacity(head.len() + rows * (row.len() + 2) + conflict.len());
     sql.push_str(head);
     sql.push(' ');
     for index in 0..rows {
@@ -192,6 +208,7 @@ fn merged_sql(statement: &str, rows: usize) -> String {
         }
         sql.push_str(row);
     }
+    sql.push_str(conflict);
     sql
 }
 
@@ -228,7 +245,15 @@ mod tests {
     #[test]
     fn only_single_row_inserts_of_placeholders_are_held() {
         assert!(split(INSERT).is_some());
-        assert!(split("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING").is_none());
+        assert!(split("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING").is_some());
+        assert!(
+            split("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING RETURNING a").is_none()
+        );
+        assert!(
+            split("INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO UPDATE SET a = excluded.a")
+                .is_none()
+        );
+        assert!(split("INSERT INTO t (a) VALUES (?) RETURNING a").is_none());
         assert!(split("INSERT INTO t (a) VALUES (?), (?)").is_none());
         assert!(split("INSERT INTO t (a) VALUES (1)").is_none());
         assert!(split("UPDATE t SET a = ? WHERE b IN (SELECT VALUES (?))").is_none());
@@ -261,6 +286,21 @@ mod tests {
         rows.written();
         assert!(!rows.is_pending());
         assert!(held(&rows).is_empty());
+    }
+
+    #[test]
+    fn rows_merged_under_do_nothing_keep_the_clause_after_them() {
+        let mut rows = holding();
+        let skipping = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT (a) DO NOTHING";
+        rows.hold(skipping, vec![Value::Int(1), Value::Int(2)]);
+        rows.hold(skipping, vec![Value::Int(3), Value::Int(4)]);
+        assert_eq!(
+            held(&rows),
+            [(
+                "INSERT INTO t (a, b) VALUES (?, ?), (?, ?) ON CONFLICT (a) DO NOTHING".to_owned(),
+                vec![1, 2, 3, 4]
+            )]
+        );
     }
 
     #[test]

@@ -469,10 +469,45 @@ impl Conn {
         }
     }
 
-    /// Runs a server statement, after the rows held back before it (see `held`).
-    fn on_server<T>(&self, statement: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    /// Runs a MySQL statement, after writing the rows held back before it (see `held`).
+    fn on_mysql<T>(&self, statement: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
         self.write_held()?;
         self.noted(statement())
+    }
+
+    /// Runs a PostgreSQL request with the rows held back before it sent ahead of it, in the
+    /// same flight (see `held`). A request that fails before its flight (a statement that
+    /// does not prepare) has failed the transaction too: no unit commits without the rows.
+    fn on_postgres<T>(
+        &self,
+        session: &RefCell<PgSession>,
+        request: impl FnOnce(&mut PgSession, postgres::Ahead<'_, '_>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut held = self.held.borrow_mut();
+        if !held.is_pending() {
+            drop(held);
+            return self.noted(request(&mut session.borrow_mut(), &[]));
+        }
+        let pending = held.pending();
+        let ahead: Vec<(&str, &[Value<'_>])> = pending
+            .iter()
+            .map(|merged| (merged.sql.as_str(), merged.values.as_slice()))
+            .collect();
+        let mut session = session.borrow_mut();
+        let result = request(&mut session, &ahead);
+        let failed = session.take_ahead_error();
+        drop(ahead);
+        drop(pending);
+        match failed {
+            Some(error) => {
+                held.failed = Some(error.to_string());
+                self.noted(Err(error))
+            }
+            None => {
+                held.written();
+                self.noted(result)
+            }
+        }
     }
 
     /// Writes the rows held back, one multi-row `INSERT` per statement.
@@ -610,11 +645,11 @@ impl Conn {
                     .execute(rusqlite::params_from_iter(values.iter()))?;
                 Ok(changed as u64)
             }
-            ConnKind::Postgres(session) => {
-                self.on_server(|| session.borrow_mut().execute(sql, &values))
-            }
+            ConnKind::Postgres(session) => self.on_postgres(session, |session, ahead| {
+                session.execute(ahead, sql, &values)
+            }),
             ConnKind::Mysql(session) => {
-                self.on_server(|| session.borrow_mut().execute(sql, &values))
+                self.on_mysql(|| session.borrow_mut().execute(sql, &values))
             }
         }
     }
@@ -652,9 +687,9 @@ impl Conn {
         match &self.kind {
             ConnKind::Sqlite(conn) => Ok(conn.execute_batch(sql)?),
             ConnKind::Postgres(session) => {
-                self.on_server(|| session.borrow_mut().execute_batch(sql))
+                self.on_postgres(session, |session, ahead| session.execute_batch(ahead, sql))
             }
-            ConnKind::Mysql(session) => self.on_server(|| session.borrow_mut().execute_batch(sql)),
+            ConnKind::Mysql(session) => self.on_mysql(|| session.borrow_mut().execute_batch(sql)),
         }
     }
 
@@ -677,12 +712,12 @@ impl Conn {
                 Ok(converted)
             }
             ConnKind::Postgres(session) => self
-                .on_server(|| session.borrow_mut().query(sql, &values))?
+                .on_postgres(session, |session, ahead| session.query(ahead, sql, &values))?
                 .iter()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .collect(),
             ConnKind::Mysql(session) => self
-                .on_server(|| session.borrow_mut().query(sql, &values))?
+                .on_mysql(|| session.borrow_mut().query(sql, &values))?
                 .iter()
                 .map(|found| row(&Row(RowKind::Mysql(found))))
                 .collect(),
@@ -706,12 +741,12 @@ impl Conn {
                     .transpose()
             }
             ConnKind::Postgres(session) => self
-                .on_server(|| session.borrow_mut().query(sql, &values))?
+                .on_postgres(session, |session, ahead| session.query(ahead, sql, &values))?
                 .first()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .transpose(),
             ConnKind::Mysql(session) => self
-                .on_server(|| session.borrow_mut().query(sql, &values))?
+                .on_mysql(|| session.borrow_mut().query(sql, &values))?
                 .first()
                 .map(|found| row(&Row(RowKind::Mysql(found))))
                 .transpose(),

@@ -30,6 +30,8 @@ pub(crate) struct PgSession {
     deferred: Option<String>,
     /// How the last deferred statements failed, until `take_deferred_error`.
     deferred_error: Option<Error>,
+    /// How the statements sent ahead of the last request failed, until `take_ahead_error`.
+    ahead_error: Option<Error>,
     /// The payloads of `NOTIFY`s, forwarded by the task that drives the connection.
     notifications: mpsc::UnboundedReceiver<String>,
     /// The server said it ends the session (an administrator's `pg_terminate_backend`, a
@@ -64,6 +66,7 @@ impl PgSession {
             statements: HashMap::new(),
             deferred: None,
             deferred_error: None,
+            ahead_error: None,
             notifications,
             ended: false,
         };
@@ -71,6 +74,7 @@ impl PgSession {
         // conditional updates are written for it. Notices ("relation already exists,
         // skipping" on every start) would be logged line by line.
         session.execute_batch(
+            &[],
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
              SET client_min_messages = warning",
         )?;
@@ -78,11 +82,16 @@ impl PgSession {
     }
 
     /// Settles a flight (`in_flight`): keeps the deferred statements' failure for
-    /// `take_deferred_error`, and notes an error that ends the session.
-    fn settle<T>(&mut self, (deferred, result): Flight<T>) -> Result<T, Error> {
+    /// `take_deferred_error` and the statements' sent ahead for `take_ahead_error`, and
+    /// notes an error that ends the session.
+    fn settle<T>(&mut self, (deferred, ahead, result): Flight<T>) -> Result<T, Error> {
         if let Some(error) = deferred {
             self.ended |= ends_session(&error);
             self.deferred_error.get_or_insert(error.into());
+        }
+        if let Some(error) = ahead {
+            self.ended |= ends_session(&error);
+            self.ahead_error = Some(error.into());
         }
         if let Err(error) = &result {
             self.ended |= ends_session(error);
@@ -100,6 +109,7 @@ impl PgSession {
             &self.runtime,
             &self.client,
             deferred,
+            &[],
             self.client.prepare(&numbered),
         );
         let statement = self.settle(flight)?;
@@ -110,51 +120,69 @@ impl PgSession {
         Ok(statement)
     }
 
-    pub(crate) fn execute(&mut self, sql: &str, values: &[Value<'_>]) -> Result<u64, Error> {
+    /// `statements`, prepared and bound, to send ahead of a request.
+    fn prepare_ahead<'a>(&mut self, statements: Ahead<'a, '_>) -> Result<Prepared<'a>, Error> {
+        statements
+            .iter()
+            .map(|(sql, values)| Ok((self.prepare(sql)?, bound(values))))
+            .collect()
+    }
+
+    /// Each method that sends a request sends `ahead` before it, in the same flight:
+    /// statements whose answers are only checked (`take_ahead_error`).
+    pub(crate) fn execute(
+        &mut self,
+        ahead: Ahead<'_, '_>,
+        sql: &str,
+        values: &[Value<'_>],
+    ) -> Result<u64, Error> {
         let statement = self.prepare(sql)?;
+        let ahead = self.prepare_ahead(ahead)?;
         let values = bound(values);
         let deferred = self.deferred.take();
         let request = self.client.execute(&statement, &values);
-        let flight = in_flight(&self.runtime, &self.client, deferred, request);
+        let flight = in_flight(&self.runtime, &self.client, deferred, &ahead, request);
         self.settle(flight)
     }
 
     /// Runs `statements` in one flight: each goes out before the first answer comes back.
-    pub(crate) fn execute_all(&mut self, statements: &[(&str, &[Value<'_>])]) -> Result<(), Error> {
-        let prepared = statements
-            .iter()
-            .map(|(sql, _)| self.prepare(sql))
-            .collect::<Result<Vec<_>, _>>()?;
-        let values: Vec<_> = statements.iter().map(|(_, values)| bound(values)).collect();
-        let requests = prepared
-            .iter()
-            .zip(&values)
-            .map(|(statement, values)| self.client.execute(statement, values));
+    pub(crate) fn execute_all(&mut self, statements: Ahead<'_, '_>) -> Result<(), Error> {
+        let ahead = self.prepare_ahead(statements)?;
         let deferred = self.deferred.take();
         let flight = in_flight(
             &self.runtime,
             &self.client,
             deferred,
-            future::try_join_all(requests),
+            &ahead,
+            future::ready(Ok(())),
         );
-        self.settle(flight).map(drop)
+        self.settle(flight)?;
+        self.take_ahead_error().map_or(Ok(()), Err)
     }
 
-    pub(crate) fn query(&mut self, sql: &str, values: &[Value<'_>]) -> Result<Vec<Row>, Error> {
+    pub(crate) fn query(
+        &mut self,
+        ahead: Ahead<'_, '_>,
+        sql: &str,
+        values: &[Value<'_>],
+    ) -> Result<Vec<Row>, Error> {
         let statement = self.prepare(sql)?;
+        let ahead = self.prepare_ahead(ahead)?;
         let values = bound(values);
         let deferred = self.deferred.take();
         let request = self.client.query(&statement, &values);
-        let flight = in_flight(&self.runtime, &self.client, deferred, request);
+        let flight = in_flight(&self.runtime, &self.client, deferred, &ahead, request);
         self.settle(flight)
     }
 
-    pub(crate) fn execute_batch(&mut self, sql: &str) -> Result<(), Error> {
+    pub(crate) fn execute_batch(&mut self, ahead: Ahead<'_, '_>, sql: &str) -> Result<(), Error> {
+        let ahead = self.prepare_ahead(ahead)?;
         let deferred = self.deferred.take();
         let flight = in_flight(
             &self.runtime,
             &self.client,
             deferred,
+            &ahead,
             self.client.batch_execute(sql),
         );
         self.settle(flight)
@@ -174,6 +202,12 @@ impl PgSession {
     /// How deferred statements sent since the last call failed, if they did.
     pub(crate) fn take_deferred_error(&mut self) -> Option<Error> {
         self.deferred_error.take()
+    }
+
+    /// How the statements sent ahead of the last request failed, if they did: then the
+    /// transaction failed, and the request's own error says only that.
+    pub(crate) fn take_ahead_error(&mut self) -> Option<Error> {
+        self.ahead_error.take()
     }
 
     /// Drops deferred statements not sent yet, and the failure of those sent.
@@ -207,19 +241,28 @@ impl PgSession {
     }
 }
 
-/// The deferred statements' failure, if any, and the request's result.
+/// Statements to send ahead of a request, with their values.
+pub(crate) type Ahead<'s, 'v> = &'s [(&'s str, &'s [Value<'v>])];
+
+/// `Ahead` statements prepared, their values bound.
+type Prepared<'a> = Vec<(Statement, Vec<&'a (dyn ToSql + Sync)>)>;
+
+/// The deferred statements' failure, the failure of those sent ahead, and the request's
+/// result.
 type Flight<T> = (
+    Option<tokio_postgres::Error>,
     Option<tokio_postgres::Error>,
     Result<T, tokio_postgres::Error>,
 );
 
-/// Runs `request`, after `deferred` when there are deferred statements, in one flight: both
-/// go out before either answer comes back, in that order (`join` polls its first future
-/// first, and a request is sent when first polled).
+/// Runs `request` after `deferred` (when there are deferred statements) and `ahead`, in one
+/// flight: all go out before any answer comes back, in that order (`join3` polls its
+/// futures in order, `try_join_all` too, and a request is sent when first polled).
 fn in_flight<T>(
     runtime: &Runtime,
     client: &Client,
     deferred: Option<String>,
+    ahead: &[(Statement, Vec<&(dyn ToSql + Sync)>)],
     request: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Flight<T> {
     runtime.block_on(async {
@@ -227,8 +270,13 @@ fn in_flight<T>(
             Some(steps) => Either::Left(client.batch_execute(steps)),
             None => Either::Right(future::ready(Ok(()))),
         };
-        let (stepped, result) = future::join(steps, request).await;
-        (stepped.err(), result)
+        let ahead = future::try_join_all(
+            ahead
+                .iter()
+                .map(|(statement, values)| client.execute(statement, values)),
+        );
+        let (stepped, sent_ahead, result) = future::join3(steps, ahead, request).await;
+        (stepped.err(), sent_ahead.err(), result)
     })
 }
 
