@@ -450,15 +450,22 @@ impl Bus for BrokerBus {
         .boxed()
     }
 
-    /// What the relay has yet to publish for `group`, and what the broker holds for it.
+    /// What the broker holds for `group`, and what the relay has yet to publish for it.
+    /// The relay publishes a batch before it records its offset, so for a moment a message
+    /// is both published and behind the offset. Read the other way round, every message
+    /// in that moment at the first read, or published between the two, counted twice (a
+    /// notes API refused a save with its queue at the limit, not past it). In this order
+    /// only one published before the first read and recorded after the second counts
+    /// twice, and one published and recorded between the two is missed: the estimate errs
+    /// toward the shorter queue.
     fn backlog<'a>(
         &'a self,
         group: &'a str,
         topic: &'a str,
     ) -> BoxFuture<'a, Result<i64, BusError>> {
         async move {
-            let unpublished = sql_log::rows_behind(&self.db, RELAY_GROUP, group, topic).await?;
             let unacknowledged = within(BROKER_CALL, self.broker.lag(group, topic)).await?;
+            let unpublished = sql_log::rows_behind(&self.db, RELAY_GROUP, group, topic).await?;
             Ok(unpublished + unacknowledged)
         }
         .boxed()

@@ -59,7 +59,8 @@ pub enum BenchCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Seconds each throughput measurement runs.
+    /// Seconds each throughput measurement runs; POST and its baseline share theirs out in
+    /// three slices each, alternating.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
     /// Concurrent keep-alive HTTP/1.1 connections, each sending one request at a time.
