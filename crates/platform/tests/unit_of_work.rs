@@ -809,9 +809,12 @@ fn long_statement(backend: Backend) -> &'static str {
 /// Cancels `long_statement` as an administrator would; whether it was running.
 fn cancel_the_long_statement(admin: &Conn, backend: Backend) -> bool {
     let (running, cancel) = match backend {
+        // Sleeping, not just named: the statement's text shows while it is prepared too,
+        // and a cancel sent between the prepare and the execution is lost.
         Backend::Postgres => (
             "SELECT pid FROM pg_stat_activity \
-             WHERE query = 'SELECT COUNT(*) FROM pg_sleep(30)' AND pid <> pg_backend_pid()",
+             WHERE query = 'SELECT COUNT(*) FROM pg_sleep(30)' AND wait_event = 'PgSleep' \
+             AND pid <> pg_backend_pid()",
             "SELECT pg_cancel_backend",
         ),
         _ => (
