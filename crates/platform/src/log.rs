@@ -494,19 +494,29 @@ pub(crate) fn append(conn: &Conn, messages: &[Outgoing]) -> Result<Option<i64>, 
 
 /// Rows one multi-row insert of `append_numbered` writes.
 const ROWS_PER_INSERT: usize = 32;
+/// Rows PostgreSQL's bump statement inserts: a writer's whole batch of one-message units.
+const ROWS_WITH_BUMP: usize = 64;
 
 /// Appends `messages` to the log on a server, numbered from the counter row, which this
 /// bumps first and whose lock the caller's transaction holds until it commits (how long
 /// it waits for that lock is the caller's `lock_timeout`). Also
-/// notifies the listeners of other processes, on PostgreSQL, at commit. Returns the last
-/// position, if any message was appended.
-pub(crate) fn append_numbered(conn: &Conn, messages: &[Outgoing]) -> Result<Option<i64>, Error> {
+/// notifies the listeners of other processes, on PostgreSQL, at commit. Then runs `then`,
+/// statements without parameters (the caller's `COMMIT`): on PostgreSQL, in the flight of
+/// the append's statement when there is one, so the counter row's lock is not held across
+/// a round trip. Returns the last position, if any message was appended.
+pub(crate) fn append_numbered(
+    conn: &Conn,
+    messages: &[Outgoing],
+    then: Option<&str>,
+) -> Result<Option<i64>, Error> {
     if messages.is_empty() {
-        return Ok(None);
+        return then
+            .map_or(Ok(()), |then| conn.execute_batch(then))
+            .map(|()| None);
     }
     let count = i64::try_from(messages.len()).unwrap_or(i64::MAX);
     if conn.backend() == Backend::Postgres {
-        return append_postgres(conn, messages, count).map(Some);
+        return append_postgres(conn, messages, count, then).map(Some);
     }
     let bumped = conn.execute(
         "UPDATE conveyor_log_head SET position = LAST_INSERT_ID(position + ?) WHERE id = 1",
@@ -518,14 +528,24 @@ pub(crate) fn append_numbered(conn: &Conn, messages: &[Outgoing]) -> Result<Opti
     let last = conn.mysql_last_insert_id().unwrap_or_default();
     let last = i64::try_from(last).map_err(|error| Error::corrupt("position", error))?;
     insert_numbered(conn, messages, last - count)?;
+    if let Some(then) = then {
+        conn.execute_batch(then)?;
+    }
     Ok(Some(last))
 }
 
 /// `append_numbered` on PostgreSQL: the bump and the first rows in one statement (a data-
 /// modifying `WITH`), so the counter row's lock is held one round trip less. The rows come
-/// numbered 1…n and are placed after the position the bump started from.
-fn append_postgres(conn: &Conn, messages: &[Outgoing], count: i64) -> Result<i64, Error> {
-    let (first, rest) = messages.split_at(messages.len().min(ROWS_PER_INSERT));
+/// numbered 1…n and are placed after the position the bump started from. The notification's
+/// payload is the last position and the writer's `conveyor.writer` setting, so that a
+/// process can tell its own commits from others' (`db::server::listen`).
+fn append_postgres(
+    conn: &Conn,
+    messages: &[Outgoing],
+    count: i64,
+    then: Option<&str>,
+) -> Result<i64, Error> {
+    let (first, rest) = messages.split_at(messages.len().min(ROWS_WITH_BUMP));
     let stored = first
         .iter()
         .map(Stored::of)
@@ -538,22 +558,33 @@ fn append_postgres(conn: &Conn, messages: &[Outgoing], count: i64) -> Result<i64
         values.extend(stored.values());
     }
     let rows = vec![TYPED_ROW; first.len()].join(", ");
-    let last: i64 = conn.scalar(
-        &format!(
-            "WITH bumped AS ( \
+    let append = format!(
+        "WITH bumped AS ( \
                UPDATE conveyor_log_head SET position = position + ? WHERE id = 1 \
                RETURNING position), \
              appended AS ( \
                INSERT INTO conveyor_log (position, {LOG_COLUMNS}) \
                SELECT bumped.position - ? + n, {LOG_COLUMNS} \
                FROM bumped, (VALUES {rows}) AS numbered (n, {LOG_COLUMNS})) \
-             SELECT position, pg_notify('{CHANNEL}', position::text) FROM bumped"
-        ),
-        values.as_slice(),
-    )?;
+             SELECT position, pg_notify('{CHANNEL}', \
+               concat_ws(' ', position, current_setting('{WRITER_SETTING}', true))) \
+             FROM bumped"
+    );
+    if rest.is_empty() {
+        if let Some(then) = then {
+            return conn.scalar_then(&append, values.as_slice(), then);
+        }
+    }
+    let last: i64 = conn.scalar(&append, values.as_slice())?;
     insert_numbered(conn, rest, last - count + first.len() as i64)?;
+    if let Some(then) = then {
+        conn.execute_batch(then)?;
+    }
     Ok(last)
 }
+
+/// The PostgreSQL setting a process's writers name themselves by in their notifications.
+pub(crate) const WRITER_SETTING: &str = "conveyor.writer";
 
 /// A row of the log as PostgreSQL's `VALUES` list in `append_numbered` takes it: typed,
 /// since nothing else there says what its parameters are.

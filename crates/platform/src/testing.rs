@@ -134,5 +134,5 @@ pub fn append_numbered(conn: &Conn, count: usize) -> Result<Option<i64>, sql::Er
             only_group: None,
         })
         .collect();
-    crate::log::append_numbered(conn, &messages)
+    crate::log::append_numbered(conn, &messages, None)
 }

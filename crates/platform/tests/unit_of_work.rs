@@ -84,6 +84,13 @@ mod postgres_only {
         let scratch = platform::testing::Scratch::new(platform::Backend::Postgres).await;
         super::a_unit_whose_statement_is_cancelled_runs_again_and_commits(scratch).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_on_a_connection_lost_right_after_a_commit_runs_again_and_commits() {
+        let scratch = platform::testing::Scratch::new(platform::Backend::Postgres).await;
+        super::a_unit_on_a_connection_lost_right_after_a_commit_runs_again_and_commits(scratch)
+            .await;
+    }
 }
 
 mod mariadb_only {
@@ -795,6 +802,66 @@ async fn a_unit_whose_statement_is_cancelled_runs_again_and_commits(scratch: Scr
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
     assert_eq!(rows, [1]);
+}
+
+/// A writer that committed a moment ago sends its next `BEGIN` with the batch's first
+/// statement (PostgreSQL): when the server has closed the connection meanwhile, that flight
+/// is the first to fail, and the units of the batch run again on a new connection.
+async fn a_unit_on_a_connection_lost_right_after_a_commit_runs_again_and_commits(scratch: Scratch) {
+    let db = open(&scratch).await;
+    for sleeper in occupy_writers(&db).await {
+        sleeper.await.expect("a sleeping unit");
+    }
+    let admin =
+        std::thread::scope(|scope| scope.spawn(|| scratch.connect()).join()).expect("connect");
+    tokio::task::block_in_place(|| end_every_other_session(&admin));
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    db.write(move |uow| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        uow.conn().execute(
+            "INSERT INTO conformance_handled (group_name, consumer, message_id, \"key\", seq) \
+             VALUES ('g', 'c', 'm', 'k', 1)",
+            (),
+        )?;
+        Ok::<_, StoreError>(())
+    })
+    .await
+    .expect("the unit runs again and commits");
+    assert!(
+        runs.load(Ordering::SeqCst) >= 2,
+        "it never met the lost connection"
+    );
+    let rows: Vec<i64> = column(&db, "SELECT seq FROM conformance_handled").await;
+    assert_eq!(rows, [1]);
+    tokio::task::block_in_place(|| drop(admin));
+}
+
+/// Ends every other session on `admin`'s database, as a failover would, and waits until
+/// they are gone.
+fn end_every_other_session(admin: &Conn) {
+    let others = "FROM pg_stat_activity WHERE datname = current_database() \
+                  AND pid <> pg_backend_pid()";
+    let ended: Vec<i32> = admin
+        .query_map(&format!("SELECT pid {others}"), (), |row| row.get(0))
+        .expect("list sessions");
+    assert!(ended.len() >= 2, "the writers' sessions were not found");
+    for pid in &ended {
+        admin
+            .execute("SELECT pg_terminate_backend(?)", (pid,))
+            .expect("end a session");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<i32> = admin
+            .query_map(&format!("SELECT pid {others}"), (), |row| row.get(0))
+            .expect("list sessions");
+        if !left.iter().any(|pid| ended.contains(pid)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the sessions never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A statement that runs until it is cancelled: a sleep on PostgreSQL; on MariaDB, where a

@@ -11,8 +11,11 @@
 //! carry the topics too): such positions count as possibly on every topic. The invariant
 //! that makes skipping a read safe: every position up to `known_through` is either recorded
 //! under its topic or at most `unknown`; and the head never passes `known_through`, because
-//! a writer records its positions before it commits and the watchers before they move the
-//! head. Records of a batch that rolls back stay; they only cost a read.
+//! a writer records its positions before it moves the head, and the watchers before they
+//! move it. A PostgreSQL writer records right after its commit, whose notification this
+//! process's listener ignores; a MySQL writer records before it commits, since the poller
+//! cannot tell its process's commits from others'. Records of a batch that rolls back stay;
+//! they only cost a read.
 
 use super::Outgoing;
 use std::collections::HashMap;
@@ -50,8 +53,8 @@ impl LogHead {
         self.head.subscribe()
     }
 
-    /// Records that positions `first..=last` are being appended on `topics`: called by a
-    /// writer before it commits them. Positions skipped since the last record were
+    /// Records that positions `first..=last` are appended on `topics`: called by a writer
+    /// before it moves the head past them. Positions skipped since the last record were
     /// another process's, on topics unknown.
     fn record<'a>(&self, first: i64, last: i64, topics: impl Iterator<Item = &'a str>) {
         let mut known = self.topics.lock().unwrap_or_else(PoisonError::into_inner);

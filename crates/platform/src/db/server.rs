@@ -37,6 +37,10 @@ const MAX_BATCH: usize = 64;
 /// The pause before trying a failed connection or `BEGIN` again; it doubles up to `MAX_PAUSE`.
 const PAUSE: Duration = Duration::from_millis(100);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
+/// A PostgreSQL writer whose last batch committed this recently sends `BEGIN` with the
+/// batch's first statement; after a longer rest it sends it alone first, so that a
+/// connection the server closed meanwhile is found before any unit runs.
+const BEGIN_ALONE_AFTER: Duration = Duration::from_secs(1);
 /// How long the PostgreSQL listener waits for a notification before it looks for a stop.
 const LISTEN_WAIT: Duration = Duration::from_millis(100);
 /// The MySQL poller's interval: the shortest right after the log moved, doubling while it
@@ -58,8 +62,14 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
 
     let connect = server.clone();
     let readers = Readers::start(Box::new(move || connect_reader(&connect))).map_err(open_error)?;
+    let name: Arc<str> = format!("{:016x}", fastrand::u64(..)).into();
     let writers = (0..WRITERS)
-        .map(|_| Ok(UnitOfWork::new(connect_writer(&server)?, Arc::default())))
+        .map(|_| {
+            Ok(UnitOfWork::new(
+                connect_writer(&server, &name)?,
+                Arc::default(),
+            ))
+        })
         .collect::<Result<Vec<_>, sql::Error>>()
         .map_err(open_error)?;
 
@@ -78,6 +88,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
         let writer = Writer {
             uow,
             server: server.clone(),
+            name: name.clone(),
             head: head.clone(),
             stopping: stopping.clone(),
             writing: writing.clone(),
@@ -94,7 +105,7 @@ pub(super) fn start(server: ServerUrl) -> Result<Inner, StoreError> {
     let watched = server.clone();
     match server.backend() {
         Backend::Postgres => spawn_thread("conveyor-listener", move || {
-            listen(&watched, &head, &watcher_stopped);
+            listen(&watched, &head, &name, &watcher_stopped);
         })?,
         _ => spawn_thread("conveyor-watcher", move || {
             poll(setup, &watched, &head, &watcher_stopped);
@@ -215,6 +226,8 @@ fn locked<T>(conn: &Conn, work: impl FnOnce() -> Result<T, StoreError>) -> Resul
 struct Writer {
     uow: UnitOfWork,
     server: ServerUrl,
+    /// The name this process's writers give in their notifications (`connect_writer`).
+    name: Arc<str>,
     head: Arc<LogHead>,
     stopping: Arc<AtomicBool>,
     writing: Arc<AtomicUsize>,
@@ -224,6 +237,7 @@ impl Writer {
     fn run(mut self, queue: &Mutex<mpsc::Receiver<Command>>) {
         let metrics = WriterMetrics::register();
         let mut failures = 0;
+        let mut last_commit: Option<Instant> = None;
         // Units that had not run yet when their batch could not go on.
         let mut carried: Vec<Job> = Vec::new();
         loop {
@@ -240,9 +254,11 @@ impl Writer {
             }
             metrics.batch_units.record(batch.len() as f64);
             let started = Instant::now();
+            let defer_begin = self.uow.conn.backend() == Backend::Postgres
+                && last_commit.is_some_and(|at| at.elapsed() < BEGIN_ALONE_AFTER);
             let end = {
                 let _writing = Writing::enter(&self.writing, batch.len());
-                run_batch(&mut self.uow, &self.head, batch)
+                run_batch(&mut self.uow, &self.head, batch, defer_begin)
             };
             metrics.commit_seconds.record(started.elapsed());
             if let Some(position) = end.committed_position {
@@ -266,6 +282,7 @@ impl Writer {
                 self.recover(failures);
             } else {
                 failures = 0;
+                last_commit = Some(Instant::now());
             }
         }
     }
@@ -277,7 +294,7 @@ impl Writer {
             .min(MAX_PAUSE);
         std::thread::sleep(pause);
         if self.uow.conn.is_broken() {
-            match connect_writer(&self.server) {
+            match connect_writer(&self.server, &self.name) {
                 Ok(conn) => self.uow.conn = conn,
                 Err(error) => tracing::error!(%error, "cannot reconnect to the database"),
             }
@@ -287,7 +304,8 @@ impl Writer {
 
 /// A writer's connection: one that gives up waiting for a row lock soon, so that two batches
 /// waiting on each other's rows (a deadlock the server would take a second or more to see)
-/// fail one unit fast, and `Database::write` runs it again.
+/// fail one unit fast, and `Database::write` runs it again. On PostgreSQL it is named
+/// `name`, which its notifications carry (`log::WRITER_SETTING`).
 /// A read connection. On PostgreSQL it plans without sequential and bitmap scans: a lane's
 /// read filters by `key_hash % partitions`, an expression whose selectivity the planner
 /// guesses at 0.5 % (a quarter, with four partitions), so with a backlog it chose to read the
@@ -303,12 +321,15 @@ fn connect_reader(server: &ServerUrl) -> Result<Conn, sql::Error> {
     Ok(conn)
 }
 
-fn connect_writer(server: &ServerUrl) -> Result<Conn, sql::Error> {
+fn connect_writer(server: &ServerUrl, name: &str) -> Result<Conn, sql::Error> {
     let conn = server.connect()?;
-    conn.execute_batch(match server.backend() {
-        Backend::Postgres => "SET lock_timeout = '25ms'",
-        _ => "SET SESSION innodb_lock_wait_timeout = 2",
-    })?;
+    match server.backend() {
+        Backend::Postgres => conn.execute_batch(&format!(
+            "SET lock_timeout = '25ms'; SET {} = '{name}'",
+            log::WRITER_SETTING
+        ))?,
+        _ => conn.execute_batch("SET SESSION innodb_lock_wait_timeout = 2")?,
+    }
     Ok(conn)
 }
 
@@ -335,9 +356,15 @@ struct BatchEnd {
 
 /// Runs a batch of units in one transaction, each in a savepoint, appends their messages
 /// and commits. A failed step fails every unit that ran: nothing is reported committed that
-/// is not.
-fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd {
-    if let Err(error) = uow.conn.execute_batch("BEGIN; SAVEPOINT unit") {
+/// is not. `defer_begin`: `BEGIN` goes with the first statement (PostgreSQL).
+fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>, defer_begin: bool) -> BatchEnd {
+    let begin = "BEGIN; SAVEPOINT unit";
+    let begun = if defer_begin {
+        uow.conn.defer(begin)
+    } else {
+        uow.conn.execute_batch(begin)
+    };
+    if let Err(error) = begun {
         tracing::error!(%error, "cannot begin a write transaction; will try again");
         let _ = uow.conn.execute_batch("ROLLBACK");
         return BatchEnd {
@@ -357,12 +384,19 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
     let mut counter_wait = false;
     let outcome = loop {
         let Some(job) = jobs.next() else {
+            if uow.conn.seen_closed() {
+                break Err(Failure::Lost);
+            }
             break commit(&uow.conn, head, &outbox, counter_wait)
                 .map_err(|error| Failure::of(&uow.conn, &error, conflicted));
         };
         let held = uow.conn.held_mark();
         let (ran, emitted) = run_unit(uow, job);
         conflicted |= uow.conn.had_conflict();
+        if uow.conn.seen_closed() {
+            finishes.extend(ran.into_finish());
+            break Err(Failure::Lost);
+        }
         // Rows of several units failed together: no unit of the batch can be told it failed.
         if let Some(reason) = uow.conn.held_failure() {
             finishes.extend(ran.into_finish());
@@ -401,10 +435,10 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
         };
         // The previous step went out with this unit's first statement (`Conn::defer`).
         if let Some(error) = uow.conn.take_deferred_error() {
-            break Err(Failure::of(&uow.conn, &error, conflicted));
+            break Err(Failure::before_commit(&uow.conn, &error, conflicted));
         }
         if let Some(Err(error)) = step.map(|step| uow.conn.defer(&step)) {
-            break Err(Failure::of(&uow.conn, &error, conflicted));
+            break Err(Failure::before_commit(&uow.conn, &error, conflicted));
         }
     };
     match outcome {
@@ -427,6 +461,11 @@ fn run_batch(uow: &mut UnitOfWork, head: &LogHead, batch: Vec<Job>) -> BatchEnd 
                     %reason,
                     "rows of several units failed to insert together; each runs again alone"
                 ),
+                Failure::Lost => {
+                    tracing::warn!(
+                        "the connection was lost before the batch committed; its units run again"
+                    )
+                }
                 Failure::Commit(reason) => {
                     tracing::error!(%reason, "group commit failed; the batch is rolled back")
                 }
@@ -455,10 +494,20 @@ enum Failure {
     Conflict(String),
     /// Rows of several units failed to insert together: each runs again alone.
     Unmerged(String),
+    /// The connection was lost before `COMMIT` was sent: each unit runs again.
+    Lost,
     Commit(String),
 }
 
 impl Failure {
+    /// `of`, for a failure before the batch's `COMMIT` was sent.
+    fn before_commit(conn: &Conn, error: &sql::Error, conflicted: bool) -> Failure {
+        if conn.seen_closed() {
+            return Failure::Lost;
+        }
+        Failure::of(conn, error, conflicted)
+    }
+
     /// How `error`, the statement or step that failed the batch, fails it.
     fn of(conn: &Conn, error: &sql::Error, conflicted: bool) -> Failure {
         match conn.held_failure() {
@@ -474,6 +523,9 @@ impl From<Failure> for StoreError {
         match failure {
             Failure::Conflict(reason) => StoreError::Conflict(reason),
             Failure::Unmerged(reason) => StoreError::Unmerged(reason),
+            Failure::Lost => StoreError::Conflict(
+                "the connection to the database was lost before the batch committed".to_owned(),
+            ),
             Failure::Commit(reason) => StoreError::Commit(reason),
         }
     }
@@ -491,9 +543,11 @@ fn waits_for_counter(conn: &Conn, outbox: &[Outgoing]) -> bool {
     conn.backend() == Backend::Postgres && !outbox.is_empty()
 }
 
-/// Appends the batch's messages, records their topics in `head` (before they can commit),
-/// then commits; the last position appended, if any. `counter_wait`: the batch's last step
-/// already set `COUNTER_WAIT`.
+/// Appends the batch's messages, commits, and records their topics in `head` (before the
+/// writer moves it); the last position appended, if any. PostgreSQL sends `COMMIT` in the
+/// append's flight, and its listener leaves this process's notifications to the writers.
+/// MySQL records the topics before it commits: its poller cannot tell whose commit moved
+/// the counter. `counter_wait`: the batch's last step already set `COUNTER_WAIT`.
 fn commit(
     conn: &Conn,
     head: &LogHead,
@@ -504,11 +558,18 @@ fn commit(
         // With the held rows or the counter bump, whichever goes first.
         conn.defer(COUNTER_WAIT)?;
     }
-    let committed = log::append_numbered(conn, outbox).and_then(|position| {
-        head.appended(position, outbox);
-        conn.execute_batch("COMMIT")?;
-        Ok(position)
-    });
+    let committed = match conn.backend() {
+        Backend::Postgres => {
+            log::append_numbered(conn, outbox, Some("COMMIT")).inspect(|position| {
+                head.appended(*position, outbox);
+            })
+        }
+        _ => log::append_numbered(conn, outbox, None).and_then(|position| {
+            head.appended(position, outbox);
+            conn.execute_batch("COMMIT")?;
+            Ok(position)
+        }),
+    };
     // The last unit's step went out with the first of these: if it failed, so did the
     // transaction, and PostgreSQL answers `COMMIT` of a failed transaction by rolling back.
     match conn.take_deferred_error() {
@@ -522,10 +583,12 @@ fn stopped(stop: &Receiver<()>) -> bool {
     matches!(stop.try_recv(), Err(TryRecvError::Disconnected) | Ok(()))
 }
 
-/// PostgreSQL: moves the head on every `NOTIFY conveyor_log`, whose payload is the last
-/// position the notifying batch appended. On (re)connecting it reads the head, for what was
-/// notified while it was away.
-fn listen(server: &ServerUrl, head: &LogHead, stop: &Receiver<()>) {
+/// PostgreSQL: moves the head on every `NOTIFY conveyor_log` of another process, whose
+/// payload is the last position the notifying batch appended and the name of the writer
+/// that sent it: writers named `own` are this process's, which move the head themselves
+/// once they have recorded what they appended (`commit`). On (re)connecting it reads the
+/// head, for what was notified while it was away.
+fn listen(server: &ServerUrl, head: &LogHead, own: &str, stop: &Receiver<()>) {
     let mut listening: Option<Conn> = None;
     while !stopped(stop) {
         let Some(conn) = &listening else {
@@ -540,7 +603,11 @@ fn listen(server: &ServerUrl, head: &LogHead, stop: &Receiver<()>) {
         };
         match conn.postgres_notifications(LISTEN_WAIT) {
             Ok(payloads) => {
-                if let Some(position) = payloads.iter().filter_map(|p| p.parse().ok()).max() {
+                let others = payloads.iter().filter_map(|payload| {
+                    let (position, writer) = payload.split_once(' ').unwrap_or((payload, ""));
+                    (writer != own).then(|| position.parse().ok()).flatten()
+                });
+                if let Some(position) = others.max() {
                     head.advance_seen(position);
                 }
             }

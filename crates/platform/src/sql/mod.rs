@@ -712,7 +712,9 @@ impl Conn {
                 Ok(converted)
             }
             ConnKind::Postgres(session) => self
-                .on_postgres(session, |session, ahead| session.query(ahead, sql, &values))?
+                .on_postgres(session, |session, ahead| {
+                    session.query(ahead, sql, &values, None)
+                })?
                 .iter()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .collect(),
@@ -741,7 +743,9 @@ impl Conn {
                     .transpose()
             }
             ConnKind::Postgres(session) => self
-                .on_postgres(session, |session, ahead| session.query(ahead, sql, &values))?
+                .on_postgres(session, |session, ahead| {
+                    session.query(ahead, sql, &values, None)
+                })?
                 .first()
                 .map(|found| row(&Row(RowKind::Postgres(found))))
                 .transpose(),
@@ -766,6 +770,28 @@ impl Conn {
     /// The first column of the first row.
     pub fn scalar<T: FromValue>(&self, sql: &str, params: impl Params) -> Result<T, Error> {
         self.query_row(sql, params, |row| row.get(0))
+    }
+
+    /// `scalar`, then `then`, statements without parameters (a `COMMIT`): on PostgreSQL sent
+    /// right behind the query, in its flight, so that `then` costs no round trip of its own.
+    pub(crate) fn scalar_then<T: FromValue>(
+        &self,
+        sql: &str,
+        params: impl Params,
+        then: &str,
+    ) -> Result<T, Error> {
+        let ConnKind::Postgres(session) = &self.kind else {
+            let value = self.scalar(sql, params)?;
+            self.execute_batch(then)?;
+            return Ok(value);
+        };
+        let values = params.values();
+        let rows = self.on_postgres(session, |session, ahead| {
+            session.query(ahead, sql, &values, Some(then))
+        })?;
+        rows.first()
+            .ok_or(Error::NoRow)
+            .and_then(|found| Row(RowKind::Postgres(found)).get(0))
     }
 
     /// Runs `reads` in one read-only transaction, so every query in it sees the same
@@ -843,6 +869,15 @@ impl Conn {
             ConnKind::Sqlite(_) => false,
             ConnKind::Postgres(session) => session.borrow().is_broken(),
             ConnKind::Mysql(session) => session.borrow_mut().is_broken(),
+        }
+    }
+
+    /// Has the connection been seen to close, without asking the server? Only PostgreSQL's
+    /// client can tell; `is_broken` asks MySQL's.
+    pub(crate) fn seen_closed(&self) -> bool {
+        match &self.kind {
+            ConnKind::Postgres(session) => session.borrow().is_broken(),
+            ConnKind::Sqlite(_) | ConnKind::Mysql(_) => false,
         }
     }
 

@@ -10,6 +10,7 @@
 
 use super::{Column, Error, Value, ValueRef};
 use futures::future::{self, Either};
+use futures::FutureExt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
@@ -160,17 +161,26 @@ impl PgSession {
         self.take_ahead_error().map_or(Ok(()), Err)
     }
 
+    /// A query; `then`, statements without parameters (a `COMMIT`), goes right behind it in
+    /// the same flight, and its failure is the query's.
     pub(crate) fn query(
         &mut self,
         ahead: Ahead<'_, '_>,
         sql: &str,
         values: &[Value<'_>],
+        then: Option<&str>,
     ) -> Result<Vec<Row>, Error> {
         let statement = self.prepare(sql)?;
         let ahead = self.prepare_ahead(ahead)?;
         let values = bound(values);
         let deferred = self.deferred.take();
-        let request = self.client.query(&statement, &values);
+        let then = match then {
+            Some(steps) => Either::Left(self.client.batch_execute(steps)),
+            None => Either::Right(future::ready(Ok(()))),
+        };
+        // `join` polls the query first: it is sent first.
+        let request = future::join(self.client.query(&statement, &values), then)
+            .map(|(rows, then)| rows.and_then(|rows| then.map(|()| rows)));
         let flight = in_flight(&self.runtime, &self.client, deferred, &ahead, request);
         self.settle(flight)
     }
