@@ -144,6 +144,12 @@ fn open_writer(path: &Path) -> Result<(Connection, i64), rusqlite::Error> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // The syncer thread flushes the WAL after every commit, before anyone hears of it.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // Each unit runs in a savepoint, for which SQLite copies every page the unit first
+    // changes into a statement journal; past 64 KiB that journal spills to a temporary file,
+    // a `write` per page (a unit of 256 notes changes about 20). In memory it stays a copy,
+    // as large as the pages one unit changes (the platform's own units change at most 500
+    // rows: `retention::BATCH`).
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.execute_batch(log::SQLITE_SCHEMA)?;
     log::sqlite_upgrade(&conn)?;
     let head = log::sqlite_head(&conn)?;
