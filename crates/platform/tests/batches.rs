@@ -228,25 +228,28 @@ async fn a_consumer_lingering_only_under_load_handles_a_message_at_rest_at_once(
     let mut expected = vec![1];
     if db.backend() != platform::Backend::Sqlite {
         // Under load: two units running on this process's writers, while another process
-        // publishes a ping, then another.
-        let load: Vec<_> = (0..2)
-            .map(|_| {
-                let db = db.clone();
-                tokio::spawn(async move {
-                    db.write(|_uow| {
-                        std::thread::sleep(Duration::from_millis(1500));
-                        Ok::<_, platform::StoreError>(())
-                    })
-                    .await
+        // publishes a ping, then another. A short unit ahead of them holds a writer, so
+        // that the two queue behind it: one writer then takes both in one batch, where it
+        // might have taken the first alone; of two writers, each runs one.
+        let sleeping = |millis| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.write(move |_uow| {
+                    std::thread::sleep(Duration::from_millis(millis));
+                    Ok::<_, platform::StoreError>(())
                 })
+                .await
             })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let ahead = sleeping(300);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let units = [ahead, sleeping(1500), sleeping(1500)];
+        tokio::time::sleep(Duration::from_millis(350)).await;
         let other = scratch.open().await;
         publish(&other, 1).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         publish(&other, 1).await;
-        for unit in load {
+        for unit in units {
             unit.await.unwrap().unwrap();
         }
         wait_until("the pings under load handled", async || {

@@ -290,8 +290,8 @@ async fn units_batched_with_one_that_swallows_a_failed_statement_are_each_told_t
 }
 
 /// Keeps every writer busy for a while, so that the units queued meanwhile share one batch:
-/// one unit per writer that sleeps on it (two on a server; on SQLite the second waits in
-/// the queue and joins the units' batch).
+/// one unit per writer that sleeps on it (two on MySQL; where one writer runs, on SQLite and
+/// PostgreSQL, the second waits in the queue and joins the units' batch).
 async fn occupy_writers(db: &Database) -> Vec<tokio::task::JoinHandle<()>> {
     let mut sleepers = Vec::new();
     for _ in 0..2 {

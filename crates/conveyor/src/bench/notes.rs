@@ -4,7 +4,8 @@
 //! - ingest: `POST /save` through the API (`--role api`, the queue growing) vs a synchronous
 //!   baseline server doing the same insert inside the request (`bench notes-baseline`);
 //! - drain: the queue that left behind, written by a workers process, vs a bare loop of
-//!   batched multi-row insert transactions through the same driver;
+//!   batched multi-row insert transactions through the same driver, run once before the
+//!   drain and once after (this VM's speed drifts by a third within minutes);
 //! - burst: `--burst` saves as fast as the clients send them to one process running both
 //!   roles, with the time until the last is written.
 
@@ -101,6 +102,11 @@ pub async fn notes(args: NotesBenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     progress(&format!(
+        "baseline: {queued} rows in multi-row insert transactions of {WORKER_BATCH}, \
+         before the drain"
+    ));
+    let bare_before = bare_batched_inserts(&target, queued, WORKER_BATCH, "before").await?;
+    progress(&format!(
         "drain: a `--role workers` process writes the {queued} queued notes"
     ));
     // Timed from the moment the process is ready, as the baseline is timed from its first
@@ -114,10 +120,9 @@ pub async fn notes(args: NotesBenchArgs) -> anyhow::Result<()> {
         / drained_at.duration_since(ready).as_secs_f64();
     let workers_ready_after = workers.ready_after;
     drop(workers);
-    progress(&format!(
-        "baseline: {queued} rows in multi-row insert transactions of {WORKER_BATCH}"
-    ));
-    let bare = bare_batched_inserts(&target, queued, WORKER_BATCH).await?;
+    progress("baseline: the same again, after the drain");
+    let bare_after = bare_batched_inserts(&target, queued, WORKER_BATCH, "after").await?;
+    let bare = (bare_before + bare_after) / 2.0;
 
     progress(&format!(
         "burst: {} saves as fast as {} clients send them, to one process with both roles",
@@ -156,6 +161,10 @@ pub async fn notes(args: NotesBenchArgs) -> anyhow::Result<()> {
         drain,
         bare,
         ">= 0.70",
+    );
+    println!(
+        "{:<44} {:>12.0} {:>14.0}",
+        "drain: bare inserts before / after (rows/s)", bare_before, bare_after
     );
     println!(
         "{:<44} {:>9.0} ms  ({written_before_ready} notes written by then, not counted)",
@@ -298,16 +307,24 @@ fn notes_table(target: &Target, name: &str) -> String {
 
 /// Rows per second written by one connection in transactions of `batch` rows, each one
 /// multi-row `INSERT`: the drain's work without the queue. SQLite runs with the platform's
-/// durability (WAL, every commit on disk).
-async fn bare_batched_inserts(target: &Target, rows: u64, batch: usize) -> anyhow::Result<f64> {
+/// durability (WAL, every commit on disk). Each `run` writes a table of its own (on SQLite
+/// in a file of its own), so that one run does not start where another left off.
+async fn bare_batched_inserts(
+    target: &Target,
+    rows: u64,
+    batch: usize,
+    run: &'static str,
+) -> anyhow::Result<f64> {
     type Note = (String, String, i64);
     type WriteBatch = Box<dyn FnMut(&str, &[Note]) -> anyhow::Result<()>>;
     let target = target.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-        let create = notes_table(&target, "bench_bare_notes");
+        let table = format!("bench_bare_notes_{run}");
+        let create = notes_table(&target, &table);
         let mut write: WriteBatch = match &target {
             Target::Sqlite(path) => {
-                let conn = rusqlite::Connection::open(path.with_file_name("bare.db"))?;
+                let conn =
+                    rusqlite::Connection::open(path.with_file_name(format!("bare-{run}.db")))?;
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn.pragma_update(None, "synchronous", "FULL")?;
                 conn.execute_batch(&create)?;
@@ -350,7 +367,7 @@ async fn bare_batched_inserts(target: &Target, rows: u64, batch: usize) -> anyho
                 })
                 .collect();
             let sql = format!(
-                "INSERT INTO bench_bare_notes (id, content, created_at) VALUES {}",
+                "INSERT INTO {table} (id, content, created_at) VALUES {}",
                 vec!["(?, ?, ?)"; notes.len()].join(", ")
             );
             write(&sql, &notes)?;
