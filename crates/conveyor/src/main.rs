@@ -67,8 +67,9 @@ fn describe(error: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     // Transparent huge pages off, before any thread starts. mimalloc asks the kernel for
     // them, and each thread's heap then holds whole 2 MiB pages, most of them empty: idle
-    // RSS was 34 MB on SQLite and 83 MB on MariaDB with them, 22 and 21 MB without, with
-    // POST and GET as fast (docs/benchmarks.md). A kernel without the setting keeps them.
+    // RSS was 34 MB on SQLite and 83 – 91 MB on MariaDB with them, 22 and 26 MB without,
+    // with the same CPU per request (docs/benchmarks.md). A kernel without the setting
+    // keeps them.
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
