@@ -19,6 +19,25 @@ fn seed(name: &str) -> String {
     .to_string()
 }
 
+/// The harness's own guard: a second server given a port the first holds cannot bind it and
+/// exits, and is not taken for ready because the first answers on that port.
+#[test]
+fn a_server_whose_port_another_holds_is_not_taken_for_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Server::start(dir.path());
+    let port = first.base.rsplit(':').next().unwrap().to_owned();
+    let other = tempfile::tempdir().unwrap();
+    let mut command = Command::new(BINARY);
+    command
+        .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(other.path())
+        .stderr(Stdio::null());
+    let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Server::spawn(command, port.parse().unwrap())
+    }));
+    assert!(second.is_err(), "the second server was taken for ready");
+}
+
 /// mimalloc would otherwise fill whole 2 MiB pages for each thread's heap (an idle RSS of
 /// 83 MB on MariaDB).
 #[cfg(target_os = "linux")]

@@ -31,40 +31,57 @@ impl Server {
         Server::start_with(data, db, &[])
     }
 
-    /// `start_on` with `extra` flags.
+    /// `start_on` with `extra` flags. A port picked free can be taken before the server
+    /// binds it (by another test's server picking the same one): the server then exits, and
+    /// it starts again on another port.
     pub fn start_with(data: &Path, db: Option<&str>, extra: &[&str]) -> Server {
-        let port = free_port();
-        let mut command = Command::new(BINARY);
-        command
-            .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
-            .arg(data)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit());
-        if let Some(db) = db {
-            command.args(["--db", db]);
+        for _ in 0..3 {
+            let port = free_port();
+            let mut command = Command::new(BINARY);
+            command
+                .args(["serve", "--http", &format!("127.0.0.1:{port}"), "--data"])
+                .arg(data)
+                .env("RUST_LOG", "warn")
+                .stderr(Stdio::inherit());
+            if let Some(db) = db {
+                command.args(["--db", db]);
+            }
+            command.args(extra);
+            if let Some(server) = Server::try_spawn(command, port) {
+                return server;
+            }
         }
-        command.args(extra);
-        Server::spawn(command, port)
+        panic!("conveyor exited three times before it was ready");
     }
 
     /// Runs `command`, which starts `conveyor serve` on `port`, and waits until it is ready.
-    pub fn spawn(mut command: Command, port: u16) -> Server {
+    pub fn spawn(command: Command, port: u16) -> Server {
+        Server::try_spawn(command, port).expect("conveyor exited before it was ready")
+    }
+
+    /// `spawn`, or None if the process exits before it is ready.
+    fn try_spawn(mut command: Command, port: u16) -> Option<Server> {
         let child = command
             .stdout(Stdio::null())
             .spawn()
             .expect("start conveyor");
         let base = format!("http://127.0.0.1:{port}");
-        let server = Server { child, base };
-        server.wait_ready();
-        server
+        let mut server = Server { child, base };
+        server.until_ready(port).then_some(server)
     }
 
-    pub fn wait_ready(&self) {
+    /// Waits until this process answers ready on `port`: false if it exits first. Another
+    /// test's server on the same port may answer sooner, so the port's listening socket must
+    /// be this process's own.
+    fn until_ready(&mut self, port: u16) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(response) = reqwest::blocking_get(&format!("{}/health/ready", self.base)) {
-                if response == 200 {
-                    return;
+            if self.child.try_wait().expect("poll conveyor").is_some() {
+                return false;
+            }
+            if let Ok(200) = reqwest::blocking_get(&format!("{}/health/ready", self.base)) {
+                if listens_on(self.child.id(), port) {
+                    return true;
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -86,6 +103,33 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`: the socket's inode
+/// in the kernel's table of TCP sockets is one of the process's open files.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    const LISTEN: &str = "0A";
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() > 9 && fields[1] == local && fields[3] == LISTEN)
+        .map(|fields| format!("socket:[{}]", fields[9]))
+        .collect();
+    let Ok(files) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    files.flatten().any(|file| {
+        std::fs::read_link(file.path()).is_ok_and(|target| {
+            inodes
+                .iter()
+                .any(|inode| target.as_os_str() == inode.as_str())
+        })
+    })
 }
 
 /// A tiny blocking HTTP client over the async one, for tests that drive processes.
