@@ -76,6 +76,7 @@ on_every_backend!(
     a_row_that_fails_with_a_later_units_statement_fails_its_own_unit_only,
     a_unit_that_rolls_back_keeps_the_rows_of_the_units_before_it,
     a_unit_may_insert_more_rows_than_a_writer_holds_at_once,
+    text_with_quotes_escapes_and_placeholders_is_stored_byte_for_byte,
 );
 
 mod postgres_only {
@@ -341,6 +342,58 @@ const INSERT_HANDLED: &str = "INSERT INTO conformance_handled \
 /// `UnitOfWork::insert` of a row whose `row_id` is `seq`.
 fn insert_handled(uow: &platform::UnitOfWork, seq: i64) -> Result<(), StoreError> {
     Ok(uow.insert(INSERT_HANDLED, (seq, "g", "c", format!("m{seq}"), "k", seq))?)
+}
+
+/// Values reach the database as they are, in held rows and log rows alike: quotes,
+/// backslashes, placeholders and control characters in text are data, never SQL.
+async fn text_with_quotes_escapes_and_placeholders_is_stored_byte_for_byte(scratch: Scratch) {
+    let db = open(&scratch).await;
+    let tricky =
+        |seq: u32| format!("{seq}: it's \\' \\\\ \"q\" `b` ? ; -- /* é 💥 \n\t\u{1b} 0x27 X'27'");
+    // From 1: MySQL's AUTO_INCREMENT `row_id` takes a 0 for "number it for me".
+    let writes = (1..=6).map(|seq| {
+        let db = db.clone();
+        tokio::spawn(async move {
+            db.write(move |uow| {
+                let key = tricky(seq);
+                uow.insert(
+                    INSERT_HANDLED,
+                    (
+                        i64::from(seq),
+                        "g",
+                        "c",
+                        format!("m{seq}"),
+                        key.as_str(),
+                        seq,
+                    ),
+                )?;
+                uow.emit(&Ping { key, seq })
+            })
+            .await
+        })
+    });
+    for write in writes.collect::<Vec<_>>() {
+        write.await.expect("a write task").expect("commits");
+    }
+    let expected: Vec<String> = (1..=6).map(tricky).collect();
+    let mut rows: Vec<String> = column(
+        &db,
+        "SELECT \"key\" FROM conformance_handled ORDER BY row_id",
+    )
+    .await;
+    assert_eq!(rows, expected, "held rows");
+    rows = column(&db, "SELECT \"key\" FROM conveyor_log ORDER BY position").await;
+    rows.sort_by_key(|key| {
+        key.split(':')
+            .next()
+            .and_then(|seq| seq.parse::<u32>().ok())
+    });
+    assert_eq!(rows, expected, "log rows");
+    let payloads: Vec<Vec<u8>> = column(&db, "SELECT payload FROM conveyor_log").await;
+    for payload in payloads {
+        let ping: Ping = serde_json::from_slice(&payload).expect("a ping");
+        assert_eq!(ping.key, tricky(ping.seq));
+    }
 }
 
 /// A server's writer holds the rows of `UnitOfWork::insert` to insert them with the next
